@@ -1,0 +1,1 @@
+"""blackbox_sat: sharpness-aware training of physical neural networks."""

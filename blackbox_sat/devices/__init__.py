@@ -1,0 +1,1 @@
+"""Device layer: contract, ledger, metering and spec loading."""
