@@ -1,0 +1,145 @@
+"""Model-based methods: they train on a simulator's model and use no device settings.
+
+- ``oracle``: exact gradients through this chip's true, noise-free model (the upper bound).
+- ``offline``: backprop on the nominal (datasheet) model, deployed as-is.
+- ``offline-sat``: the same with SAT.
+- ``nat``: noise-aware training: each step uses a different random chip drawn from the
+  datasheet's error distribution (the simulator's ``sibling`` at other seeds), so the
+  result is trained for the error *distribution*, not for this chip.
+
+All share one protocol (BENCHMARK.md): Adam on minibatches of 128 from ``theta0``, learning
+rate chosen from ``lr_grid`` (in units of the bound width) by validation accuracy on the
+model the method trains on, up to ``epochs`` epochs with early stopping on that accuracy.
+Parameters are optimised in normalized coordinates ``u = theta / scale``.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..context import TrainContext
+from ..sat import SAT
+from .registry import MethodResult, register
+
+COMMON = {"lr_grid": [0.01, 0.03, 0.1], "epochs": 300, "patience": 30, "digital_lr": 0.01}
+#: Seeds of the random chips NAT trains over; far from training (0..) and unseen (101..) seeds.
+NAT_SEED_BASE = 10_000
+
+
+class _Projector:
+    """Keep normalized parameters ``u`` inside the device domain (wrap or clip)."""
+
+    def __init__(self, info):
+        self.low = torch.as_tensor(info.low / info.scale)
+        self.high = torch.as_tensor(info.high / info.scale)
+        self.periodic = torch.as_tensor(info.periodic)
+
+    def __call__(self, u: torch.Tensor) -> None:
+        with torch.no_grad():
+            lo, hi = self.low.to(u.dtype), self.high.to(u.dtype)
+            wrapped = lo + torch.remainder(u - lo, hi - lo)
+            u.copy_(torch.where(self.periodic, wrapped, torch.maximum(torch.minimum(u, hi), lo)))
+
+
+def model_accuracy(ctx: TrainContext, models, theta: torch.Tensor, split: str = "val") -> float:
+    """Mean accuracy of ``theta`` on ``split`` over one or more torch models."""
+    f, y = (ctx.f_val, ctx.y_val) if split == "val" else (ctx.f_test, ctx.y_test)
+    with torch.no_grad():
+        x = ctx.pnn.device_inputs(f).to(theta.dtype)
+        accs = [(ctx.pnn(m(theta, x)).argmax(1).numpy() == y).mean() for m in models]
+    return float(np.mean(accs))
+
+
+def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.0, adaptive: bool = False,
+                    label: str = "") -> MethodResult:
+    """Adam (or SAT around Adam) on ``train_models`` (cycled one per step), selecting the
+    learning rate and epoch by validation accuracy on ``val_models``."""
+    cfg, info = ctx.config, ctx.info
+    scale = torch.as_tensor(info.scale, dtype=torch.float32)
+    project = _Projector(info)
+    digital0 = copy.deepcopy(ctx.pnn.state_dict())
+    best = {"val": -1.0}
+    runs = []
+    for lr in cfg["lr_grid"]:
+        ctx.pnn.load_state_dict(digital0)
+        torch.manual_seed(ctx.seed)
+        u = torch.tensor(ctx.theta0 / info.scale, dtype=torch.float32, requires_grad=True)
+        groups = [{"params": [u], "lr": lr}]
+        if ctx.pnn.trainable:
+            groups.append({"params": list(ctx.pnn.parameters()), "lr": cfg["digital_lr"]})
+        opt = SAT(groups, torch.optim.Adam, rho=rho, adaptive=adaptive) if rho > 0 else torch.optim.Adam(groups)
+        batches = ctx.minibatches()
+        run_best, since, curve, step = (-1.0, None, None), 0, [], 0
+        steps_per_epoch = max(1, len(ctx.y_train) // 128)
+        for epoch in range(cfg["epochs"]):
+            for _ in range(steps_per_epoch):
+                idx = next(batches)
+                model = train_models[step % len(train_models)]
+                step += 1
+                x = ctx.pnn.device_inputs(ctx.f_train[idx]).to(torch.float32)
+                labels = torch.as_tensor(ctx.y_train[idx])
+
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(ctx.pnn(model(u * scale, x)), labels)
+                    loss.backward()
+                    return loss
+
+                if rho > 0:
+                    opt.step(closure)
+                else:
+                    closure()
+                    opt.step()
+                project(u)
+            acc = model_accuracy(ctx, val_models, (u * scale).detach())
+            curve.append(acc)
+            if acc > run_best[0]:
+                run_best, since = (acc, (u * scale).detach().numpy().astype(float), copy.deepcopy(ctx.pnn.state_dict())), 0
+            else:
+                since += 1
+            if ctx.progress is not None:
+                ctx.progress.set_postfix_str(f"{label} lr={lr} epoch={epoch} val={acc:.3f}")
+            if since >= cfg["patience"]:
+                break
+        runs.append({"lr": lr, "best_val": run_best[0], "epochs": len(curve), "val_curve": curve})
+        if run_best[0] > best["val"]:
+            best = {"val": run_best[0], "theta": run_best[1], "digital": run_best[2], "lr": lr}
+    ctx.pnn.load_state_dict(best["digital"])
+    chosen = next(r for r in runs if r["lr"] == best["lr"])
+    return MethodResult(info.project(best["theta"]), {
+        "chosen_lr": best["lr"], "model_val_accuracy": best["val"], "val_curve": chosen["val_curve"],
+        "lr_search": [{k: r[k] for k in ("lr", "best_val", "epochs")} for r in runs]})
+
+
+@register("oracle", COMMON, needs="true", summary="exact gradients through the true, noise-free chip model")
+def oracle(ctx: TrainContext) -> MethodResult:
+    model = ctx.model("true")
+    return train_on_models(ctx, [model], [model], label="oracle")
+
+
+@register("offline", COMMON, needs="nominal", summary="backprop on the nominal (datasheet) model, deployed as-is")
+def offline(ctx: TrainContext) -> MethodResult:
+    model = ctx.model("nominal")
+    return train_on_models(ctx, [model], [model], label="offline")
+
+
+@register("offline-sat", {**COMMON, "rho": 0.5, "adaptive": False}, needs="nominal",
+          summary="SAT on the nominal model, deployed as-is")
+def offline_sat(ctx: TrainContext) -> MethodResult:
+    model = ctx.model("nominal")
+    return train_on_models(ctx, [model], [model], rho=ctx.config["rho"], adaptive=ctx.config["adaptive"],
+                           label="offline-sat")
+
+
+@register("nat", {**COMMON, "chips": 16}, needs="nominal",
+          summary="noise-aware training over random chips of the datasheet error distribution")
+def nat(ctx: TrainContext) -> MethodResult:
+    ctx.model("nominal")  # the same clear error for a black-box device
+    sibling = getattr(ctx.source, "sibling", None)
+    if sibling is None:
+        raise TypeError("nat needs a simulator that can draw random chips of its error distribution (sibling(seed=...))")
+    models = [sibling(seed=NAT_SEED_BASE + i).true_model() for i in range(ctx.config["chips"])]
+    return train_on_models(ctx, models, models[:4], label="nat")

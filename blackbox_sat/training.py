@@ -1,0 +1,183 @@
+"""``train``: one run of one method on one device, with its files (DESIGN.md section 3).
+
+A run directory holds ``config.json`` (written first: everything needed to resume),
+``ledger.sqlite`` (every query), and on success ``result.json``, ``model.json`` (encoding,
+frozen gain, digital layers) and ``theta.npy``. ``result.json`` appears last and
+atomically, so its presence means the run finished.
+
+Resume re-executes the run deterministically from its config while the metered device
+replays the ledger (see :mod:`.devices.metered`): no query is paid for twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .context import TrainContext
+from .devices.contract import describe
+from .devices.ledger import Ledger
+from .devices.metered import MeteredDevice
+from .devices.spec import load_device
+from .methods.registry import get_method
+from .pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
+from .sharpness import top_hessian_eigenvalue
+from .tasks import load_task
+
+#: Keys every method accepts besides its own defaults.
+RUN_DEFAULTS = {"pnn": "device", "threads": None, "sharpness_samples": 256}
+
+
+class RunExists(FileExistsError):
+    """The output directory already holds a run."""
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def method_config(method: str, overrides: dict | None) -> dict:
+    """Defaults of ``method`` updated by ``overrides``; unknown keys are an error."""
+    spec = get_method(method)
+    cfg = {**RUN_DEFAULTS, **spec.defaults}
+    unknown = set(overrides or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown --set key(s) {sorted(unknown)} for method {method!r}; valid: {sorted(cfg)}")
+    cfg.update(overrides or {})
+    return cfg
+
+
+def train(device, task="digits", method: str = "blackbox-sat", budget: int = 2000, seed: int = 0,
+          out: str | Path | None = None, device_kw: dict | None = None, config: dict | None = None,
+          progress: bool = True, overwrite: bool = False) -> dict:
+    """Train ``method`` on ``device`` (object or spec string) and return ``result.json``'s dict.
+
+    ``task``: a name, an ``.npz`` path or ``(x_train, y_train, x_test, y_test)``.
+    ``config``: method hyperparameters (``--set``). ``out``: run directory (a temporary
+    one when None).
+    """
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="blackbox-sat-"))
+    if (out / "result.json").exists() and not overwrite:
+        raise RunExists(f"{out} already holds a finished run; pick another --out, or evaluate it")
+    if (out / "ledger.sqlite").exists() and not overwrite:
+        raise RunExists(f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume {out}`")
+    cfg = method_config(method, config)
+    run_cfg = {"method": method, "task": task if isinstance(task, str) else None, "budget": int(budget), "seed": int(seed),
+               "device": device if isinstance(device, str) else type(device).__name__,
+               "device_kw": dict(device_kw or {}), "config": cfg}
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in ("result.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+            (out / name).unlink(missing_ok=True)
+    if not isinstance(task, str):  # keep the user's arrays with the run, so it can be resumed
+        names = ("x_train", "y_train", "x_test", "y_test")
+        np.savez(out / "task.npz", **dict(zip(names, task)))
+        task = run_cfg["task"] = str(out / "task.npz")
+    write_json_atomic(out / "config.json", run_cfg)
+    return _execute(device, task, run_cfg, out, progress)
+
+
+def resume(out: str | Path, device=None, progress: bool = True) -> dict:
+    """Continue a killed run in ``out`` from its ledger (``train --resume``)."""
+    out = Path(out)
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    if not (out / "config.json").exists():
+        raise FileNotFoundError(f"{out} has no config.json: it is not a resumable run directory")
+    run_cfg = json.loads((out / "config.json").read_text())
+    return _execute(device if device is not None else run_cfg["device"], run_cfg["task"], run_cfg, out, progress)
+
+
+def _execute(device, task, run_cfg: dict, out: Path, progress: bool) -> dict:
+    t_start = time.perf_counter()
+    cfg, seed, budget = run_cfg["config"], run_cfg["seed"], run_cfg["budget"]
+    spec = get_method(run_cfg["method"])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(seed)
+    source = load_device(device, **run_cfg["device_kw"])
+    info = describe(source)
+    data = load_task(task)
+    ledger = Ledger(out / "ledger.sqlite")
+    ledger.set_meta("config", run_cfg)
+    metered = MeteredDevice(source, ledger, budget=0 if spec.model_based else budget)
+    pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg["pnn"])
+    theta0 = info.start(seed)
+    f_train = pnn.features(data.x_train)
+    if spec.model_based:
+        model = getattr(source, "true_model" if spec.needs == "true" else "nominal_model", None)
+        if model is None:
+            raise TypeError(f"method {spec.name!r} needs the device's {spec.needs}_model(); "
+                            f"{type(source).__name__} is a black-box device. Use a device-query method")
+        with torch.no_grad():
+            x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS])
+            y_cal = model()(torch.as_tensor(theta0), x_cal).numpy()
+    else:
+        x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
+        y_cal = metered.query(theta0, x_cal, purpose="calibrate")
+    pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
+
+    bar = tqdm(total=budget if not spec.model_based else None, desc=f"{spec.name} seed={seed}",
+               disable=not progress, unit="setting", leave=False)
+    ctx = TrainContext(metered, source, pnn, f_train, data.y_train, pnn.features(data.x_val), data.y_val,
+                       pnn.features(data.x_test), data.y_test, theta0, seed, cfg, budget, progress=bar)
+    t_train = time.perf_counter()
+    outcome = spec.fn(ctx)
+    train_s = time.perf_counter() - t_train
+    bar.close()
+    theta = info.project(outcome.theta)
+    if not spec.model_based:
+        ctx.snapshot(theta)
+    acc = ctx.device_accuracy(theta, "test", "eval")
+    val_acc = ctx.device_accuracy(theta, "val", "eval")
+    counts = ledger.counts()
+    result = {
+        "method": spec.name, "task": run_cfg["task"], "device": run_cfg["device"], "device_kw": run_cfg["device_kw"],
+        "seed": seed, "budget": budget, "model_based": spec.model_based,
+        "accuracy": acc, "val_accuracy": val_acc,
+        "settings_used": counts["settings"], "samples_used": counts["samples"], "eval_settings": counts["eval_settings"],
+        "bad_queries": counts["bad"], "replayed_settings": metered.replayed,
+        "wall_s": time.perf_counter() - t_start, "train_s": train_s, "device_s": metered.device_time,
+        "curve": ctx.curve, "sharpness": _sharpness(ctx, theta), "gain": float(pnn.gain),
+        "config": cfg, "extra": outcome.extra, "out": str(out),
+    }
+    np.save(out / "theta.npy", theta)
+    write_json_atomic(out / "model.json", pnn.to_dict())
+    write_json_atomic(out / "result.json", result)
+    ledger.close()
+    return result
+
+
+def _sharpness(ctx: TrainContext, theta: np.ndarray) -> float | None:
+    """Top Hessian eigenvalue of the training loss at ``theta`` in normalized coordinates,
+    on this chip's true model when the device has one (else None)."""
+    getter = getattr(ctx.source, "true_model", None)
+    if getter is None:
+        return None
+    n = min(ctx.config["sharpness_samples"], len(ctx.y_train))
+    model, scale = getter(), torch.as_tensor(ctx.info.scale)
+    with torch.no_grad():
+        x = ctx.pnn.device_inputs(ctx.f_train[:n])
+    labels = torch.as_tensor(ctx.y_train[:n])
+
+    def loss_fn(th):
+        return torch.nn.functional.cross_entropy(ctx.pnn(model(th, x)), labels)
+
+    return float(top_hessian_eigenvalue(loss_fn, torch.as_tensor(theta), scale=scale, iters=20))
