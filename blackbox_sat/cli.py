@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="also write the result here")
 
+    p = sub.add_parser("compare", help="every method on the same device, budget and seeds")
+    _common(p)
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds 0..K-1")
+    p.add_argument("--budget", type=int, default=2000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--unseen", help="unseen chips as seed=101,102,... (default 101-105; 'none' to skip)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="device keyword sweep")
+    p.add_argument("--workers", type=int, default=1, help="parallel trial processes")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("check-device", help="validate a device adapter against the contract")
     p.add_argument("spec")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
@@ -78,6 +89,16 @@ def _dispatch(args) -> int:
         if args.json:
             Path(args.json).write_text(text + "\n")
         return 0
+    if args.command == "compare":
+        from .compare import compare, summary_table
+
+        res = compare(args.device, task=args.task, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                      seeds=args.seeds, budget=args.budget, out=args.out, device_kw=parse_kv(args.device_kw),
+                      config=parse_kv(args.set), unseen=_parse_unseen(args.unseen), sweep=_parse_sweep(args.sweep),
+                      workers=args.workers, progress=not args.quiet)
+        print(summary_table(res["summary"]))
+        print(f"wrote {args.out}/results.csv and {args.out}/summary.md")
+        return 0
     if args.command == "check-device":
         from .devices.check import check_device
         from .devices.spec import load_device
@@ -88,6 +109,25 @@ def _dispatch(args) -> int:
         print("OK: the device satisfies the contract")
         return 0
     raise AssertionError(args.command)
+
+
+def _parse_unseen(text: str | None):
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    body = text.split("=", 1)[1] if "=" in text else text
+    return tuple(int(v) for v in body.split(",") if v.strip())
+
+
+def _parse_sweep(items: list[str]) -> dict | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        out[key.strip()] = [parse_kv([f"v={x}"])["v"] for x in values.split(",") if x.strip()]
+    return out
 
 
 if __name__ == "__main__":

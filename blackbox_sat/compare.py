@@ -1,0 +1,269 @@
+"""The comparison harness: every method on the same device, task, budget and seeds.
+
+A study is a generator of seeded trials (method x seed). Each trial trains into
+``OUT/runs/METHOD/seedS`` and is then evaluated on the trained chip, on unseen chips
+(device seeds, BENCHMARK.md: 101-105) and over the device's sweep (drift or
+misalignment). Its row is written to ``OUT/trials/METHOD-seedS.json``; a trial whose
+row exists is skipped when the command is re-run. A trial that raises is recorded as
+failed and the others go on. ``results.csv`` and ``summary.md`` are rebuilt from the rows.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .devices.spec import accepts_seed, resolve_factory
+from .evaluate import evaluate
+from .training import train, write_json_atomic
+
+UNSEEN_SEEDS = (101, 102, 103, 104, 105)
+#: Post-deployment sweeps of the built-in simulators (BENCHMARK.md).
+DEFAULT_SWEEPS = {
+    "mzi": {"drift": [-1.0, -0.5, 0.5, 1.0]},
+    "mrr": {"drift": [-1.0, -0.5, 0.5, 1.0]},
+    "freespace": {"rotation": [0.5, 1.0, 2.0], "shift": [0.5, 1.0, 2.0], "scale": [1.025, 1.05, 1.1]},
+}
+SUMMARY_FIELDS = ("acc_chip", "acc_unseen_mean", "acc_unseen_min", "acc_drift_mean", "settings_used",
+                  "samples_used", "wall_s", "sharpness")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One seeded experiment of a study."""
+
+    method: str
+    seed: int
+    device: str
+    device_kw: dict
+    task: str
+    budget: int
+    config: dict
+    unseen: tuple
+    sweep: dict
+    out: str
+    threads: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / "runs" / self.method / f"seed{self.seed}"
+
+    @property
+    def row_path(self) -> Path:
+        return Path(self.out) / "trials" / f"{self.key}.json"
+
+
+@dataclass
+class Study:
+    device: str
+    methods: list
+    seeds: list
+    budget: int = 2000
+    task: str = "digits"
+    device_kw: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)   # method -> {key: value}, or shared {key: value}
+    unseen: tuple | None = None
+    sweep: dict | None = None
+    out: str = "runs/compare"
+
+    def trials(self):
+        """Yield the seeded trials, methods outermost."""
+        unseen = self.unseen
+        if unseen is None:
+            unseen = UNSEEN_SEEDS if _seedable(self.device) else ()
+        sweep = self.sweep if self.sweep is not None else DEFAULT_SWEEPS.get(self.device, {})
+        for method in self.methods:
+            cfg = self.config.get(method, {}) if any(k in self.config for k in self.methods) else dict(self.config)
+            for seed in self.seeds:
+                yield Trial(method, int(seed), self.device, dict(self.device_kw), self.task, self.budget, dict(cfg),
+                            tuple(unseen), {k: list(v) for k, v in sweep.items()}, str(self.out))
+
+
+def _seedable(device) -> bool:
+    try:
+        return isinstance(device, str) and not device.startswith("tcp://") and accepts_seed(resolve_factory(device))
+    except Exception:  # noqa: BLE001 - an unloadable spec simply has no unseen chips
+        return False
+
+
+def run_trial(trial: Trial) -> dict:
+    """Train and evaluate one trial; never raises (a failure becomes a ``failed`` row)."""
+    import torch
+
+    torch.set_num_threads(trial.threads)
+    t0 = time.perf_counter()
+    row = {"method": trial.method, "seed": trial.seed, "device": trial.device, "task": trial.task,
+           "budget": trial.budget, "status": "ok", "error": ""}
+    try:
+        cfg = dict(trial.config)
+        cfg.setdefault("threads", trial.threads)
+        result = train(trial.device, task=trial.task, method=trial.method, budget=trial.budget, seed=trial.seed,
+                       out=trial.run_dir, device_kw=trial.device_kw, config=cfg, progress=False, overwrite=True)
+        row.update(model_based=result["model_based"], acc_chip=result["accuracy"], val_accuracy=result["val_accuracy"],
+                   settings_used=result["settings_used"], samples_used=result["samples_used"],
+                   train_wall_s=result["wall_s"], sharpness=result["sharpness"],
+                   surrogate=result["extra"].get("surrogate", ""))
+        for point in result["curve"]:
+            row[f"curve_{point['settings']}"] = point["accuracy"]
+        unseen = [evaluate(trial.run_dir, device_kw={"seed": s})["accuracy"] for s in trial.unseen]
+        for s, a in zip(trial.unseen, unseen):
+            row[f"unseen_{s}"] = a
+        row["acc_unseen_mean"] = float(np.mean(unseen)) if unseen else None
+        row["acc_unseen_min"] = float(np.min(unseen)) if unseen else None
+        swept = []
+        for key, values in trial.sweep.items():
+            for v in values:
+                acc = evaluate(trial.run_dir, device_kw={key: v})["accuracy"]
+                row[f"sweep_{key}={v}"] = acc
+                swept.append(acc)
+        row["acc_drift_mean"] = float(np.mean(swept)) if swept else None
+    except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
+    row["wall_s"] = time.perf_counter() - t0
+    trial.row_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(trial.row_path, row)
+    return row
+
+
+def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budget: int = 2000,
+            out: str | Path = "runs/compare", device_kw: dict | None = None, config: dict | None = None,
+            unseen=None, sweep: dict | None = None, workers: int = 1, progress: bool = True, rerun_failed: bool = True) -> dict:
+    """Run a study and write ``results.csv`` and ``summary.md`` into ``out``.
+
+    ``seeds``: a count (0..K-1) or a list. ``unseen``: device seeds of unseen chips (default
+    101-105 for a seedable device, none otherwise). ``sweep``: ``{key: [values]}`` of device
+    keywords (default per built-in). Returns ``{"rows", "summary", "out"}``.
+    """
+    if not isinstance(device, str):
+        raise TypeError("compare needs a device spec string, so that unseen chips and workers can rebuild it")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    study = Study(device, list(methods), seeds, budget, task, dict(device_kw or {}), dict(config or {}),
+                  None if unseen is None else tuple(unseen), sweep, str(out))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "study.json", study.__dict__)
+    todo, rows = [], {}
+    for t in study.trials():
+        if t.row_path.exists():
+            prev = json.loads(t.row_path.read_text())
+            if prev["status"] == "ok" or not rerun_failed:
+                rows[t.key] = prev
+                continue
+        todo.append(t)
+    bar = tqdm(total=len(todo), desc="trials", disable=not progress)
+    if workers <= 1:
+        for t in todo:
+            bar.set_postfix_str(t.key)
+            rows[t.key] = run_trial(t)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_trial, t): t for t in todo}
+            for fut in as_completed(futures):
+                t = futures[fut]
+                try:
+                    rows[t.key] = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a worker that died
+                    rows[t.key] = {"method": t.method, "seed": t.seed, "status": "failed",
+                                   "error": f"worker died: {type(exc).__name__}: {exc}"}
+                    write_json_atomic(t.row_path, rows[t.key])
+                bar.update()
+    bar.close()
+    ordered = [rows[t.key] for t in study.trials() if t.key in rows]
+    summary = summarise(ordered)
+    write_results(ordered, summary, Path(out), study)
+    return {"rows": ordered, "summary": summary, "out": str(out)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per method: mean and std over seeds of every SUMMARY_FIELDS entry, plus the curve."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
+        entry = {"n_ok": len(ok), "n_failed": sum(r["method"] == method for r in rows) - len(ok),
+                 "model_based": bool(ok and ok[0].get("model_based"))}
+        for f in SUMMARY_FIELDS + tuple(sorted({k for r in ok for k in r if k.startswith("curve_")},
+                                                key=lambda k: int(k.split("_")[1]))):
+            vals = [r[f] for r in ok if r.get(f) is not None]
+            entry[f] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
+        out[method] = entry
+    _settings_to_target(out)
+    return out
+
+
+def _settings_to_target(summary: dict) -> None:
+    """Settings each method needs to reach the best gradient-free method's final acc_chip."""
+    from .methods.registry import METHODS
+
+    gf = [m for m in summary if METHODS.get(m) and getattr(METHODS[m], "needs", "") == "device"
+          and (m.startswith("ng-") or m == "spsa") and summary[m]["acc_chip"]]
+    target = max((summary[m]["acc_chip"][0] for m in gf), default=None)
+    for m, e in summary.items():
+        e["target"] = target
+        e["settings_to_target"] = None
+        if target is None or e["model_based"]:
+            continue
+        for k in sorted((k for k in e if k.startswith("curve_") and e[k]), key=lambda k: int(k.split("_")[1])):
+            if e[k][0] >= target:
+                e["settings_to_target"] = int(k.split("_")[1])
+                break
+
+
+def _fmt(v, pct=True) -> str:
+    if v is None:
+        return "N/A"
+    m, s = v
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.3g} ± {s:.2g}"
+
+
+def summary_table(summary: dict) -> str:
+    """Markdown table of the summary (accuracies in %)."""
+    head = ("| method | kind | acc_chip | acc_unseen_mean | acc_unseen_min | acc_drift_mean | settings | "
+            "settings-to-target | sharpness | wall s | failed |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m, e in summary.items():
+        lines.append(
+            f"| {m} | {'model-based' if e['model_based'] else 'device'} | {_fmt(e['acc_chip'])} | "
+            f"{_fmt(e['acc_unseen_mean'])} | {_fmt(e['acc_unseen_min'])} | {_fmt(e['acc_drift_mean'])} | "
+            f"{_fmt(e['settings_used'], False)} | {e['settings_to_target'] if e['settings_to_target'] else '-'} | "
+            f"{_fmt(e['sharpness'], False)} | {_fmt(e['wall_s'], False)} | {e['n_failed']} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "traceback"))
+    tmp = out / "results.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "results.csv")
+    curve_keys = sorted({k for e in summary.values() for k in e if k.startswith("curve_")}, key=lambda k: int(k[6:]))
+    text = [f"# Comparison on `{study.device}` {study.device_kw or ''}", "",
+            f"task `{study.task}`, budget {study.budget} settings, seeds {study.seeds}; mean ± std over seeds; "
+            "accuracies in %. Unseen chips: device seeds "
+            f"{list(study.unseen) if study.unseen is not None else 'default'}; sweep: "
+            f"{study.sweep if study.sweep is not None else DEFAULT_SWEEPS.get(study.device, 'none')}.", "",
+            summary_table(summary), ""]
+    if curve_keys:
+        text += ["## Accuracy against settings (acc_chip, %)", "",
+                 "| method | " + " | ".join(k[6:] for k in curve_keys) + " |",
+                 "|---|" + "---|" * len(curve_keys)]
+        for m, e in summary.items():
+            if not e["model_based"]:
+                text.append(f"| {m} | " + " | ".join(_fmt(e.get(k)) for k in curve_keys) + " |")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        text += ["", "## Failed trials", ""] + [f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed]
+    (out / "summary.md").write_text("\n".join(text) + "\n")
