@@ -192,7 +192,7 @@ def summarise(rows: list[dict]) -> dict:
     for method in dict.fromkeys(r["method"] for r in rows):
         ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
         entry = {"n_ok": len(ok), "n_failed": sum(r["method"] == method for r in rows) - len(ok),
-                 "model_based": bool(ok and ok[0].get("model_based"))}
+                 "model_based": _model_based(method)}
         for f in SUMMARY_FIELDS + tuple(sorted({k for r in ok for k in r if k.startswith("curve_")},
                                                 key=lambda k: int(k.split("_")[1]))):
             vals = [r[f] for r in ok if r.get(f) is not None]
@@ -200,6 +200,15 @@ def summarise(rows: list[dict]) -> dict:
         out[method] = entry
     _settings_to_target(out)
     return out
+
+
+def _model_based(method: str) -> bool:
+    from .methods.registry import get_method
+
+    try:
+        return get_method(method).model_based
+    except KeyError:
+        return False
 
 
 def _settings_to_target(summary: dict) -> None:

@@ -31,7 +31,7 @@ from .sharpness import top_hessian_eigenvalue
 from .tasks import load_task
 
 #: Keys every method accepts besides its own defaults.
-RUN_DEFAULTS = {"pnn": "device", "threads": None, "sharpness_samples": 256}
+RUN_DEFAULTS = {"pnn": "device", "threads": 1, "sharpness_samples": 256}
 
 
 class RunExists(FileExistsError):

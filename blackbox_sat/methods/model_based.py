@@ -88,11 +88,8 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
                     loss.backward()
                     return loss
 
-                if rho > 0:
-                    opt.step(closure)
-                else:
-                    closure()
-                    opt.step()
+                closure()  # gradient at theta (SAT's ascent direction, or the plain step)
+                opt.step(closure) if rho > 0 else opt.step()
                 project(u)
             acc = model_accuracy(ctx, val_models, (u * scale).detach())
             curve.append(acc)
@@ -126,7 +123,7 @@ def offline(ctx: TrainContext) -> MethodResult:
     return train_on_models(ctx, [model], [model], label="offline")
 
 
-@register("offline-sat", {**COMMON, "rho": 0.5, "adaptive": False}, needs="nominal",
+@register("offline-sat", {**COMMON, "rho": 0.05, "adaptive": False}, needs="nominal",
           summary="SAT on the nominal model, deployed as-is")
 def offline_sat(ctx: TrainContext) -> MethodResult:
     model = ctx.model("nominal")
