@@ -1,0 +1,34 @@
+"""Device adapters used by the tests, loaded through the public spec ``tests.toy_devices:NAME``.
+
+They import nothing from blackbox_sat, as a lab's adapter would not.
+"""
+import numpy as np
+
+
+class Opaque:
+    """A black-box analog device: a saturating nonlinear map nobody in the repository models.
+
+    ``y = tanh(A(theta) x) + 0.2 * sin(3 x[:, :1] * theta[0])`` where the weights
+    ``A(theta) = W1 * cos(theta @ P)`` mix every control into every weight.
+    """
+
+    def __init__(self, seed=0, noise=0.005, in_dim=6, out_dim=4, n_params=12, fail=None):
+        rng = np.random.default_rng(seed)
+        self.n_params, self.in_dim, self.out_dim = n_params, in_dim, out_dim
+        self.bounds = (np.zeros(n_params), np.ones(n_params))
+        self.W1 = rng.normal(0, 1.2, (out_dim, in_dim))
+        self.P = rng.normal(0, 1.0, (n_params, out_dim * in_dim))
+        self.noise, self.fail, self.calls = noise, fail, 0
+        self._rng = np.random.default_rng([seed, 99])
+
+    def query(self, theta, x):
+        self.calls += 1
+        a = self.W1 * np.cos(theta @ self.P).reshape(self.out_dim, self.in_dim)
+        y = np.tanh(x @ a.T) + 0.2 * np.sin(3 * x[:, :1] * theta[0])
+        if self.fail == "nan" and self.calls > 3:
+            y[:] = np.nan
+        return y + self._rng.normal(0, self.noise, y.shape)
+
+
+def opaque(seed=0, **kw):
+    return Opaque(seed=seed, **kw)
