@@ -32,6 +32,8 @@ DEFAULT_SWEEPS = {
     "mrr": {"drift": [-1.0, -0.5, 0.5, 1.0]},
     "freespace": {"rotation": [0.5, 1.0, 2.0], "shift": [0.5, 1.0, 2.0], "scale": [1.025, 1.05, 1.1]},
 }
+#: Error levels evaluated for the accuracy-against-sigma plot, as multiples of the chip's sigma.
+SIGMA_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
 SUMMARY_FIELDS = ("acc_chip", "acc_unseen_mean", "acc_unseen_min", "acc_drift_mean", "settings_used",
                   "samples_used", "wall_s", "sharpness")
 
@@ -51,6 +53,7 @@ class Trial:
     sweep: dict
     out: str
     threads: int = 1
+    sigmas: tuple = ()
 
     @property
     def key(self) -> str:
@@ -84,11 +87,24 @@ class Study:
         if unseen is None:
             unseen = UNSEEN_SEEDS if _seedable(self.device) else ()
         sweep = self.sweep if self.sweep is not None else DEFAULT_SWEEPS.get(self.device, {})
+        sigma = self.device_kw.get("sigma", _default_of(self.device, "sigma"))
+        sigmas = tuple(round(f * sigma, 6) for f in SIGMA_FACTORS) if isinstance(sigma, (int, float)) else ()
         for method in self.methods:
             cfg = self.config.get(method, {}) if any(k in self.config for k in self.methods) else dict(self.config)
             for seed in self.seeds:
                 yield Trial(method, int(seed), self.device, dict(self.device_kw), self.task, self.budget, dict(cfg),
-                            tuple(unseen), {k: list(v) for k, v in sweep.items()}, str(self.out))
+                            tuple(unseen), {k: list(v) for k, v in sweep.items()}, str(self.out), sigmas=sigmas)
+
+
+def _default_of(device, name: str):
+    """The default of keyword ``name`` of a spec's factory, or None."""
+    import inspect
+
+    try:
+        p = inspect.signature(resolve_factory(device)).parameters.get(name)
+    except Exception:  # noqa: BLE001 - not a loadable local factory
+        return None
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
 def _seedable(device) -> bool:
@@ -129,6 +145,8 @@ def run_trial(trial: Trial) -> dict:
                 row[f"sweep_{key}={v}"] = acc
                 swept.append(acc)
         row["acc_drift_mean"] = float(np.mean(swept)) if swept else None
+        for sg in trial.sigmas:  # the deployed setting on this chip's error pattern, rescaled
+            row[f"sigma_{sg:g}"] = evaluate(trial.run_dir, device_kw={"sigma": sg})["accuracy"]
     except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
     row["wall_s"] = time.perf_counter() - t0
@@ -275,4 +293,9 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> N
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         text += ["", "## Failed trials", ""] + [f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed]
+    from .plots import write_plots
+
+    plots = write_plots(rows, out)
+    if plots:
+        text += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     (out / "summary.md").write_text("\n".join(text) + "\n")

@@ -1,0 +1,103 @@
+"""Physics-aware gradients: the forward pass on the device, the backward pass through a model.
+
+One training step measures a minibatch on the device (one setting), takes the loss of the
+*real* outputs, and pulls ``dL/dy`` back to ``theta`` through a differentiable stand-in
+``f_hat(theta, x)`` (a surrogate, or an approximate model for ``insitu-sat``) as a
+vector-Jacobian product: ``g = J_f_hat(theta)^T dL/dy``. For a hybrid PNN the digital
+readout gets its exact gradient from the real outputs and the digital input layer gets its
+gradient through ``df_hat/dx``.
+
+SAT's ascent pass at ``theta + eps`` goes to the device (``ascent="device"``: a second
+setting, the paper's in-situ SAT) or to the stand-in (``ascent="surrogate"``: no extra
+setting; the perturbed outputs are the measured ones plus the stand-in's predicted change,
+``y + f_hat(theta + eps) - f_hat(theta)``, so the stand-in's bias cancels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .context import TrainContext
+from .sat import sat_perturbation
+
+ASCENTS = ("device", "surrogate")
+
+
+@dataclass
+class StepResult:
+    loss: float          # device loss at theta on this minibatch
+    grad: np.ndarray     # (n_params,) gradient at theta (rho = 0) or at theta + eps
+    eps: np.ndarray      # (n_params,) the SAT perturbation used (zeros when rho = 0)
+    settings: int        # device settings this step paid
+
+
+def _as_model(stand_in):
+    """A callable ``(theta (P,), x (B, D)) -> (B, out)`` from a surrogate or a torch model."""
+    return stand_in.predict if hasattr(stand_in, "predict") else stand_in
+
+
+def _vjp(model, theta: np.ndarray, x: torch.Tensor, g_y: torch.Tensor) -> tuple[np.ndarray, torch.Tensor | None]:
+    """``J^T g_y`` with respect to ``theta``, and with respect to ``x`` when ``x`` needs it."""
+    th = torch.tensor(theta, dtype=torch.float32, requires_grad=True)
+    xin = x.detach().to(torch.float32).requires_grad_(x.requires_grad)
+    y_hat = model(th, xin)
+    s = (y_hat.to(g_y.dtype) * g_y).sum()
+    wrt = [th, xin] if x.requires_grad else [th]
+    grads = torch.autograd.grad(s, wrt)
+    return grads[0].detach().double().numpy(), (grads[1].to(x.dtype) if x.requires_grad else None)
+
+
+def device_loss(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, purpose: str = "train",
+                x: torch.Tensor | None = None, digital: bool = True) -> tuple[float, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Measure ``theta`` on training rows ``idx``: (loss, dL/dy, device inputs, raw outputs).
+
+    With ``digital`` and a hybrid PNN, the readout's gradient is accumulated in ``.grad``."""
+    if x is None:
+        x = ctx.pnn.device_inputs(ctx.f_train[idx])
+    y = ctx.device.query(theta, x.detach().numpy(), purpose=purpose)
+    yt = torch.as_tensor(y).requires_grad_(True)
+    loss = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
+    digital = digital and ctx.pnn.trainable
+    (g_y,) = torch.autograd.grad(loss, yt, retain_graph=digital)
+    if digital:  # the digital readout's exact gradient from the real outputs
+        loss.backward(inputs=list(ctx.pnn.readout.parameters()))
+    return float(loss), g_y, x, y
+
+
+def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, stand_in, rho: float = 0.0,
+                       ascent: str = "surrogate", adaptive: bool = False, purpose: str = "train") -> StepResult:
+    """One physics-aware (SAT) gradient at ``theta`` on training rows ``idx``.
+
+    Leaves the hybrid PNN's digital gradients in ``.grad`` (the caller's optimizer steps
+    them). Raises ``BudgetExhausted`` if the device settings run out mid-step.
+    """
+    if ascent not in ASCENTS:
+        raise ValueError(f"ascent must be one of {ASCENTS}, got {ascent!r}")
+    model = _as_model(stand_in)
+    x = ctx.pnn.device_inputs(ctx.f_train[idx])
+    loss, g_y, x, y = device_loss(ctx, theta, idx, purpose, x)
+    settings = 1
+    grad, g_x = _vjp(model, theta, x, g_y)
+    eps = np.zeros_like(theta)
+    if rho > 0 and np.any(grad):
+        scale = torch.as_tensor(ctx.info.scale)
+        eps = sat_perturbation(torch.as_tensor(grad), rho, scale, adaptive=adaptive, theta=torch.as_tensor(theta)).numpy()
+        theta_eps = ctx.info.project(theta + eps)
+        if ascent == "device":
+            _, g_y, _, _ = device_loss(ctx, theta_eps, idx, purpose, x, digital=False)
+            settings += 1
+        else:
+            with torch.no_grad():
+                xs = x.detach().to(torch.float32)
+                delta = model(torch.as_tensor(theta_eps, dtype=torch.float32), xs) - \
+                    model(torch.as_tensor(theta, dtype=torch.float32), xs)
+            yt = (torch.as_tensor(y) + delta.double()).requires_grad_(True)
+            loss_eps = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
+            (g_y,) = torch.autograd.grad(loss_eps, yt)
+        grad, g_x = _vjp(model, theta_eps, x, g_y)
+    if g_x is not None:  # the digital input layer's gradient through df_hat/dx
+        x.backward(g_x, inputs=list(ctx.pnn.input_layer.parameters()))
+    return StepResult(loss, grad, eps, settings)
