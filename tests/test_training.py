@@ -38,12 +38,12 @@ def test_unknown_set_key_is_an_error(tmp_path):
 
 def test_hybrid_pnn_round_trips_through_model_json(tmp_path):
     r = bs.train("mrr", task="wine", method="oracle", out=tmp_path / "h", device_kw={"in_dim": 6, "out_dim": 4},
-                 config={**FAST, "pnn": "hybrid"}, progress=False)
+                 config={**FAST, "lr_grid": [0.01], "pnn": "hybrid"}, progress=False)
     model = json.loads((tmp_path / "h" / "model.json").read_text())
     assert model["mode"] == "hybrid" and "digital" in model
     quiet = {"in_dim": 6, "out_dim": 4, "noise": 0.0, "programming_noise": 0.0, "dac_bits": None}
     a, b = bs.evaluate(r, "mrr", quiet), bs.evaluate(tmp_path / "h", "mrr", quiet)
-    assert a["accuracy"] == b["accuracy"] and a["accuracy"] > 0.55  # chance is 0.33
+    assert a["accuracy"] == b["accuracy"] and a["accuracy"] > 0.7  # chance is 0.33
 
 
 def test_cli_train_evaluate_check_device(tmp_path, capsys):

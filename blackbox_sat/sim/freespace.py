@@ -67,7 +67,8 @@ READ_NOISE = 0.003         # fraction of full scale
 PROGRAMMING_NOISE = 0.002  # grey levels
 
 
-def bilinear_taps(height: int, width: int, rotation: float = 0.0, shift=0.0, scale: float = 1.0):
+def bilinear_taps(height: int, width: int, rotation: float = 0.0, shift: float | tuple[float, float] = 0.0,
+                  scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Where each optical-grid pixel samples the mask. Returns ``index (H*W, 4)`` into the
     flattened mask and ``weight (H*W, 4)`` (0 for taps outside the mask)."""
     dx, dy = (float(shift), float(shift)) if np.ndim(shift) == 0 else map(float, shift)
@@ -119,7 +120,7 @@ class FreeSpaceVMM(SimulatedDevice):
     input_bounds = (0.0, 1.0)
 
     def __init__(self, seed: int = 0, sigma: float = SIGMA, noise: float = READ_NOISE, in_dim: int = 16,
-                 out_dim: int = 10, rotation: float = 0.0, shift=0.0, scale: float = 1.0,
+                 out_dim: int = 10, rotation: float = 0.0, shift: float | tuple[float, float] = 0.0, scale: float = 1.0,
                  pixels_per_weight: int = PIXELS_PER_WEIGHT, nonlinearity: bool | float = False,
                  programming_noise: float = PROGRAMMING_NOISE, dac_bits: int | None = 12):
         if int(in_dim) < 1 or int(out_dim) < 1 or int(pixels_per_weight) < 1 or not scale > 0:
@@ -153,7 +154,7 @@ class FreeSpaceVMM(SimulatedDevice):
         blocks = np.asarray(theta, float).reshape(self.rows, self.in_dim)
         return np.kron(blocks, np.ones((self.p, self.p)))
 
-    def taps(self, nominal: bool = False):
+    def taps(self, nominal: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Bilinear taps of :func:`bilinear_taps` for this chip's misalignment (identity if nominal)."""
         if nominal:
             return bilinear_taps(self.height, self.width)
@@ -192,7 +193,7 @@ class FreeSpaceVMM(SimulatedDevice):
 
 
 def freespace(seed: int = 0, sigma: float = SIGMA, noise: float = READ_NOISE, in_dim: int = 16,
-              out_dim: int = 10, rotation: float = 0.0, shift=0.0, scale: float = 1.0,
+              out_dim: int = 10, rotation: float = 0.0, shift: float | tuple[float, float] = 0.0, scale: float = 1.0,
               pixels_per_weight: int = PIXELS_PER_WEIGHT, nonlinearity: bool | float = False,
               programming_noise: float = PROGRAMMING_NOISE, dac_bits: int | None = 12, **kw) -> FreeSpaceVMM:
     """A free-space VMM. ``sigma``: pixel gain std (relative; detectors ``sigma/3``). ``noise``: read noise

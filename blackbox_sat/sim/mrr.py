@@ -51,13 +51,13 @@ Defaults (datasheet; sources)
   the ~6.6-effective-bit ADC figure also used by ``mzi``.
 
 Views: ``nominal_model()`` is the datasheet: no offsets, nominal heaters and linewidth, no
-crosstalk (a chip property nobody has calibrated, as in ``mzi``) and no drift. With
-``sigma = 0``, ``crosstalk = 0`` and ``drift = 0`` the true model equals it.
+drift, and the design's crosstalk (set by the ring pitch, the same on every chip of a
+design, as in ``mzi``). With ``sigma = 0`` and ``drift = 0`` the true model equals it.
 
 Controls: ``theta[j * in_dim + i] = I_ij`` (mA), row-major over (output bus, input), bounds
 [0, I_MAX]. ``theta0``: a fixed, chip-independent nominal weight pattern
 ``w0 ~ U(-0.25, 0.25)`` (like a network's random init; own RNG stream, not the chip seed)
-realised on the blue branch of each *nominal* ring. It sits on the steep flank (maximum
+realised on the blue branch of each isolated *nominal* ring (crosstalk neglected). It sits on the steep flank (maximum
 response) and gives the readout gain a non-degenerate output spread; the bounds' midpoint
 would put every nominal weight at -0.57.
 """
@@ -165,7 +165,7 @@ class MRRWeightBank(SimulatedDevice):
         shape = (self.out_dim, self.in_dim)
         if nominal:
             return RingBankModel(np.full(shape, DETUNE0), np.full(shape, ETA * HEATER_R), np.full(shape, FWHM),
-                                 np.eye(self.in_dim))
+                                 crosstalk_matrix(self.in_dim, self.crosstalk))
         detune = DETUNE0 - self.resonance_offset - THERMAL_SHIFT * self.drift
         return RingBankModel(detune, ETA * HEATER_R * self.heater_gain, self.linewidth,
                              crosstalk_matrix(self.in_dim, self.crosstalk))
