@@ -13,14 +13,13 @@ import csv
 import json
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backends import run_trials
 from .devices.spec import accepts_seed, resolve_factory
 from .evaluate import evaluate
 from .training import train, write_json_atomic
@@ -157,12 +156,15 @@ def run_trial(trial: Trial) -> dict:
 
 def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budget: int = 2000,
             out: str | Path = "runs/compare", device_kw: dict | None = None, config: dict | None = None,
-            unseen=None, sweep: dict | None = None, workers: int = 1, progress: bool = True, rerun_failed: bool = True) -> dict:
+            unseen=None, sweep: dict | None = None, workers: int = 1, progress: bool = True, rerun_failed: bool = True,
+            backend: str = "local", address: str | None = None) -> dict:
     """Run a study and write ``results.csv`` and ``summary.md`` into ``out``.
 
     ``seeds``: a count (0..K-1) or a list. ``unseen``: device seeds of unseen chips (default
     101-105 for a seedable device, none otherwise). ``sweep``: ``{key: [values]}`` of device
-    keywords (default per built-in). Returns ``{"rows", "summary", "out"}``.
+    keywords (default per built-in). ``backend``: ``local`` (``workers`` processes) or
+    ``ray`` (a local Ray instance, or the cluster at ``address``); see :mod:`.backends`.
+    Returns ``{"rows", "summary", "out"}``.
     """
     if not isinstance(device, str):
         raise TypeError("compare needs a device spec string, so that unseen chips and workers can rebuild it")
@@ -180,23 +182,10 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
                 continue
         todo.append(t)
     bar = tqdm(total=len(todo), desc="trials", disable=not progress)
-    if workers <= 1:
-        for t in todo:
-            bar.set_postfix_str(t.key)
-            rows[t.key] = run_trial(t)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_trial, t): t for t in todo}
-            for fut in as_completed(futures):
-                t = futures[fut]
-                try:
-                    rows[t.key] = fut.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died
-                    rows[t.key] = {"method": t.method, "seed": t.seed, "status": "failed",
-                                   "error": f"worker died: {type(exc).__name__}: {exc}"}
-                    write_json_atomic(t.row_path, rows[t.key])
-                bar.update()
+    for t, row in run_trials(todo, backend=backend, workers=workers, address=address,
+                             on_start=lambda t: bar.set_postfix_str(t.key)):
+        rows[t.key] = row  # streamed back as trials finish (see backends.py)
+        bar.update()
     bar.close()
     ordered = [rows[t.key] for t in study.trials() if t.key in rows]
     summary = summarise(ordered)

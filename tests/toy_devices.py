@@ -32,3 +32,39 @@ class Opaque:
 
 def opaque(seed=0, **kw):
     return Opaque(seed=seed, **kw)
+
+
+class CrashOnce:
+    """Wraps a device; the first ``query`` made anywhere (any process) with a given
+    ``marker`` path kills its own process with SIGKILL, as a worker that dies mid-trial.
+    Every later query, in any process, is passed through. Other members are the wrapped
+    device's (so model-based methods find its ``nominal_model``/``true_model``)."""
+
+    def __init__(self, device, marker):
+        self.device, self.marker = device, str(marker)
+
+    def __getattr__(self, name):
+        if name in ("device", "marker"):
+            raise AttributeError(name)
+        return getattr(self.device, name)
+
+    def query(self, theta, x):
+        import os
+        import signal
+
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self.device.query(theta, x)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_once(marker, seed=0, **kw):
+    """The built-in ``mzi`` chip (``seed``, ``**kw``) behind :class:`CrashOnce`: for the
+    worker-failure tests of the Ray backend. Unlike the adapters above it wraps a
+    blackbox_sat simulator (imported here, not at module import)."""
+    from blackbox_sat.sim import BUILTINS
+
+    return CrashOnce(BUILTINS["mzi"](seed=seed, **kw), marker)
