@@ -79,11 +79,11 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
                 idx = next(batches)
                 model = train_models[step % len(train_models)]
                 step += 1
-                x = ctx.pnn.device_inputs(ctx.f_train[idx]).to(torch.float32)
                 labels = torch.as_tensor(ctx.y_train[idx])
 
-                def closure():
+                def closure():  # rebuilds the graph: a hybrid input layer is part of it
                     opt.zero_grad()
+                    x = ctx.pnn.device_inputs(ctx.f_train[idx]).to(torch.float32)
                     loss = F.cross_entropy(ctx.pnn(model(u * scale, x)), labels)
                     loss.backward()
                     return loss
