@@ -43,13 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--unseen", help="unseen chips as seed=101,102,... (default 101-105; 'none' to skip)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="device keyword sweep")
-    p.add_argument("--workers", type=int, default=1, help="parallel trial processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel trial processes (local); CPUs of a locally started Ray instance (ray, when > 1)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="where trials run: this machine, or Ray tasks (pip install 'blackbox-sat[ray]')")
+    p.add_argument("--address", metavar="ADDR", help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("check-device", help="validate a device adapter against the contract")
     p.add_argument("spec")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--repeats", type=int, default=5)
+
+    p = sub.add_parser("serve-device", help="serve a device over TCP (token required; see README)")
+    p.add_argument("--device", required=True, help="mzi | mrr | freespace | package.module:factory")
+    p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--port", type=int, default=0, help="0: pick a free port (printed)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--token-file", help="file holding the token (default: $BLACKBOX_SAT_TOKEN)")
+    p.add_argument("--journal", help="durable request journal (default: next to the token file, or ./)")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest message (default 64 MiB)")
     return ap
 
 
@@ -95,7 +108,7 @@ def _dispatch(args) -> int:
         res = compare(args.device, task=args.task, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                       seeds=args.seeds, budget=args.budget, out=args.out, device_kw=parse_kv(args.device_kw),
                       config=parse_kv(args.set), unseen=_parse_unseen(args.unseen), sweep=_parse_sweep(args.sweep),
-                      workers=args.workers, progress=not args.quiet)
+                      workers=args.workers, progress=not args.quiet, backend=args.backend, address=args.address)
         print(summary_table(res["summary"]))
         print(f"wrote {args.out}/results.csv and {args.out}/summary.md")
         return 0
@@ -108,6 +121,11 @@ def _dispatch(args) -> int:
             print(f"{k:>14}: {v}")
         print("OK: the device satisfies the contract")
         return 0
+    if args.command == "serve-device":
+        from .devices.server import serve
+
+        return serve(args.device, parse_kv(args.device_kw), host=args.host, port=args.port,
+                     token_file=args.token_file, journal=args.journal, max_message_bytes=args.max_message_bytes)
     raise AssertionError(args.command)
 
 

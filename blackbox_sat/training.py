@@ -32,6 +32,9 @@ from .tasks import load_task
 
 #: Keys every method accepts besides its own defaults.
 RUN_DEFAULTS = {"pnn": "device", "threads": 1, "sharpness_samples": 256}
+#: Device keywords never written to config.json, the ledger or result.json (a resumed run
+#: reads the token from $BLACKBOX_SAT_TOKEN instead).
+SECRET_DEVICE_KW = ("token",)
 
 
 class RunExists(FileExistsError):
@@ -79,9 +82,11 @@ def train(device, task="digits", method: str = "blackbox-sat", budget: int = 200
     if (out / "ledger.sqlite").exists() and not overwrite:
         raise RunExists(f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume {out}`")
     cfg = method_config(method, config)
+    device_kw = dict(device_kw or {})
+    secret_kw = {k: device_kw.pop(k) for k in SECRET_DEVICE_KW if k in device_kw}
     run_cfg = {"method": method, "task": task if isinstance(task, str) else None, "budget": int(budget), "seed": int(seed),
                "device": device if isinstance(device, str) else type(device).__name__,
-               "device_kw": dict(device_kw or {}), "config": cfg}
+               "device_kw": device_kw, "config": cfg}
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in ("result.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
@@ -91,7 +96,7 @@ def train(device, task="digits", method: str = "blackbox-sat", budget: int = 200
         np.savez(out / "task.npz", **dict(zip(names, task)))
         task = run_cfg["task"] = str(out / "task.npz")
     write_json_atomic(out / "config.json", run_cfg)
-    return _execute(device, task, run_cfg, out, progress)
+    return _execute(device, task, run_cfg, out, progress, secret_kw)
 
 
 def resume(out: str | Path, device=None, progress: bool = True) -> dict:
@@ -105,19 +110,21 @@ def resume(out: str | Path, device=None, progress: bool = True) -> dict:
     return _execute(device if device is not None else run_cfg["device"], run_cfg["task"], run_cfg, out, progress)
 
 
-def _execute(device, task, run_cfg: dict, out: Path, progress: bool) -> dict:
+def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: dict | None = None) -> dict:
     t_start = time.perf_counter()
     cfg, seed, budget = run_cfg["config"], run_cfg["seed"], run_cfg["budget"]
     spec = get_method(run_cfg["method"])
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(seed)
-    source = load_device(device, **run_cfg["device_kw"])
+    source = load_device(device, **run_cfg["device_kw"], **(secret_kw or {}))
     info = describe(source)
     data = load_task(task)
     ledger = Ledger(out / "ledger.sqlite")
     ledger.set_meta("config", run_cfg)
     metered = MeteredDevice(source, ledger, budget=0 if spec.model_based else budget)
+    if callable(getattr(source, "bind_ledger", None)):  # request ids that survive a kill (devices/remote.py)
+        source.bind_ledger(ledger)
     pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg["pnn"])
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)

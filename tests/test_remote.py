@@ -1,0 +1,538 @@
+"""The TCP device server and client: round trip, security, journal, faults (issue 6).
+
+Servers run in-process (threads, port 0) or as ``python -m blackbox_sat.cli serve-device``
+subprocesses on 127.0.0.1; every one is stopped by its test. Helpers here are also used by
+``test_resume.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import blackbox_sat as bs
+from blackbox_sat.cli import main
+from blackbox_sat.devices.contract import DeviceContractError, DeviceOutputError, describe
+from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.devices.metered import MeteredDevice
+from blackbox_sat.devices.remote import (DeviceConnectionError, DeviceTimeoutError, RemoteAuthError,
+                                         RemoteDevice, RemoteDeviceError, encode_array, loads, pack)
+from blackbox_sat.devices.server import DeviceServer
+from blackbox_sat.sim import BUILTINS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789abcdef"
+QUIET = {"in_dim": 4, "out_dim": 3, "noise": 0.0, "programming_noise": 0.0}
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def mrr4(**kw):
+    """The small served device of these tests: an MRR bank with 4 inputs and 3 outputs."""
+    return BUILTINS["mrr"](**{"in_dim": 4, "out_dim": 3, **kw})
+
+
+class Faulty:
+    """Wraps a device; after ``after`` good calls it misbehaves as ``mode``:
+    ``raise``, ``nan``, ``shape``, ``hang`` (until ``release`` is set) or ``gate`` (signals
+    ``reached`` and waits for ``release``, then answers normally). ``mode=None``: healthy."""
+
+    def __init__(self, device, mode=None, after=0, delay=0.0):
+        self.device, self.mode, self.after, self.delay = device, mode, after, delay
+        for name in ("n_params", "in_dim", "out_dim", "bounds", "periodic", "input_bounds", "theta0", "max_batch"):
+            if hasattr(device, name):
+                setattr(self, name, getattr(device, name))
+        self.calls = self.active = self.max_active = 0
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def query(self, theta, x):
+        self.calls += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            return self._answer(theta, x)
+        finally:
+            self.active -= 1
+
+    def _answer(self, theta, x):
+        y = self.device.query(theta, x)
+        if self.mode is None or self.calls <= self.after:
+            return y
+        if self.mode == "raise":
+            raise OSError("instrument timeout on channel 3")
+        if self.mode == "nan":
+            y = y.copy()
+            y[0, 0] = np.nan
+            return y
+        if self.mode == "shape":
+            return y[:, :-1]
+        if self.mode in ("hang", "gate"):
+            self.mode = None if self.mode == "gate" else self.mode
+            self.reached.set()
+            self.release.wait(30)
+        return y
+
+
+def raw_exchange(url_or_addr, payload: bytes, read_reply: bool = True, timeout: float = 5.0):
+    """Send raw bytes on a fresh connection and return the decoded reply (None on EOF)."""
+    host, port = _addr(url_or_addr)
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(payload)
+        if not read_reply:
+            return None
+        head = _recv(s, 4)
+        if head is None:
+            return None
+        (n,) = struct.unpack(">I", head)
+        body = _recv(s, n)
+        return None if body is None else loads(body)
+
+
+def _recv(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _addr(url_or_addr):
+    if isinstance(url_or_addr, tuple):
+        return url_or_addr
+    m = re.match(r"tcp://([^:]+):(\d+)", url_or_addr)
+    return m.group(1), int(m.group(2))
+
+
+def request(url, token=TOKEN, **fields):
+    return raw_exchange(url, pack({"v": 1, "token": token, **fields}))
+
+
+def healthy(url) -> bool:
+    """A fresh valid client gets its info."""
+    reply = request(url, kind="info")
+    return reply is not None and reply["status"] == "ok" and reply["info"]["n_params"] > 0
+
+
+def start_server_process(tmp_path: Path, device=("mrr", "in_dim=4", "out_dim=3"), port: int = 0,
+                         journal: Path | None = None, extra=(), name="server"):
+    """``blackbox-sat serve-device`` as a subprocess; returns ``(proc, url)``."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    spec, *kws = device
+    cmd = [sys.executable, "-m", "blackbox_sat.cli", "serve-device", "--device", spec, "--port", str(port),
+           "--token-file", str(token_file), "--journal", str(journal or tmp_path / "journal.sqlite"), *extra]
+    for kw in kws:
+        cmd += ["--device-kw", kw]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("BLACKBOX_SAT_TOKEN", None)
+    log = open(tmp_path / f"{name}.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, env=env)
+    log.close()
+    line = proc.stdout.readline().decode()  # "listening on tcp://127.0.0.1:PORT", printed once bound
+    m = re.search(r"listening on (tcp://\S+)", line)
+    if not m:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"server did not start: {line!r}\n{(tmp_path / f'{name}.log').read_text()}")
+    return proc, m.group(1)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """An in-process server of a quiet mrr4 wrapped in :class:`Faulty` (healthy)."""
+    dev = Faulty(mrr4(noise=0.0, programming_noise=0.0))
+    srv = DeviceServer(dev, TOKEN, journal=tmp_path / "journal.sqlite").start()
+    yield srv, dev
+    dev.release.set()
+    srv.close()
+
+
+# --------------------------------------------------------------------------------------
+# round trip
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec,kw", [("mrr", QUIET), ("mzi", {"n_modes": 4, "noise": 0.0, "programming_noise": 0.0})])
+def test_info_and_query_round_trip_equal_in_process(spec, kw):
+    local, served_dev = BUILTINS[spec](**kw), BUILTINS[spec](**kw)
+    with DeviceServer(served_dev, TOKEN) as srv:
+        remote = RemoteDevice(srv.url, token=TOKEN)
+        a, b = describe(local), describe(remote)
+        for field in ("n_params", "in_dim", "out_dim", "max_batch", "has_bounds"):
+            assert getattr(a, field) == getattr(b, field)
+        for field in ("low", "high", "periodic", "input_low", "input_high", "theta0"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field
+        rng = np.random.default_rng(1)
+        for i in range(3):
+            theta = a.project(a.start(i) + rng.normal(0, 0.05, a.n_params) * a.scale)
+            x = rng.uniform(a.input_low, a.input_high, (7, a.in_dim))
+            assert np.array_equal(local.query(theta, x), remote.query(theta, x))
+        remote.close()
+
+
+def test_token_from_environment_and_missing_token(served, monkeypatch):
+    srv, _ = served
+    monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
+    with pytest.raises(RemoteAuthError, match="BLACKBOX_SAT_TOKEN"):
+        RemoteDevice(srv.url)
+    with pytest.raises(RemoteAuthError, match="refused the token"):
+        RemoteDevice(srv.url, token="wrong")
+    monkeypatch.setenv("BLACKBOX_SAT_TOKEN", TOKEN)
+    dev = bs.load_device(srv.url, timeout=5.0)  # the tcp:// spec path, keywords to the client
+    assert isinstance(dev, RemoteDevice) and dev.n_params == 12 and TOKEN not in repr(dev)
+
+
+def test_validation_errors_name_the_member_and_are_not_retried(served):
+    srv, dev = served
+    remote = RemoteDevice(srv.url, token=TOKEN)
+    info = describe(remote)
+    with pytest.raises(DeviceContractError, match=r"theta must have shape \(n_params,\) = \(12,\)"):
+        remote.query(np.zeros(5), np.zeros((2, 4)))  # caught by the client before sending
+    # the server validates too (a client in another language may not): bypass the client's check
+    for theta, x, msg in [(np.zeros(5), np.zeros((2, 4)), r"theta must have shape"),
+                          (info.start(0), np.full((2, 4), 7.0), "outside input_bounds"),
+                          (np.full(12, 1e3), np.zeros((2, 4)), r"theta\[0\].*outside bounds"),
+                          (info.start(0), np.zeros((2, 5)), r"x must have shape \(batch, in_dim\)")]:
+        with pytest.raises(DeviceContractError, match=msg):
+            remote._call({"kind": "query", "id": f"v{len(msg)}", "theta": encode_array(theta), "x": encode_array(x)})
+    assert dev.calls == 0 and remote.reconnects == 0
+    reply = request(srv.url, kind="query", id="lists", theta=[[1.0, True]], x="no")
+    assert reply["status"] == "error" and reply["error"]["type"] == "contract"
+
+
+# --------------------------------------------------------------------------------------
+# security: the server stays up for the next valid client
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    proc, url = start_server_process(tmp, extra=("--max-message-bytes", "65536"))
+    yield proc, url, tmp
+    stop(proc)
+
+
+def test_wrong_or_missing_token_refused(server_process):
+    proc, url, tmp = server_process
+    for token in ("wrong-token", "", None, 12345, TOKEN[:-1], TOKEN + "x"):
+        fields = {"kind": "info"} if token is None else {"kind": "info", "token": token}
+        reply = raw_exchange(url, pack({"v": 1, **fields}))
+        assert reply["status"] == "error" and reply["error"]["type"] == "auth", token
+        assert "info" not in reply
+        assert healthy(url)
+    assert "status=error:auth" in (tmp / "server.log").read_text()
+
+
+def test_garbage_oversized_and_truncated_messages(server_process):
+    proc, url, tmp = server_process
+    # an HTTP request: its first 4 bytes read as a ~1.2 GB length -> refused before reading
+    reply = raw_exchange(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply["error"]["type"] == "too_large" and "65536" in reply["error"]["message"]
+    assert healthy(url)
+    # a header announcing 100 MiB, no body sent: answered at once, nothing read
+    t0 = time.perf_counter()
+    reply = raw_exchange(url, struct.pack(">I", 100 << 20))
+    assert reply["error"]["type"] == "too_large" and time.perf_counter() - t0 < 2.0
+    # framed garbage, non-object JSON, NaN literals
+    for body in (b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'{"token": NaN}', b"", b"{" * 5000):
+        reply = raw_exchange(url, struct.pack(">I", len(body)) + body)
+        if body:
+            assert reply["status"] == "error" and reply["error"]["type"] in ("bad_request", "auth"), body[:20]
+        assert healthy(url)
+    # truncated frame, then the peer disappears
+    raw_exchange(url, struct.pack(">I", 1000) + b"x" * 10, read_reply=False)
+    # a valid client whose query is over the cap gets a clear error
+    remote = RemoteDevice(url, token=TOKEN)
+    info = describe(remote)
+    with pytest.raises(RemoteDeviceError, match="too_large"):
+        remote.query(info.start(0), np.full((4000, 4), 0.5))
+    assert remote.query(info.start(0), np.full((3, 4), 0.5)).shape == (3, 3)
+    assert proc.poll() is None and healthy(url)
+
+
+def test_stalled_connection_does_not_block_others(server_process):
+    proc, url, _ = server_process
+    with socket.create_connection(_addr(url)) as stalled:
+        stalled.sendall(struct.pack(">I", 500) + b'{"tok')  # a slow client, mid-frame
+        assert healthy(url)
+        remote = RemoteDevice(url, token=TOKEN)
+        assert remote.query(describe(remote).start(0), np.full((2, 4), 0.5)).shape == (2, 3)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=20),
+                    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
+                    max_leaves=30)
+ARRAYISH = st.one_of(JSON, st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=14),
+                     st.lists(st.lists(st.floats(-2, 2), min_size=4, max_size=4), max_size=3),
+                     st.fixed_dictionaries({"dtype": st.sampled_from(["<f8", "float64", "int8", 3]),
+                                            "shape": st.lists(st.integers(-1, 14), max_size=3),
+                                            "b64": st.text(max_size=40)}))
+MESSAGES = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["info", "query", "stats", "nope"]) | JSON},
+    optional={"token": st.sampled_from([TOKEN, "bad"]) | JSON, "v": st.sampled_from([1, 2]) | JSON,
+              "id": st.sampled_from(["a:1", "a:2"]) | JSON, "theta": ARRAYISH, "x": ARRAYISH})
+
+
+@pytest.fixture(scope="module")
+def fuzz_server():
+    srv = DeviceServer(mrr4(), TOKEN).start()
+    yield srv
+    srv.close()
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_random_bytes_leave_server_up(fuzz_server, data):
+    try:
+        raw_exchange(fuzz_server.url, data, read_reply=bool(data) and len(data) >= 4 and
+                     struct.unpack(">I", data[:4])[0] <= len(data) - 4, timeout=2.0)
+    except socket.timeout:
+        pass
+    assert healthy(fuzz_server.url) and fuzz_server.stats["internal_errors"] == 0
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(msg=MESSAGES)
+def test_random_messages_leave_server_up(fuzz_server, msg):
+    reply = raw_exchange(fuzz_server.url, pack(msg))
+    assert reply is not None and reply["status"] in ("ok", "error")
+    if reply["status"] == "error":
+        assert reply["error"]["type"] in ("auth", "bad_request", "contract") and reply["error"]["message"]
+    assert healthy(fuzz_server.url) and fuzz_server.stats["internal_errors"] == 0
+
+
+# --------------------------------------------------------------------------------------
+# request ids and the journal
+# --------------------------------------------------------------------------------------
+def _query_fields(info, i=0, batch=3):
+    rng = np.random.default_rng(i)
+    return {"theta": encode_array(info.start(i)), "x": encode_array(rng.uniform(0, 1, (batch, info.in_dim)))}
+
+
+def test_retried_id_answered_from_journal(served):
+    srv, dev = served
+    info = srv.info
+    q = _query_fields(info)
+    first = request(srv.url, kind="query", id="run:1", **q)
+    again = request(srv.url, kind="query", id="run:1", **q)
+    assert first["status"] == again["status"] == "ok" and not first["journal"] and again["journal"]
+    assert first["y"] == again["y"] and dev.calls == 1
+    other = request(srv.url, kind="query", id="run:1", **_query_fields(info, 1))
+    assert other["error"]["type"] == "bad_request" and "already used" in other["error"]["message"]
+    assert request(srv.url, kind="query", id="run:2", **q)["journal"] is False and dev.calls == 2
+
+
+def test_concurrent_clients_are_served_one_device_call_at_a_time(served):
+    srv, dev = served
+    dev.delay = 0.003
+    errors = []
+
+    def client(k):
+        try:
+            remote = RemoteDevice(srv.url, token=TOKEN)
+            for i in range(8):
+                assert remote.query(remote._info.start(k), np.full((2, 4), 0.1 * (i + 1))).shape == (2, 3)
+            remote.close()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and dev.calls == 32 and dev.max_active == 1
+
+
+def test_retry_while_first_attempt_in_flight_waits_for_it(served):
+    srv, dev = served
+    dev.mode, dev.after = "gate", 0
+    q = _query_fields(srv.info)
+    replies = []
+    t = threading.Thread(target=lambda: replies.append(request(srv.url, kind="query", id="g:1", **q)))
+    t.start()
+    assert dev.reached.wait(10)
+    t2 = threading.Thread(target=lambda: replies.append(request(srv.url, kind="query", id="g:1", **q)))
+    t2.start()
+    time.sleep(0.2)
+    assert healthy(srv.url)  # info does not wait for the busy device
+    dev.release.set()
+    t.join(10), t2.join(10)
+    assert len(replies) == 2 and replies[0]["y"] == replies[1]["y"] and dev.calls == 1
+    assert sorted(r["journal"] for r in replies) == [False, True]
+
+
+def test_journal_survives_server_kill_and_restart(tmp_path):
+    journal = tmp_path / "j.sqlite"
+    proc, url = start_server_process(tmp_path, journal=journal)
+    try:
+        info = RemoteDevice(url, token=TOKEN)._info
+        q = _query_fields(info, 3)
+        first = request(url, kind="query", id="run:7:abc", **q)
+        assert first["status"] == "ok" and not first["journal"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    proc, url = start_server_process(tmp_path, journal=journal, name="server2")
+    try:
+        again = request(url, kind="query", id="run:7:abc", **q)
+        assert again["journal"] is True and again["y"] == first["y"]
+        stats = request(url, kind="stats")["stats"]
+        assert stats["device_calls"] == 0 and stats["journal_hits"] == 1 and stats["journal_rows"] == 1
+    finally:
+        stop(proc)
+
+
+def test_client_reconnects_across_restart_and_reports_a_dead_server(tmp_path):
+    journal = tmp_path / "j.sqlite"
+    dev = mrr4(**QUIET)
+    srv = DeviceServer(dev, TOKEN, journal=journal).start()
+    host, port = srv.address
+    remote = RemoteDevice(srv.url, token=TOKEN, retries=8, backoff=0.05, max_backoff=0.2)
+    theta, x = remote._info.start(0), np.full((2, 4), 0.5)
+    y0 = remote.query(theta, x)
+    srv.close()
+    box = {}
+
+    def restart():
+        time.sleep(0.3)
+        box["srv"] = DeviceServer(mrr4(**QUIET), TOKEN, host=host, port=port, journal=journal).start()
+
+    threading.Thread(target=restart).start()
+    try:
+        assert np.array_equal(remote.query(theta, x), y0) and remote.reconnects >= 1
+    finally:
+        for _ in range(50):
+            if "srv" in box:
+                break
+            time.sleep(0.05)
+        box["srv"].close()
+    remote.retries = 2
+    t0 = time.perf_counter()
+    with pytest.raises(DeviceConnectionError, match=r"(?s)cannot reach the device server.*serve-device.*--resume"):
+        remote.query(theta, x)
+    assert time.perf_counter() - t0 < 5 and isinstance(DeviceConnectionError("x"), ConnectionError)
+
+
+# --------------------------------------------------------------------------------------
+# faults through the metered device and through training
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,msg", [
+    ("raise", "device.query raised OSError: instrument timeout on channel 3"),
+    ("nan", "non-finite"),
+    ("shape", r"returned shape \(5, 2\)"),
+    ("hang", r"no reply to query .* within 0.5 s"),
+])
+def test_faulty_served_device_gives_clear_error_and_bad_ledger_row(served, tmp_path, mode, msg):
+    srv, dev = served
+    dev.mode, dev.after = mode, 1
+    remote = RemoteDevice(srv.url, token=TOKEN, timeout=0.5)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        meter = MeteredDevice(remote, ledger)
+        remote.bind_ledger(ledger)
+        theta, x = meter.info.start(0), np.full((5, 4), 0.5)
+        meter.query(theta, x, purpose="probe")
+        t0 = time.perf_counter()
+        with pytest.raises(DeviceOutputError, match=msg) as err:
+            meter.query(theta, x, purpose="probe")
+        assert time.perf_counter() - t0 < 5
+        assert isinstance(err.value, DeviceTimeoutError) == (mode == "hang")
+        rows = list(ledger.rows())
+        assert [r.ok for r in rows] == [True, False] and re.search(msg, rows[1].error) and rows[1].y is None
+        assert ledger.counts()["settings"] == 2
+    dev.release.set()
+    assert healthy(srv.url)
+
+
+def test_training_on_faulty_device_fails_clearly_and_resumes(served, tmp_path, monkeypatch):
+    srv, dev = served
+    monkeypatch.setenv("BLACKBOX_SAT_TOKEN", TOKEN)
+    dev.mode, dev.after = "nan", 6
+    out = tmp_path / "run"
+    with pytest.raises(DeviceOutputError, match="non-finite"):
+        bs.train(srv.url, task="iris", method="spsa", budget=40, out=out, progress=False, device_kw={"timeout": 5.0})
+    with Ledger(out / "ledger.sqlite") as ledger:
+        rows = list(ledger.rows())
+    assert len(rows) == 7 and all(r.ok for r in rows[:6]) and not rows[6].ok and "non-finite" in rows[6].error
+    dev.mode = None  # the instrument is fixed
+    result = bs.resume(out, progress=False)
+    assert result["replayed_settings"] == 6 and result["bad_queries"] == 1 and result["settings_used"] <= 40
+    with Ledger(out / "ledger.sqlite") as ledger:
+        assert ledger.counts()["rows"] == result["settings_used"] + result["eval_settings"]
+
+
+def test_token_is_never_written_to_the_run(served, tmp_path, monkeypatch):
+    srv, _ = served
+    monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
+    out = tmp_path / "run"
+    result = bs.train(srv.url, task="iris", method="spsa", budget=12, out=out, progress=False,
+                      device_kw={"token": TOKEN, "timeout": 5.0})
+    assert result["settings_used"] <= 12
+    for path in out.iterdir():
+        assert TOKEN.encode() not in path.read_bytes(), path.name
+    assert json.loads((out / "config.json").read_text())["device_kw"] == {"timeout": 5.0}
+
+
+def test_device_object_reusable_after_a_run(served, tmp_path):
+    srv, dev = served
+    remote = RemoteDevice(srv.url, token=TOKEN, timeout=5.0)
+    result = bs.train(remote, task="iris", method="spsa", budget=12, out=tmp_path / "run", progress=False)
+    assert result["settings_used"] <= 12
+    calls = dev.calls
+    assert bs.evaluate(result, remote)["accuracy"] >= 0  # the run's ledger is closed: ids fall back to the client's
+    assert dev.calls > calls and remote.last_request_id.count(":") == 1
+
+
+def test_cli_serve_device_requires_a_token(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
+    assert main(["serve-device", "--device", "mrr", "--port", "0", "--journal", str(tmp_path / "j")]) == 2
+    assert "needs a token" in capsys.readouterr().err
+
+
+def slow_mrr4(delay=0.004, **kw):
+    """Factory for subprocess servers (``tests.test_remote:slow_mrr4``): mrr4 taking ``delay`` s a call."""
+    return Faulty(mrr4(**kw), delay=delay)
+
+
+def test_idle_and_unauthenticated_connections_are_closed(monkeypatch):
+    import blackbox_sat.devices.server as server_mod
+
+    monkeypatch.setattr(server_mod, "AUTH_TIMEOUT", 0.3)
+    with DeviceServer(mrr4(**QUIET), TOKEN, idle_timeout=0.6) as srv:
+        with socket.create_connection(srv.address, timeout=5) as silent:
+            t0 = time.perf_counter()
+            assert silent.recv(1) == b""  # closed by the server, nothing sent
+            assert time.perf_counter() - t0 < 3
+        remote = RemoteDevice(srv.url, token=TOKEN, backoff=1.0)
+        theta, x = remote._info.start(0), np.full((2, 4), 0.5)
+        remote.query(theta, x)
+        time.sleep(1.0)  # past the idle timeout: the server drops the kept-alive connection
+        t0 = time.perf_counter()
+        remote.query(theta, x)
+        assert remote.reconnects == 1 and time.perf_counter() - t0 < 0.5  # reconnected at once, no backoff
