@@ -96,6 +96,15 @@ class TrainContext:
             self.progress.n = used
             self.progress.refresh()
 
+    def finish_curve(self, theta: np.ndarray) -> None:
+        """Fill the checkpoints a run stopped just short of (pairs of settings can leave the
+        last one unreached) with the final setting."""
+        if self._checkpoints and self.device.settings_used >= self._checkpoints[-1] - 2:
+            acc = self.device_accuracy(theta, "test", "eval")
+            for cp in self._checkpoints:
+                self.curve.append({"settings": cp, "settings_used": self.device.settings_used, "accuracy": acc})
+            self._checkpoints = []
+
     def minibatches(self, size: int = MINIBATCH):
         """Endless seeded stream of index arrays over the training set, one epoch at a time."""
         n = len(self.y_train)

@@ -152,6 +152,7 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
     theta = info.project(outcome.theta)
     if not spec.model_based:
         ctx.snapshot(theta)
+        ctx.finish_curve(theta)
     acc = ctx.device_accuracy(theta, "test", "eval")
     val_acc = ctx.device_accuracy(theta, "val", "eval")
     counts = ledger.counts()

@@ -66,7 +66,9 @@ class DeviceInfo:
         """Map a setting back into the domain: periodic parameters wrap, others clip."""
         theta = np.asarray(theta, dtype=float)
         width = self.high - self.low
-        wrapped = self.low + np.mod(theta - self.low, np.where(np.isfinite(width), width, 1.0))
+        finite = np.isfinite(width)
+        wrapped = np.where(finite, self.low, 0.0) + np.mod(theta - np.where(finite, self.low, 0.0),
+                                                          np.where(finite, width, 1.0))
         out = np.where(self.periodic & np.isfinite(width), wrapped, np.clip(theta, self.low, self.high))
         if np.any(self.periodic & np.isfinite(width)):
             # A wrapped value may land exactly on ``high`` through rounding; keep [low, high).

@@ -1,0 +1,437 @@
+"""Zeroth-order refinement on the device (DESIGN.md section 1, step 4).
+
+Every loss value here is a measurement: one setting programmed on the device through
+``ctx.device.query`` (so it is counted, charged and logged), ``ctx.f_train[idx]`` (at most
+:data:`~blackbox_sat.context.MINIBATCH` inputs) measured, and the cross-entropy of the
+PNN's logits against the labels computed on the host. :class:`DeviceObjective` wraps that.
+
+All step sizes live in **normalized coordinates** ``u = theta / info.scale`` (each
+parameter divided by its bound width; DESIGN.md "Units"), so the defaults below are rules
+that hold for any device, not numbers tuned to a simulator. Iterates are kept *unwrapped*
+for periodic parameters (so averages are meaningful across the wrap) and clipped for the
+others; every setting sent to the device goes through ``info.project`` (wrap or clip).
+
+Rules (``refine(ctx, theta, n_settings, rule=...)``)
+----------------------------------------------------
+``spsa`` (Spall 1998): a two-sided simultaneous perturbation ``u +- c_k d``, ``d`` Rademacher
+(+-1 per coordinate), both settings measured on **one** minibatch (common random numbers),
+``g = (L+ - L-) / (2 c_k) * d``, ``u <- u - a_k g``, with Spall's gains
+``a_k = a / (k + 1 + A)^alpha`` and ``c_k = c / (k + 1)^gamma`` (``alpha = 0.602``,
+``gamma = 0.101``, ``A = 10 %`` of the planned steps).
+
+``rdsa``: random-direction estimates, the same formula with ``d`` Gaussian
+(``directions="gaussian"``) or uniform on the sphere of radius ``sqrt(n)``
+(``directions="sphere"``), so every rule has ``E[d d^T] = I`` and the same step-size units.
+
+``sa-spsa``: sharpness-aware ZO. Each pair is measured around ``u + xi`` with ``||xi||_2 =
+rho`` exactly (normalized L2, SAT's unit), both members of the pair sharing ``xi``. So the
+step is an unbiased estimate of the gradient of the loss *under perturbations of radius
+rho* and refinement prefers the flat region SAT found instead of sliding into a sharp
+minimum nearby. ``sa="random"`` (default): ``xi`` uniform on the sphere of radius rho
+(randomised smoothing, ``E L(u + xi) ~ L(u) + rho^2 / (2n) tr H``). ``sa="ascent"``: the
+SAM-like ``xi = rho m / ||m||``, ``m`` an exponential average (0.9) of past gradient
+estimates (the first step, with no estimate yet, falls back to random). ``rho`` defaults to
+SAT's default, 0.05. Random is the default (it also measured better, below) because a ZO gradient estimate in ``n`` dimensions has cosine ~``1/sqrt(n)`` with the
+true gradient, so the "ascent" direction is mostly noise anyway, and what it adds is a
+*bias* of unknown sign; the random version minimises a well-defined objective.
+
+Shared options (all counted in settings, all in normalized units)
+-----------------------------------------------------------------
+- ``c`` (0.02): perturbation per coordinate, 2 % of the bound width: far above a 12-bit DAC
+  step (0.025 %) and typical programming noise (~0.1 %), small against the range.
+- ``step`` (0.002; the ``spsa`` method, which starts from ``theta0``, uses 0.015): the size
+  of the first step per coordinate (RMS); later steps follow Spall's decay
+  ``a_k / a_0 = ((1 + A) / (k + 1 + A))^alpha``. Refinement starts from a trained point,
+  where large steps undo training (table below), hence the small default.
+- ``normalize="adam"`` (default): Adam-style normalisation of the ZO gradient
+  (``m / sqrt(v)``, betas 0.9 / 0.999, bias-corrected), so ``a_k`` *is* the per-coordinate
+  step and no settings are spent on calibration. ``normalize=None``: plain SPSA with
+  **gain calibration** (``a=None``): before stepping, ``calibration`` (4) gradient estimates
+  at the start point (each of a step's form, ``resamples`` pairs averaged), on training
+  minibatches, give the RMS of a step's estimate, and ``a`` is set so that the first step
+  moves ``step`` per coordinate RMS (``a_0 * RMS(g) = step``); costs ``2 * resamples *
+  calibration`` settings. A number for ``a`` skips calibration.
+- **Resampling** ``resamples`` (1): average that many independent direction pairs per step
+  (all on the step's minibatch). For ``rdsa`` this is "k directions per step".
+- **Blocking** ``blocking`` (False): after computing the move, measure the loss at the new
+  point on the *same* minibatch (**one extra setting per step**) and reject the move if it
+  exceeds the reference (the mean of the step's pair losses, an ``O(c^2)`` estimate of the
+  loss at ``u``, free) by more than ``block_tol`` (0.0 nats).
+- ``average`` (0.25): Polyak-Ruppert average of the iterates over the last quarter of the
+  steps. ``select`` picks the returned point: ``"average"`` (default), ``"last"``, or
+  ``"val"``: measure validation accuracy of both on the device (``purpose="train"``,
+  charged, ``ceil(n_val / 128)`` settings each, reserved from ``n_settings`` up front) and
+  keep the better one (ties go to the average). Never the test set.
+
+Measured: training from ``theta0`` (the ``spsa`` method; digits, budget 2000, default
+chips, training seeds 0-2, mean val / test accuracy, one ``train`` run each):
+
+============================  =========  =========  ===========
+configuration                 mzi        mrr        freespace
+============================  =========  =========  ===========
+plain SPSA, step 0.01         .45 / .45  .49 / .51  .27 / .25
+plain SPSA, step 0.02         .54 / .52  .45 / .51  .39 / .39
+plain SPSA, step 0.03         .55 / .54  .47 / .49  .45 / .43
+Adam-normalised, step 0.01    .50 / .50  .57 / .57  .41 / .38
+Adam-normalised, step 0.015   .58 / .55  .55 / .54  .44 / .43
+Adam-normalised, step 0.02    .59 / .56  .49 / .48  .44 / .46
+Adam-normalised, step 0.03    .56 / .53  .39 / .39  .45 / .47
+============================  =========  =========  ===========
+
+So Adam normalisation is the default (best mean over the three devices, chosen on
+validation accuracy); the spread over seeds is 0.03-0.09. On ``mrr`` (Adam, step 0.015):
+blocking .39 / .43, two resamples per step .51 / .53, ``rdsa`` .49 / .52, returning the
+last iterate .48 / .46 or the tail average .51 / .49 instead of choosing on validation
+.55 / .54. At this budget more steps beat better steps, so blocking is off by default.
+``sa-spsa`` from ``theta0`` on ``mrr`` (same setup): rho 0.05 random .46 / .46, rho 0.05
+"ascent" .40 / .43 (hence random is the default), rho 0.5 .20 / .20. Its job is keeping
+flatness while refining a trained point, not training from scratch; the price from scratch
+is the smoothing of the objective.
+
+Refining a trained point (300 settings, digits, test accuracy from the true model,
+training seeds 0 and 1; start -> after):
+
+=====================  ===================  ===================  ===================
+start                  Adam, step 0.002     Adam, step 0.005     Adam, step 0.015
+=====================  ===================  ===================  ===================
+``oracle`` on mrr      .89 -> .86 / .87     .89 -> .85 / .84     .89 -> .67 / .63
+``offline`` on mrr     .23 -> .63 / .60     .23 -> .60 / .60     .23 -> .40 / .38
+``oracle`` on mzi      .84 -> .84 / .86     .84 -> .80 / .83
+``offline`` on mzi     .57 -> .69 / .68     .57 -> .71 / .69
+=====================  ===================  ===================  ===================
+
+(``sa-spsa`` with rho 0.05 and step 0.003: .84 -> .85 / .84 and .57 -> .72 / .70 on mzi.)
+Plain calibrated SPSA is unsafe there: at a near-optimum the calibration measures a tiny
+gradient, so ``a`` comes out large, and one of two runs from the ``mrr`` oracle point
+collapsed to .20. Hence the default: Adam-normalised, step 0.002.
+
+``refine`` never spends more than ``n_settings`` (nor more than ``ctx.device.remaining``):
+the number of steps is planned from the per-step cost, every step checks affordability
+first, and a :class:`~blackbox_sat.devices.metered.BudgetExhausted` from the device (another
+user of the budget) ends refinement with the current point. ``ctx.snapshot`` is called
+after every step with the point refine would return at that moment.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .context import MINIBATCH, TrainContext
+from .devices.metered import BudgetExhausted
+
+RULES = ("spsa", "rdsa", "sa-spsa")
+DIRECTIONS = ("rademacher", "gaussian", "sphere")
+#: Spall's asymptotically optimal practical exponents.
+ALPHA, GAMMA = 0.602, 0.101
+#: Stability constant ``A`` as a fraction of the planned number of steps (Spall).
+A_FRACTION = 0.1
+
+#: Every option of :func:`refine`, with its default (normalized units).
+REFINE_DEFAULTS = {
+    "c": 0.02,            # perturbation per coordinate (fraction of bound width)
+    "step": 0.002,        # first-step size per coordinate (RMS), normalized
+    "a": None,            # None: gain calibration; a number: fixed a
+    "calibration": 4,     # gradient estimates spent on gain calibration
+    "resamples": 1,       # direction pairs averaged per step (rdsa: k directions)
+    "directions": None,   # None: rademacher for spsa/sa-spsa, gaussian for rdsa
+    "blocking": False,
+    "block_tol": 0.0,     # nats
+    "normalize": "adam",  # "adam" or None (plain SPSA with gain calibration)
+    "rho": 0.05,          # sa-spsa radius, normalized L2 (SAT's default rho)
+    "sa": "random",       # "random" or "ascent"
+    "alpha": ALPHA,
+    "gamma": GAMMA,
+    "A": None,            # None: A_FRACTION of the planned steps
+    "average": 0.25,      # fraction of steps averaged at the end (0: none)
+    "select": "average",  # "average", "last" or "val"
+    "batch": MINIBATCH,
+    "purpose": "refine",
+}
+
+
+class DeviceObjective:
+    """Measured training loss of settings on the device, in device or normalized units.
+
+    ``loss(theta, idx)``: one setting (``theta`` in device units, projected into the
+    domain), inputs ``ctx.f_train[idx]`` (at most ``MINIBATCH``), cross-entropy of
+    ``ctx.pnn(y)``. ``losses(thetas, idx)``: several settings on the same minibatch
+    (common random numbers). ``*_u`` variants take normalized coordinates.
+    """
+
+    def __init__(self, ctx: TrainContext, purpose: str = "refine"):
+        self.ctx, self.purpose = ctx, purpose
+        self.info = ctx.info
+        self.scale = np.asarray(self.info.scale, float)
+        self.n = self.info.n_params
+        self.periodic = np.asarray(self.info.periodic, bool)
+        self._u_low = np.where(self.periodic, -np.inf, self.info.low / self.scale)
+        self._u_high = np.where(self.periodic, np.inf, self.info.high / self.scale)
+        self._cache: tuple | None = None
+
+    # --- coordinates ------------------------------------------------------------------
+    def to_u(self, theta) -> np.ndarray:
+        return np.asarray(theta, float) / self.scale
+
+    def to_theta(self, u) -> np.ndarray:
+        """Device setting for normalized ``u``: wrap periodic parameters, clip the others."""
+        return self.info.project(np.asarray(u, float) * self.scale)
+
+    def keep(self, u) -> np.ndarray:
+        """Iterate kept inside the domain: non-periodic coordinates clipped, periodic
+        ones left unwrapped (so that averages of iterates make sense)."""
+        return np.clip(u, self._u_low, self._u_high)
+
+    # --- cost -------------------------------------------------------------------------
+    def cost(self, batch: int = MINIBATCH) -> int:
+        """Settings one loss evaluation on ``batch`` inputs costs (``max_batch`` splits)."""
+        return self.ctx.device.settings_needed(batch)
+
+    # --- measurements -----------------------------------------------------------------
+    def _batch(self, idx):
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or len(idx) < 1 or len(idx) > MINIBATCH:
+            raise ValueError(f"idx must be 1-D with 1..{MINIBATCH} training indices, got shape {idx.shape}")
+        if self._cache is None or not np.array_equal(self._cache[0], idx):
+            x = self.ctx.device_inputs(self.ctx.f_train[idx])
+            self._cache = (idx.copy(), x, torch.as_tensor(self.ctx.y_train[idx]))
+        return self._cache[1], self._cache[2]
+
+    def loss(self, theta, idx, purpose: str | None = None) -> float:
+        x, labels = self._batch(idx)
+        y = self.ctx.device.query(self.info.project(theta), x, purpose=purpose or self.purpose)
+        with torch.no_grad():
+            return float(F.cross_entropy(self.ctx.pnn(torch.as_tensor(y)), labels))
+
+    def losses(self, thetas, idx, purpose: str | None = None) -> np.ndarray:
+        return np.array([self.loss(t, idx, purpose) for t in thetas])
+
+    def loss_u(self, u, idx, purpose: str | None = None) -> float:
+        return self.loss(self.to_theta(u), idx, purpose)
+
+    def losses_u(self, us, idx, purpose: str | None = None) -> np.ndarray:
+        return np.array([self.loss_u(u, idx, purpose) for u in us])
+
+    def accuracy(self, theta, split: str = "val", purpose: str = "train") -> float:
+        """Accuracy on ``split`` measured in chunks of at most ``MINIBATCH`` inputs, each a
+        setting; ``purpose='train'`` is charged (model selection on validation)."""
+        f, y = (self.ctx.f_val, self.ctx.y_val) if split == "val" else (self.ctx.f_train, self.ctx.y_train)
+        theta = self.info.project(theta)
+        correct = 0
+        for i in range(0, len(y), MINIBATCH):
+            out = self.ctx.device.query(theta, self.ctx.device_inputs(f[i:i + MINIBATCH]), purpose=purpose)
+            with torch.no_grad():
+                correct += int((self.ctx.pnn(torch.as_tensor(out)).argmax(1).numpy() == y[i:i + MINIBATCH]).sum())
+        return correct / len(y)
+
+    def accuracy_cost(self, split: str = "val") -> int:
+        n = len(self.ctx.y_val if split == "val" else self.ctx.y_train)
+        return sum(self.cost(min(MINIBATCH, n - i)) for i in range(0, n, MINIBATCH))
+
+
+def sample_directions(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
+    """One direction ``(n,)`` with ``E[d d^T] = I``: Rademacher, Gaussian or uniform on the
+    sphere of radius ``sqrt(n)``."""
+    if kind == "rademacher":
+        return rng.choice(np.array([-1.0, 1.0]), n)
+    if kind == "gaussian":
+        return rng.standard_normal(n)
+    if kind == "sphere":
+        z = rng.standard_normal(n)
+        return z * (math.sqrt(n) / max(np.linalg.norm(z), 1e-300))
+    raise ValueError(f"directions must be one of {DIRECTIONS}, got {kind!r}")
+
+
+def sphere_point(rng: np.random.Generator, n: int, radius: float) -> np.ndarray:
+    """Uniform on the L2 sphere of ``radius`` in ``n`` dimensions."""
+    z = rng.standard_normal(n)
+    return z * (radius / max(np.linalg.norm(z), 1e-300))
+
+
+def refine_options(rule: str = "spsa", **options) -> dict:
+    """:data:`REFINE_DEFAULTS` updated by ``options``, checked; unknown keys are an error."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    unknown = set(options) - set(REFINE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown refine option(s) {sorted(unknown)}; valid: {sorted(REFINE_DEFAULTS)}")
+    opt = {**REFINE_DEFAULTS, **options}
+    if opt["directions"] is None:
+        opt["directions"] = "gaussian" if rule == "rdsa" else "rademacher"
+    if opt["directions"] not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, got {opt['directions']!r}")
+    if opt["normalize"] not in (None, "adam", "none"):
+        raise ValueError(f"normalize must be None or 'adam', got {opt['normalize']!r}")
+    if opt["normalize"] == "none":
+        opt["normalize"] = None
+    if opt["sa"] not in ("random", "ascent"):
+        raise ValueError(f"sa must be 'random' or 'ascent', got {opt['sa']!r}")
+    if opt["select"] not in ("average", "last", "val"):
+        raise ValueError(f"select must be 'average', 'last' or 'val', got {opt['select']!r}")
+    if not (opt["c"] > 0 and opt["step"] > 0 and int(opt["resamples"]) >= 1 and 0 <= opt["average"] < 1
+            and opt["rho"] >= 0 and int(opt["calibration"]) >= 1 and 1 <= int(opt["batch"]) <= MINIBATCH):
+        raise ValueError(f"bad refine options: need c > 0, step > 0, resamples >= 1, 0 <= average < 1, rho >= 0, "
+                         f"calibration >= 1, 1 <= batch <= {MINIBATCH}; got {opt}")
+    return opt
+
+
+class _Estimator:
+    """Two-sided ZO gradient estimates on one minibatch, with the rule's perturbation."""
+
+    def __init__(self, obj: DeviceObjective, rule: str, opt: dict, rng: np.random.Generator):
+        self.obj, self.rule, self.opt, self.rng = obj, rule, opt, rng
+        self.momentum = None  # EMA of past estimates, for sa="ascent"
+
+    def centre_offset(self) -> np.ndarray:
+        n, rho = self.obj.n, float(self.opt["rho"])
+        if self.rule != "sa-spsa" or rho == 0:
+            return np.zeros(n)
+        m = self.momentum
+        if self.opt["sa"] == "ascent" and m is not None and np.linalg.norm(m) > 0:
+            return rho * m / np.linalg.norm(m)
+        return sphere_point(self.rng, n, rho)
+
+    def __call__(self, u: np.ndarray, idx, ck: float):
+        """``(g, mean_loss, offsets)``: averaged estimate over ``resamples`` pairs, the mean of
+        all measured losses, and the perturbation centres used."""
+        gs, ls, offs = [], [], []
+        for _ in range(int(self.opt["resamples"])):
+            d = sample_directions(self.rng, self.opt["directions"], self.obj.n)
+            xi = self.centre_offset()
+            lp, lm = self.obj.losses_u([u + xi + ck * d, u + xi - ck * d], idx)
+            gs.append((lp - lm) / (2 * ck) * d)
+            ls += [lp, lm]
+            offs.append(xi)
+        g = np.mean(gs, axis=0)
+        self.momentum = g if self.momentum is None else 0.9 * self.momentum + 0.1 * g
+        return g, float(np.mean(ls)), offs
+
+
+class RefineHistory(list):
+    """One dict per step (``step``, ``settings_used`` (the device's running count),
+    ``loss`` (mean of the step's measured losses), ``accepted``, ``a_k``, ``c_k``,
+    ``step_rms``; ``new_loss`` with blocking; ``xi_norm`` for ``sa-spsa``), plus
+    ``.summary``: a dict of the run (rule, planned and taken steps, rejections, ``a``, the
+    calibration RMS, which point was returned and why, settings used)."""
+
+    summary: dict
+
+
+def refine(ctx: TrainContext, theta, n_settings: int, rule: str = "spsa", **options):
+    """Zeroth-order refinement of ``theta`` on ``ctx.device`` within ``n_settings`` settings.
+
+    Returns ``(theta, history)``: the refined setting (device units, projected) and a
+    :class:`RefineHistory` (a list of per-step dicts with ``settings_used`` and ``loss``,
+    and ``history.summary``). Options and defaults: :data:`REFINE_DEFAULTS` (module
+    docstring).
+    """
+    opt = refine_options(rule, **options)
+    obj = DeviceObjective(ctx, purpose=opt["purpose"])
+    dev = ctx.device
+    rng = np.random.default_rng([int(ctx.seed), 0x5B5A, RULES.index(rule)])
+    batches = ctx.minibatches(int(opt["batch"]))
+    start_used = dev.settings_used
+    n_settings = int(n_settings)
+
+    def left() -> int:
+        mine = n_settings - (dev.settings_used - start_used)
+        return mine if dev.remaining is None else min(mine, dev.remaining)
+
+    ev = obj.cost(int(opt["batch"]))
+    k_pairs = int(opt["resamples"])
+    step_cost = (2 * k_pairs + (1 if opt["blocking"] else 0)) * ev
+    calibrate = opt["a"] is None and opt["normalize"] is None
+    cal_cost = 2 * k_pairs * int(opt["calibration"]) * ev if calibrate else 0
+    sel_cost = 2 * obj.accuracy_cost("val") if opt["select"] == "val" else 0
+    n_steps = (left() - cal_cost - sel_cost) // step_cost
+    u = obj.keep(obj.to_u(theta))
+    history = RefineHistory()
+    summary = history.summary = {"rule": rule, "planned_steps": int(max(n_steps, 0)), "steps": 0, "rejected": 0,
+               "a": None, "settings_start": start_used}
+    if n_steps < 1:
+        summary.update(settings_used=dev.settings_used, chosen="start")
+        return obj.to_theta(u), history
+
+    alpha, gamma = float(opt["alpha"]), float(opt["gamma"])
+    big_a = A_FRACTION * n_steps if opt["A"] is None else float(opt["A"])
+    c = float(opt["c"])
+    est = _Estimator(obj, rule, opt, rng)
+    avg_from = int(round((1 - float(opt["average"])) * n_steps)) if opt["average"] > 0 else n_steps
+    u_sum, n_avg = np.zeros_like(u), 0
+    m = v = None
+
+    def current() -> np.ndarray:  # the point refine would return now
+        return u_sum / n_avg if (n_avg and opt["select"] != "last") else u
+
+    try:
+        # --- gain calibration: a_0 * RMS(step's estimate) = step -------------------------
+        if calibrate:
+            cal = []
+            for _ in range(int(opt["calibration"])):
+                g, _, _ = est(u, next(batches), c)
+                cal.append(g)
+            est.momentum = None
+            # each calibration estimate has the form of a step's estimate (resamples averaged)
+            rms = max(math.sqrt(float(np.mean(np.sum(np.asarray(cal) ** 2, axis=1)) / obj.n)), 1e-12)
+            a = float(opt["step"]) * (1 + big_a) ** alpha / rms
+            summary["calibration_rms"] = rms
+        elif opt["normalize"] == "adam":
+            a = float(opt["step"]) * (1 + big_a) ** alpha if opt["a"] is None else float(opt["a"])
+        else:
+            a = float(opt["a"])
+        summary["a"] = a
+
+        for k in range(n_steps):
+            if left() < step_cost + sel_cost or not dev.can_afford(step_cost):
+                break
+            idx = next(batches)
+            ak, ck = a / (k + 1 + big_a) ** alpha, c / (k + 1) ** gamma
+            g, ref_loss, offs = est(u, idx, ck)
+            if opt["normalize"] == "adam":
+                m = g * 0.1 if m is None else 0.9 * m + 0.1 * g
+                v = g * g * 0.001 if v is None else 0.999 * v + 0.001 * g * g
+                mh, vh = m / (1 - 0.9 ** (k + 1)), v / (1 - 0.999 ** (k + 1))
+                move = -ak * mh / (np.sqrt(vh) + 1e-12)
+            else:
+                move = -ak * g
+            u_new = obj.keep(u + move)
+            entry = {"step": k, "loss": ref_loss, "a_k": ak, "c_k": ck,
+                     "step_rms": float(np.sqrt(np.mean((u_new - u) ** 2)))}
+            accepted = True
+            if opt["blocking"]:
+                new_loss = obj.loss_u(u_new + offs[0], idx)
+                accepted = new_loss <= ref_loss + float(opt["block_tol"])
+                entry["new_loss"] = new_loss
+            if accepted:
+                u = u_new
+            else:
+                summary["rejected"] += 1
+            if k >= avg_from:
+                u_sum, n_avg = u_sum + u, n_avg + 1
+            entry.update(accepted=accepted, settings_used=dev.settings_used)
+            if rule == "sa-spsa":
+                entry["xi_norm"] = float(np.mean([np.linalg.norm(o) for o in offs]))
+            history.append(entry)
+            summary["steps"] = k + 1
+            ctx.snapshot(obj.to_theta(current()))
+    except BudgetExhausted:
+        summary["budget_exhausted"] = True
+
+    chosen, out = "last", u
+    if n_avg:
+        chosen, out = "average", u_sum / n_avg
+        if opt["select"] == "last":
+            chosen, out = "last", u
+        elif opt["select"] == "val" and left() >= sel_cost and dev.can_afford(sel_cost):
+            try:
+                acc_avg = obj.accuracy(obj.to_theta(u_sum / n_avg), "val", "train")
+                acc_last = obj.accuracy(obj.to_theta(u), "val", "train")
+                summary["val_accuracy"] = {"average": acc_avg, "last": acc_last}
+                if acc_last > acc_avg:
+                    chosen, out = "last", u
+            except BudgetExhausted:
+                summary["budget_exhausted"] = True
+    summary.update(chosen=chosen, settings_used=dev.settings_used, averaged_steps=n_avg)
+    return obj.to_theta(out), history
