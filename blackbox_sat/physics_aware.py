@@ -64,7 +64,7 @@ def device_loss(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, purpose: 
     (g_y,) = torch.autograd.grad(loss, yt, retain_graph=digital)
     if digital:  # the digital readout's exact gradient from the real outputs
         loss.backward(inputs=list(ctx.pnn.readout.parameters()))
-    return float(loss), g_y, x, y
+    return float(loss.detach()), g_y, x, y
 
 
 def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, stand_in, rho: float = 0.0,

@@ -1,0 +1,36 @@
+"""Surrogates of devices nobody can differentiate, and the design of the queries they learn from.
+
+This package sees arrays only (``theta``, ``x``, ``y``); it knows nothing of devices, ledgers
+or training, and imports nothing from ``blackbox_sat``.
+
+Every surrogate follows :class:`Surrogate`: ``fit(theta, x, y, groups=None)``,
+``update(theta, x, y, groups=None, *, steps=None, append=False, centre=None)``,
+``predict(theta, x) -> torch.Tensor`` (differentiable in ``theta`` and ``x``),
+``predict_with_uncertainty(theta, x) -> (mean, std)``, ``save(path)`` and ``load(path)``.
+
+Public API:
+
+- :func:`make_surrogate` ``(kind="hyper", **kw)``, :func:`surrogate_kinds`,
+  :func:`register_surrogate`, :func:`load_surrogate`;
+- :class:`EnsembleSurrogate` (``"hyper"``, ``"mlp"``): deep ensembles with stacked weights;
+- :class:`InterferometricSurrogate` (``"interferometric"``): ``|U(theta) x|^2`` with one
+  rank-1 update per phase shifter, re-centred as ``theta`` moves;
+- :class:`GPSurrogate` (``"gp"``): exact or variational gpytorch GP;
+- query design: :func:`trust_region`, :func:`space_filling`, :func:`design_settings`
+  (returning a :class:`SettingsDesign`), :func:`inputs_per_setting`, :func:`estimate_noise`.
+"""
+from .base import SurrogateBase
+from .design import (SettingsDesign, design_settings, estimate_noise, inputs_per_setting,
+                     space_filling, trust_region)
+from .gp import GPSurrogate
+from .interferometric import InterferometricSurrogate
+from .neural import EnsembleSurrogate
+from .protocol import Surrogate
+from .registry import load_surrogate, make_surrogate, register_surrogate, surrogate_kinds
+
+__all__ = [
+    "Surrogate", "SurrogateBase", "EnsembleSurrogate", "InterferometricSurrogate", "GPSurrogate",
+    "make_surrogate", "surrogate_kinds", "register_surrogate", "load_surrogate",
+    "trust_region", "space_filling", "design_settings", "SettingsDesign", "inputs_per_setting",
+    "estimate_noise",
+]

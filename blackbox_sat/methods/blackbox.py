@@ -1,0 +1,93 @@
+"""Device-query methods built on physics-aware gradients (DESIGN.md section 3).
+
+| method | what it is |
+|---|---|
+| ``pat`` | device forward, surrogate backward, plain Adam; one surrogate fit, no refinement |
+| ``blackbox`` | the pipeline of :mod:`..pipeline` with ``rho = 0`` and SPSA refinement |
+| ``blackbox-sat`` | the full pipeline: SAT in trust regions, then ``sa-spsa`` refinement |
+| ``insitu-sat`` | the paper's in-situ SAT: device forward (and ascent), backward through a given approximate model |
+
+The black-box methods receive nothing but the device contract object.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..context import TrainContext
+from ..devices.metered import BudgetExhausted
+from ..devices.spec import resolve_factory
+from ..physics_aware import physics_aware_step
+from ..pipeline import PIPELINE_DEFAULTS, run_pipeline
+from .registry import MethodResult, register
+
+
+@register("blackbox-sat", PIPELINE_DEFAULTS, summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement")
+def blackbox_sat(ctx: TrainContext) -> MethodResult:
+    theta, extra = run_pipeline(ctx, ctx.config, rho=ctx.config["rho"], refine_rule=ctx.config["refine_rule"])
+    return MethodResult(theta, extra)
+
+
+@register("blackbox", {**PIPELINE_DEFAULTS, "rho": 0.0, "refine_rule": "spsa"},
+          summary="surrogate, plain physics-aware training in trust regions, SPSA refinement")
+def blackbox(ctx: TrainContext) -> MethodResult:
+    theta, extra = run_pipeline(ctx, ctx.config, rho=ctx.config["rho"], refine_rule=ctx.config["refine_rule"])
+    return MethodResult(theta, extra)
+
+
+@register("pat", {**PIPELINE_DEFAULTS, "rho": 0.0, "lr_factor": 0.1, "refine_fraction": 0.0},
+          summary="device forward, surrogate backward, plain Adam")
+def pat(ctx: TrainContext) -> MethodResult:
+    theta, extra = run_pipeline(ctx, ctx.config, rho=ctx.config["rho"], rounds=False, refine_rule=None)
+    return MethodResult(theta, extra)
+
+
+def approximate_model(ctx: TrainContext, spec: str | None):
+    """The differentiable stand-in of ``insitu-sat``: ``nominal`` (the simulator's datasheet
+    model) or a user's ``module:function`` returning a torch callable ``(theta, x) -> y``
+    (the function may take the device contract object)."""
+    if spec in (None, "nominal"):
+        getter = getattr(ctx.source, "nominal_model", None)
+        if getter is None:
+            raise TypeError("insitu-sat needs an approximate model: this device has no nominal_model(); pass your own "
+                            "with --set model=package.module:function")
+        return getter()
+    fn = resolve_factory(spec)
+    try:
+        return fn(ctx.source)
+    except TypeError:
+        return fn
+
+
+@register("insitu-sat", {"model": "nominal", "rho": 0.05, "adaptive": False, "ascent": "device", "lr": 0.03,
+                         "lr_final": 0.1},
+          needs="approximate", summary="device forward, backward through an approximate model, SAT ascent on the device")
+def insitu_sat(ctx: TrainContext) -> MethodResult:
+    cfg, info = ctx.config, ctx.info
+    model = approximate_model(ctx, cfg["model"])
+    scale = info.scale
+    theta = ctx.theta0.copy()
+    u = torch.tensor(theta / scale, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=cfg["lr"])
+    if ctx.pnn.trainable:
+        opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
+    per_step = 2 if cfg["rho"] > 0 and cfg["ascent"] == "device" else 1
+    n_steps = max(1, ctx.device.remaining // per_step)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps, eta_min=cfg["lr"] * cfg["lr_final"])
+    batches, losses = ctx.minibatches(), []
+    try:
+        while ctx.device.remaining >= per_step:
+            opt.zero_grad()
+            step = physics_aware_step(ctx, theta, next(batches), model, rho=cfg["rho"], ascent=cfg["ascent"],
+                                      adaptive=cfg["adaptive"])
+            u.grad = torch.as_tensor(step.grad * scale)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                theta = info.project(u.detach().numpy() * scale)
+                u.copy_(torch.as_tensor(theta / scale))
+            losses.append(step.loss)
+            ctx.snapshot(theta)
+    except BudgetExhausted:
+        pass
+    return MethodResult(theta, {"steps": len(losses), "final_loss": float(np.mean(losses[-20:])) if losses else None})

@@ -1,0 +1,244 @@
+"""The black-box SAT pipeline: surrogate, physics-aware SAT in trust regions, ZO refinement.
+
+Within one settings budget ``B`` (every number below is a rule, not a device constant):
+
+1. **Initial design**: ``init_fraction * B`` settings in an L-infinity box of
+   ``radius`` (bound widths) around ``theta0``, each measured on ``inputs_per_setting``
+   training inputs (purpose ``probe``).
+2. **Surrogate**: ``surrogate=auto`` fits every candidate family on those queries and keeps
+   the one with the lowest error on held-out *settings*.
+3. **Rounds**, until only the refinement share is left:
+   - ``steps_per_round`` physics-aware SAT steps (:mod:`.physics_aware`): device forward on a
+     minibatch, surrogate backward, Adam in normalized coordinates with step size
+     ``lr_factor * radius`` (so steps match the trust region), each move clipped to the box
+     of ``radius`` around the round's centre;
+   - **accept or reject** the round's end point by the device loss on one fixed check
+     minibatch (one setting; the start point's check loss is known from the round before):
+     accepted rounds re-centre the box and grow it by ``grow``; rejected ones return to the
+     start and shrink it by ``shrink``;
+   - ``probes_per_round`` new settings around the centre, then a warm refit of the surrogate
+     on every query so far (probes *and* training steps) for ``refit_steps`` steps.
+4. **Refinement**: the last ``refine_fraction * B`` settings go to zeroth-order refinement on
+   the device (:mod:`.refine`); ``sa-spsa`` keeps the flatness SAT found.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+import surrogates
+
+from .context import TrainContext
+from .devices.metered import BudgetExhausted
+from .physics_aware import device_loss, physics_aware_step
+
+PIPELINE_DEFAULTS = {
+    "surrogate": "auto",
+    "surrogate_candidates": ["hyper", "mlp", "interferometric", "gp"],
+    "gp_max_params": 50,
+    "surrogate_kw": {"hyper": {"n_members": 3}, "mlp": {"n_members": 3}},
+    "rho": 0.05,
+    "adaptive": False,
+    "ascent": "surrogate",
+    "init_fraction": 0.1,
+    "radius": 0.05,
+    "radius_min": 0.01,
+    "radius_max": 0.3,
+    "grow": 1.25,
+    "shrink": 0.5,
+    "global_fraction": 0.0,
+    "inputs_per_setting": 128,
+    "probes_per_round": 10,
+    "steps_per_round": 40,
+    "refit_steps": 200,
+    "lr_factor": 0.25,
+    "lr": None,
+    "clip_to_region": True,
+    "refine_fraction": 0.15,
+    "refine_rule": "sa-spsa",
+}
+
+
+class Dataset:
+    """Every good query so far, as per-sample rows for the surrogate."""
+
+    def __init__(self):
+        self.theta, self.x, self.y, self.groups, self._next = [], [], [], [], 0
+
+    def add(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        b = len(x)
+        self.theta.append(np.broadcast_to(theta, (b, theta.size)))
+        self.x.append(np.asarray(x))
+        self.y.append(np.asarray(y))
+        self.groups.append(np.full(b, self._next))
+        self._next += 1
+
+    def arrays(self):
+        return (np.concatenate(self.theta), np.concatenate(self.x), np.concatenate(self.y),
+                np.concatenate(self.groups))
+
+
+def candidate_families(ctx: TrainContext, cfg: dict) -> list[str]:
+    """The families ``auto`` tries. The interferometric one only where parameters are
+    phases (periodic); the GP only for small parameter counts, where it is practical."""
+    fams = []
+    for f in cfg["surrogate_candidates"]:
+        if f == "interferometric" and not ctx.info.periodic.any():
+            continue
+        if f == "gp" and ctx.info.n_params > cfg["gp_max_params"]:
+            continue
+        fams.append(f)
+    return fams
+
+
+def _new_surrogate(kind: str, ctx: TrainContext):
+    kw = ctx.config.get("surrogate_kw", {}).get(kind, {})
+    return surrogates.make_surrogate(kind, theta_low=ctx.info.low, theta_high=ctx.info.high,
+                                     periodic=ctx.info.periodic, seed=ctx.seed, **kw)
+
+
+def select_surrogate(ctx: TrainContext, data: Dataset, cfg: dict) -> tuple[object, dict]:
+    """Fit the candidates on the initial queries; keep the lowest held-out-settings error."""
+    theta, x, y, groups = data.arrays()
+    fams = [cfg["surrogate"]] if cfg["surrogate"] != "auto" else candidate_families(ctx, cfg)
+    if len(fams) == 1:
+        return _new_surrogate(fams[0], ctx).fit(theta, x, y, groups), {"chosen": fams[0]}
+    rng = np.random.default_rng([ctx.seed, 77])
+    ids = np.unique(groups)
+    held = rng.choice(ids, max(2, len(ids) // 5), replace=False)
+    test = np.isin(groups, held)
+    scores = {}
+    var = y[test].var(axis=0).sum()
+    for fam in fams:
+        model = _new_surrogate(fam, ctx).fit(theta[~test], x[~test], y[~test], groups[~test])
+        with torch.no_grad():
+            pred = model.predict(torch.as_tensor(theta[test], dtype=torch.float32),
+                                 torch.as_tensor(x[test], dtype=torch.float32)).double().numpy()
+        scores[fam] = float(1 - ((pred - y[test]) ** 2).mean(axis=0).sum() / var)
+    best = max(scores, key=scores.get)
+    return _new_surrogate(best, ctx).fit(theta, x, y, groups), {"chosen": best, "heldout_r2": scores}
+
+
+class Timer:
+    def __init__(self):
+        self.s = {}
+
+    def add(self, key: str, t0: float) -> None:
+        self.s[key] = self.s.get(key, 0.0) + time.perf_counter() - t0
+
+
+def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius: float, n: int, cfg: dict,
+                   seed: int) -> None:
+    """Measure ``n`` designed settings around ``center`` (purpose ``probe``) into ``data``."""
+    info = ctx.info
+    n = min(n, ctx.device.remaining or n)
+    if n <= 0:
+        return
+    from surrogates.design import design_settings, inputs_per_setting
+
+    settings = design_settings(center, radius, n, info.low, info.high, global_fraction=cfg["global_fraction"],
+                               periodic=info.periodic, seed=seed)
+    settings = getattr(settings, "settings", settings)
+    pool = ctx.device_inputs(ctx.f_train)
+    xs = inputs_per_setting(pool, len(settings), min(cfg["inputs_per_setting"], len(pool)), ctx.rng)
+    for s, x in zip(settings, xs):
+        s = info.project(s)
+        data.add(s, x, ctx.device.query(s, x, purpose="probe"))
+        ctx.snapshot(center)  # the centre is the current training point
+
+
+def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, refine_rule: str | None = None):
+    """The loop of the module docstring. Returns ``(theta, extra)``.
+
+    ``rounds=False`` is ``pat``: one surrogate fit, then plain physics-aware steps with no
+    trust region, refits or refinement.
+    """
+    from .refine import refine
+
+    info, scale, budget = ctx.info, ctx.info.scale, ctx.budget
+    timer = Timer()
+    data = Dataset()
+    theta = ctx.theta0.copy()
+    radius = cfg["radius"]
+    reserve = int(cfg["refine_fraction"] * budget) if (rounds and refine_rule) else 0
+
+    t0 = time.perf_counter()
+    measure_design(ctx, data, theta, radius, int(cfg["init_fraction"] * budget), cfg, seed=ctx.seed)
+    timer.add("init_queries", t0)
+    t0 = time.perf_counter()
+    surrogate, choice = select_surrogate(ctx, data, cfg)
+    timer.add("surrogate_fit", t0)
+
+    u = torch.tensor(theta / scale, requires_grad=True)
+    def step_size(r):
+        return cfg["lr"] if cfg["lr"] else cfg["lr_factor"] * r
+
+    opt = torch.optim.Adam([u], lr=step_size(radius))
+    if ctx.pnn.trainable:
+        opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
+    batches = ctx.minibatches(min(128, len(ctx.y_train)))
+    check_idx = np.random.default_rng([ctx.seed, 5]).choice(len(ctx.y_train), min(128, len(ctx.y_train)), replace=False)
+    history, round_log, n_rounds, accepted = [], [], 0, 0
+    per_step = 2 if (rho > 0 and cfg["ascent"] == "device") else 1
+    try:
+        check_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
+        while True:
+            affordable = (ctx.device.remaining - reserve - 1) // per_step  # one setting kept for the check
+            steps = min(cfg["steps_per_round"], affordable) if rounds else affordable
+            if steps <= 0:
+                break
+            theta_start, center_u = theta.copy(), (theta / scale).copy()
+            for _ in range(steps):
+                idx = next(batches)
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                step = physics_aware_step(ctx, theta, idx, surrogate, rho=rho, ascent=cfg["ascent"],
+                                          adaptive=cfg["adaptive"])
+                u.grad = torch.as_tensor(step.grad * scale)
+                opt.step()
+                with torch.no_grad():
+                    if rounds and cfg["clip_to_region"]:
+                        u.copy_(torch.clamp(u, torch.as_tensor(center_u - radius), torch.as_tensor(center_u + radius)))
+                    theta = info.project(u.detach().numpy() * scale)
+                    u.copy_(torch.as_tensor(theta / scale))
+                timer.add("sat_steps", t0)
+                history.append({"settings": ctx.device.settings_used, "loss": step.loss})
+                ctx.snapshot(theta)
+            if not rounds:
+                break
+            n_rounds += 1
+            end_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
+            round_log.append({"radius": radius, "start_loss": check_loss, "end_loss": end_loss,
+                              "step_losses": [h["loss"] for h in history[-steps:]]})
+            if end_loss <= check_loss:
+                accepted += 1
+                check_loss = end_loss
+                radius = min(radius * cfg["grow"], cfg["radius_max"])
+            else:
+                theta = theta_start
+                radius = max(radius * cfg["shrink"], cfg["radius_min"])
+                with torch.no_grad():
+                    u.copy_(torch.as_tensor(theta / scale))
+            for group in opt.param_groups[:1]:
+                group["lr"] = step_size(radius)
+            t0 = time.perf_counter()
+            measure_design(ctx, data, theta, radius, min(cfg["probes_per_round"], ctx.device.remaining - reserve),
+                           cfg, seed=ctx.seed * 1000 + n_rounds)
+            timer.add("probe_queries", t0)
+            t0 = time.perf_counter()
+            th, x, y, g = data.arrays()
+            surrogate.update(th, x, y, g, steps=cfg["refit_steps"], centre=theta)
+            timer.add("surrogate_fit", t0)
+    except BudgetExhausted:
+        pass
+    extra = {"surrogate": choice["chosen"], "surrogate_selection": choice, "rounds": n_rounds,
+             "accepted_rounds": accepted, "final_radius": radius, "round_log": round_log}
+    if refine_rule and ctx.device.remaining and ctx.device.remaining > 2:
+        t0 = time.perf_counter()
+        theta, ref_hist = refine(ctx, theta, ctx.device.remaining, rule=refine_rule, rho=rho)
+        timer.add("refine", t0)
+        extra["refine"] = {"rule": refine_rule, "steps": len(ref_hist)}
+    extra["time_s"] = {**timer.s, "device_queries": ctx.device.device_time}
+    return theta, extra

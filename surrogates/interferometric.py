@@ -1,0 +1,206 @@
+"""A surrogate family for interferometric devices that assumes only generic optics.
+
+Model (per ensemble member)::
+
+    y = readout(|E|^2),     E = U(theta) x,
+    U(theta) = U0 + sum_j (exp(i * phase_j(theta)) - 1) u_j v_j^T,
+    phase_j(theta) = rate_j * (z_j - c_j),
+
+with ``z`` the normalised ``theta`` (:mod:`surrogates.normalize`), ``c`` the expansion centre,
+``U0`` a learned complex ``(n_modes, in_dim)`` transfer matrix at the centre and, for every
+control parameter ``j`` (a phase shifter), a learned rank-1 complex update ``u_j v_j^T``. The
+outputs are intensities, quadratic in the input field ``x``, read out by a learned per-output
+gain and offset (or a learned linear map of the intensities).
+
+Why this form: a single phase shifter ``j`` inside any linear optical circuit enters the
+transfer matrix as ``L_j diag(.., exp(i theta_j), ..) R_j``, so ``U`` is *exactly* affine in
+``exp(i theta_j)`` with a rank-1 coefficient, for any couplers and errors. Truncating the
+joint dependence at first order in ``exp(i delta_j) - 1`` is what is approximate: it holds near
+the centre ``c``. Nothing of a particular chip (mesh topology, coupler errors, crosstalk) is
+assumed; the model sees only ``theta``, ``x``, ``y`` and the periodic mask.
+
+Phase units: a periodic parameter's angle is ``pi * z`` (period ``2 pi`` over its bound width,
+``rate = pi`` fixed). A non-periodic parameter (e.g. a heater current) gets a learned
+``rate_j``, initialised to ``pi`` (the bound width taken as one period).
+
+**Re-centring.** The first-order model is only accurate near its centre, so as training moves
+``theta`` the model must move with it. :meth:`InterferometricSurrogate.recentre` refolds the
+current model exactly around a new centre ``c'``::
+
+    U0' = U0 + sum_j (exp(i rate_j (c'_j - c_j)) - 1) u_j v_j^T,    u_j' = exp(i rate_j (c'_j - c_j)) u_j,
+
+which leaves every prediction unchanged (it is the same function, written around ``c'``), and
+the warm-started refit on the newest trust-region data then corrects ``U0'``, ``u``, ``v``
+where the first-order picture has drifted. Without the refold, the refit must move ``U0`` and
+every ``u_j v_j^T`` together to express the local transfer matrix: badly conditioned, and the
+stale expansion point keeps large ``exp(i delta) - 1`` factors in every prediction.
+:meth:`~InterferometricSurrogate.update` re-centres before refitting: at ``centre`` when
+given, else at the centre of the rows it is given. With ``local_radius`` set, training uses
+only rows within that L-infinity radius (bound-width units) of the centre.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .neural import EnsembleSurrogate
+
+
+def _complex_normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """Real-imaginary pairs ``(*shape, 2)`` of a circular complex normal of total std ``std``."""
+    return torch.randn(*shape, 2) * (std / math.sqrt(2.0))
+
+
+class InterferometricStructure(nn.Module):
+    """The model of the module docstring for ``M`` stacked members.
+
+    Complex parameters are stored as real ``(..., 2)`` pairs so that optimisers, dtype casts
+    and the ensemble's per-member snapshots treat them like any other parameter.
+    """
+
+    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
+                 periodic: np.ndarray, n_modes: int | None = None, output: str | None = None,
+                 init_scale: float = 0.3):
+        super().__init__()
+        n_modes = max(in_dim, out_dim) if n_modes is None else int(n_modes)
+        output = ("gain" if out_dim <= n_modes else "linear") if output is None else output
+        if output not in ("gain", "linear"):
+            raise ValueError(f"output must be 'gain' or 'linear', got {output!r}")
+        if output == "gain" and out_dim > n_modes:
+            raise ValueError(f"output='gain' reads one mode per output: needs out_dim <= n_modes ({n_modes})")
+        self.n_members, self.n_modes, self.output, self.out_dim = n_members, n_modes, output, out_dim
+        self.register_buffer("centre", torch.zeros(n_params))
+        self.register_buffer("periodic", torch.as_tensor(np.asarray(periodic, bool)))
+        self.log_rate = nn.Parameter(torch.full((n_members, n_params), math.log(math.pi)))
+        # With x scaled to unit mean square, entries of variance 1/in_dim give |E|^2 of mean ~1.
+        self.u0 = nn.Parameter(_complex_normal((n_members, n_modes, in_dim), 1 / math.sqrt(in_dim)))
+        self.u = nn.Parameter(_complex_normal((n_members, n_params, n_modes), init_scale / math.sqrt(n_modes)))
+        self.v = nn.Parameter(_complex_normal((n_members, n_params, in_dim), init_scale / math.sqrt(in_dim)))
+        if output == "gain":
+            self.gain = nn.Parameter(torch.ones(n_members, 1, out_dim))
+        else:
+            eye = torch.zeros(n_modes, out_dim)
+            eye[torch.arange(min(n_modes, out_dim)), torch.arange(min(n_modes, out_dim))] = 1.0
+            self.gain = nn.Parameter(eye.expand(n_members, -1, -1).clone())
+        # y is standardised and |E|^2 starts with mean ~1, hence the offset.
+        self.offset = nn.Parameter(torch.full((n_members, 1, out_dim), -1.0))
+
+    def rate(self) -> torch.Tensor:
+        """Phase per normalised unit ``(M, n_params)``: ``pi`` for periodic parameters."""
+        return torch.where(self.periodic, torch.full_like(self.log_rate, math.pi), self.log_rate.exp())
+
+    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        batch = torch.broadcast_shapes(theta.shape[1:-1], x.shape[1:-1])
+        m = self.n_members
+        rate = self.rate().reshape(m, *([1] * len(batch)), -1)
+        phase = rate * (theta - self.centre)                       # (M, S, 1|K, P)
+        d = torch.polar(torch.ones_like(phase), phase) - 1
+        d = d.expand(m, *batch, d.shape[-1]).reshape(m, -1, d.shape[-1])
+        xc = x.expand(m, *batch, x.shape[-1]).reshape(m, -1, x.shape[-1]).to(d.dtype)
+        u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
+        vx = torch.bmm(xc, v.transpose(1, 2))                       # (M, R, P): v_j . x
+        field = torch.bmm(xc, u0.transpose(1, 2)) + torch.bmm(d * vx, u)   # (M, R, N)
+        intensity = field.real ** 2 + field.imag ** 2
+        if self.output == "gain":
+            y = self.gain * intensity[..., :self.out_dim] + self.offset
+        else:
+            y = torch.baddbmm(self.offset, intensity, self.gain)
+        return y.reshape(m, *batch, self.out_dim)
+
+    @torch.no_grad()
+    def recentre(self, new_centre: torch.Tensor) -> None:
+        """Refold every member around ``new_centre (n_params,)`` (normalised); predictions are
+        unchanged up to rounding."""
+        shift = torch.polar(torch.ones_like(self.log_rate), self.rate() * (new_centre - self.centre))  # (M, P)
+        u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
+        u0 += torch.einsum("mp,mpn,mpi->mni", shift - 1, u, v)
+        u *= shift[..., None]
+        self.centre.copy_(new_centre)
+
+
+class InterferometricSurrogate(EnsembleSurrogate):
+    """Deep ensemble of :class:`InterferometricStructure` with re-centring.
+
+    Args:
+        n_members: ensemble size (default 5).
+        n_modes: optical modes of the learned transfer matrix (default ``max(in_dim, out_dim)``).
+        output: ``"gain"`` (output ``k`` reads mode ``k`` with a gain and offset; the default
+            when ``out_dim <= n_modes``) or ``"linear"`` (a learned map of all intensities).
+        init_scale: initial size of the per-shifter updates relative to ``U0``.
+        local_radius: if set, fitting and updates use only rows within this L-infinity radius
+            (bound-width units, wrapped for periodic parameters) of the current centre.
+        **kw: training and base keywords of :class:`~surrogates.neural.EnsembleSurrogate`.
+
+    ``x`` is scaled but not centred (``0`` must stay "no light"). The default learning rate is
+    higher than the networks' (``1e-2``): the parameters are few and well scaled.
+    """
+
+    centre_inputs = False
+    theta_frame = "bounds"
+
+    def __init__(self, n_members: int = 5, *, n_modes: int | None = None, output: str | None = None,
+                 init_scale: float = 0.3, local_radius: float | None = None, lr: float = 1e-2, **kw):
+        super().__init__("interferometric", n_members, lr=lr,
+                         structure_kw={"n_modes": n_modes, "output": output, "init_scale": init_scale}, **kw)
+        self.local_radius = None if local_radius is None else float(local_radius)
+
+    def _structure_class(self) -> type[nn.Module]:
+        return InterferometricStructure
+
+    # -- centre ---------------------------------------------------------------------------
+    def _data_centre(self, z: torch.Tensor) -> torch.Tensor:
+        """Centre ``(n_params,)`` of normalised rows ``z (n, n_params)``; circular mean for
+        periodic columns."""
+        periodic = torch.as_tensor(self.periodic_mask())
+        angle = math.pi * z
+        circular = torch.atan2(angle.sin().mean(0), angle.cos().mean(0)) / math.pi
+        return torch.where(periodic, circular, z.mean(0))
+
+    @property
+    def centre(self) -> np.ndarray:
+        """Current expansion centre ``(n_params,)`` in ``theta`` units."""
+        return self.theta_norm.inverse(self.model.centre).double().numpy()
+
+    def recentre(self, centre: np.ndarray) -> None:
+        """Re-express the model around ``centre (n_params,)`` (``theta`` units) without
+        changing its predictions; follow with :meth:`update` on data around it."""
+        z = self.theta_norm(torch.as_tensor(np.asarray(centre, np.float64)).to(self.dtype))
+        self.model.recentre(z)
+
+    def _prepare_fit(self, theta: np.ndarray) -> None:
+        z = self.theta_norm(torch.from_numpy(theta).to(self.dtype))
+        self.model.recentre(self._data_centre(z))
+
+    def _before_update(self, centre: np.ndarray | None) -> None:
+        self._centre_from_data = centre is None
+        if centre is not None:
+            self.recentre(centre)
+
+    def _after_data(self, new) -> None:
+        if self._centre_from_data:
+            self.model.recentre(self._data_centre(new.theta))
+
+    def training_data(self):
+        """Stored rows, restricted to ``local_radius`` around the centre when it is set."""
+        if self.local_radius is None:
+            return self.data
+        diff = self.data.theta - self.model.centre
+        periodic = torch.as_tensor(self.periodic_mask())
+        diff = torch.where(periodic, torch.remainder(diff + 1, 2) - 1, diff)
+        # z spans 2 units per bound width (or per 2 std for unbounded columns).
+        near = (diff.abs().amax(dim=1) <= 2 * self.local_radius).numpy()
+        if near.sum() == 0:
+            raise ValueError(f"no stored rows within local_radius={self.local_radius} of the centre")
+        return self.data.subset(np.flatnonzero(near))
+
+    # -- persistence ------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.pop("structure")
+        cfg.update(cfg.pop("structure_kw"))
+        cfg["local_radius"] = self.local_radius
+        return cfg

@@ -1,0 +1,55 @@
+"""Surrogates chosen by name: ``make_surrogate(kind, **kw)``.
+
+| kind | class | what it assumes |
+|---|---|---|
+| ``"hyper"`` (default) | :class:`~surrogates.neural.EnsembleSurrogate` | ``theta`` generates the weights acting on ``x`` |
+| ``"mlp"`` | :class:`~surrogates.neural.EnsembleSurrogate` | nothing (baseline; learned poor gradients in prototypes) |
+| ``"interferometric"`` | :class:`~surrogates.interferometric.InterferometricSurrogate` | intensities of a linear optical circuit of phase shifters |
+| ``"gp"`` | :class:`~surrogates.gp.GPSurrogate` | a smooth response over ``[theta, x]``; small problems |
+
+Further kinds can be added with :func:`register_surrogate`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from .gp import GPSurrogate
+from .interferometric import InterferometricSurrogate
+from .neural import EnsembleSurrogate
+from .protocol import Surrogate
+
+DEFAULT_KIND = "hyper"
+
+_FACTORIES: dict[str, Callable[..., Surrogate]] = {
+    "hyper": partial(EnsembleSurrogate, "hyper"),
+    "mlp": partial(EnsembleSurrogate, "mlp"),
+    "interferometric": InterferometricSurrogate,
+    "gp": GPSurrogate,
+}
+
+
+def register_surrogate(kind: str, factory: Callable[..., Surrogate]) -> None:
+    """Make ``factory(**kw)`` available as ``make_surrogate(kind, **kw)``."""
+    if kind in _FACTORIES:
+        raise ValueError(f"surrogate kind {kind!r} is already registered")
+    _FACTORIES[kind] = factory
+
+
+def surrogate_kinds() -> list[str]:
+    """Registered kind names."""
+    return sorted(_FACTORIES)
+
+
+def make_surrogate(kind: str = DEFAULT_KIND, **kw) -> Surrogate:
+    """A new, unfitted surrogate of ``kind`` with constructor keywords ``kw`` (e.g.
+    ``theta_low``, ``theta_high``, ``periodic``, ``seed``, ``n_members``)."""
+    if kind not in _FACTORIES:
+        raise ValueError(f"unknown surrogate kind {kind!r}; known: {surrogate_kinds()}")
+    return _FACTORIES[kind](**kw)
+
+
+def load_surrogate(path) -> Surrogate:
+    """Any saved surrogate of this package, whatever its kind."""
+    from .base import SurrogateBase
+    return SurrogateBase.load(path)

@@ -1,0 +1,124 @@
+"""Network families for :class:`~surrogates.neural.EnsembleSurrogate`.
+
+A structure maps normalised ``theta (M|1, S, 1|K, n_params)`` and ``x (M|1, S, K, in_dim)``
+to ``y (M, S, K, out_dim)`` for ``M`` stacked ensemble members (any number of batch
+dimensions, broadcast between ``theta`` and ``x``). A size-1 ``theta`` dimension means one
+setting shared by ``K`` rows, and the ``theta`` path is then computed once for them: training
+draws several inputs per setting for this reason, and prediction at one setting uses it. Periodic ``theta`` columns
+are encoded as ``(sin, cos)`` (:class:`~surrogates.encoding.PeriodicEncoding`).
+
+Families:
+
+- :class:`HyperStructure` (``"hyper"``): ``theta`` generates the weights acting on ``x``.
+  Prototype measurements found this multiplicative form learns far better loss gradients
+  than a plain MLP (cosine 0.86-0.92 against 0.16-0.65).
+- :class:`MLPStructure` (``"mlp"``): a plain MLP on ``[theta, x]``, kept as the baseline.
+
+The interferometric family lives in :mod:`surrogates.interferometric`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoding import PeriodicEncoding
+from .ensemble import EnsembleLinear, EnsembleMLP
+
+
+class HyperStructure(nn.Module):
+    """``h = W(theta) [x, 1]`` then ``y = Q h + MLP([h, x])``.
+
+    ``W(theta) = P diag(c(theta)) V`` is a rank-``rank`` factorisation with a
+    ``theta``-dependent core: ``V`` is ``(rank, in_dim + 1)``, ``P`` is ``(width, rank)`` and
+    the coefficients ``c(theta) = b + L phi(theta) + MLP(phi(theta))`` have a linear path
+    (exact for weights affine in ``theta``: the local picture in a trust region) and a
+    nonlinear one.
+
+    Per-parameter square features were tried in the linear path and dropped: over a
+    trust-region box in many dimensions the sum of squares is nearly constant (concentration
+    of measure), so its weights are unidentified and predictions at the box centre, where
+    the sum is far from its typical value and where training evaluates the surrogate, went
+    wrong (theta-part R^2 0.69 against 0.96).
+
+    The factorised form costs ``rank * (in_dim + 1 + width)`` per row instead of
+    materialising a ``width x (in_dim+1)`` matrix per setting; the ``theta`` path is computed
+    once per setting.
+
+    ``rank`` must reach the number of independently controlled weights for a device such as a
+    microring bank, where each of ``out*in`` weights has its own heater: the default 256 covers
+    a 10 x 16 bank. ``Q h`` makes outputs exactly linear in ``x`` representable; the small
+    MLP on ``[h, x]`` adds the saturations (detector nonlinearities, warp blending).
+    """
+
+    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
+                 periodic: np.ndarray, rank: int = 256, coef_hidden: int = 128, width: int = 64,
+                 head_hidden: int = 64, quadratic: bool = False):
+        super().__init__()
+        self.encode = PeriodicEncoding(periodic)
+        p = self.encode.out_dim
+        self.n_squares = int((~np.asarray(periodic, bool)).sum()) if quadratic else 0
+        self.coef_linear = EnsembleLinear(n_members, p + self.n_squares, rank)
+        # The core starts near 1 so that W(theta) starts as a random full map P V, and the
+        # nonlinear path starts small so that early fitting finds the linear picture first.
+        with torch.no_grad():
+            self.coef_linear.bias.fill_(1.0)
+        self.coef_mlp = EnsembleMLP(n_members, p, [coef_hidden], rank, final_init_scale=0.1)
+        self.x_proj = EnsembleLinear(n_members, in_dim, rank)          # V [x, 1]
+        self.mix = EnsembleLinear(n_members, rank, width, bias=False)  # P
+        self.readout = EnsembleLinear(n_members, width, out_dim)        # Q
+        self.head = EnsembleMLP(n_members, width + in_dim, [head_hidden], out_dim, final_init_scale=0.1)
+        self.n_members = n_members
+
+    @torch.no_grad()
+    def shift_theta(self, shift: torch.Tensor) -> None:
+        """Re-express the model for plain ``theta`` columns ``z' = z - shift`` (``shift`` of
+        shape ``(n_plain,)``); predictions are unchanged up to rounding."""
+        self.coef_mlp.layers[0].absorb_input_shift(shift)
+        lin = self.coef_linear
+        if self.n_squares:
+            # z^2 = z'^2 + 2 shift z' + shift^2: the squares feed the linear rows and the bias.
+            p = self.encode.out_dim
+            squares = lin.weight[:, p:p + self.n_squares, :]
+            lin.bias += torch.einsum("i,mio->mo", shift ** 2, squares).unsqueeze(1)
+            lin.absorb_input_shift(shift)
+            lin.weight[:, :self.n_squares, :] += 2 * shift[None, :, None] * squares
+        else:
+            lin.absorb_input_shift(shift)
+
+    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        phi = self.encode(theta)
+        # PeriodicEncoding puts the plain columns first.
+        linear_in = torch.cat([phi, phi[..., :self.n_squares] ** 2], dim=-1) if self.n_squares else phi
+        coef = self.coef_linear(linear_in) + self.coef_mlp(phi)   # (M, S, 1|K, rank)
+        h = self.mix(coef * self.x_proj(x))                  # (M, S, K, width)
+        x_m = x.expand(self.n_members, *h.shape[1:-1], x.shape[-1])
+        return self.readout(h) + self.head(torch.cat([h, x_m], dim=-1))
+
+
+class MLPStructure(nn.Module):
+    """Plain MLP on ``[phi(theta), x]`` (SiLU), the baseline.
+
+    The first layer is split into a ``theta`` part and an ``x`` part (the same affine map as on
+    the concatenation) so that a shared setting is multiplied once, not once per row.
+    """
+
+    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
+                 periodic: np.ndarray, hidden: int = 256, depth: int = 3):
+        super().__init__()
+        self.encode = PeriodicEncoding(periodic)
+        self.first_theta = EnsembleLinear(n_members, self.encode.out_dim, hidden)
+        self.first_x = EnsembleLinear(n_members, in_dim, hidden, bias=False)
+        self.rest = EnsembleMLP(n_members, hidden, [hidden] * (depth - 1), out_dim)
+
+    @torch.no_grad()
+    def shift_theta(self, shift: torch.Tensor) -> None:
+        """Re-express the model for plain ``theta`` columns ``z' = z - shift``."""
+        self.first_theta.absorb_input_shift(shift)
+
+    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = self.first_theta(self.encode(theta)) + self.first_x(x)
+        return self.rest(nn.functional.silu(h))
+
+
+STRUCTURES: dict[str, type[nn.Module]] = {"hyper": HyperStructure, "mlp": MLPStructure}

@@ -1,0 +1,69 @@
+"""The black-box methods: budgets, accept/reject, and training a device nobody models."""
+import json
+
+import numpy as np
+import pytest
+
+import blackbox_sat as bs
+from blackbox_sat import physics_aware
+from blackbox_sat.cli import main
+from blackbox_sat.devices.ledger import Ledger
+
+FAST_FIT = {"surrogate": "hyper", "surrogate_kw": {"hyper": {"n_members": 2, "max_steps": 300}}}
+SMALL = {"steps_per_round": 10, "probes_per_round": 4, "refit_steps": 30, "init_fraction": 0.25, **FAST_FIT}
+OPAQUE = "tests.toy_devices:opaque"
+
+
+@pytest.mark.parametrize("method,cfg", [
+    ("pat", FAST_FIT),
+    ("blackbox", SMALL),
+    ("blackbox-sat", {**SMALL, "ascent": "device"}),
+])
+def test_budget_never_exceeded_and_ledger_holds_every_query(tmp_path, method, cfg):
+    r = bs.train(OPAQUE, task="iris", method=method, budget=120, out=tmp_path / method, config=cfg, progress=False)
+    with Ledger(tmp_path / method / "ledger.sqlite") as led:
+        counts = led.counts()
+        rows = list(led.rows())
+    assert r["settings_used"] == counts["settings"] <= 120
+    assert counts["settings"] >= 110  # the budget is used, not left idle
+    assert len(rows) == counts["settings"] + counts["eval_settings"]
+    assert {row.purpose for row in rows} >= {"calibrate", "probe", "train", "eval"}
+
+
+def test_insitu_sat_uses_two_settings_per_step_and_stays_in_budget(tmp_path):
+    r = bs.train("mrr", task="iris", method="insitu-sat", budget=61, out=tmp_path / "i",
+                 device_kw={"in_dim": 4, "out_dim": 3}, progress=False)
+    assert r["settings_used"] <= 61 and r["extra"]["steps"] == 30  # 1 calibration + 30 x 2
+
+
+def test_insitu_sat_refuses_a_device_without_model(tmp_path):
+    with pytest.raises(TypeError, match="approximate model"):
+        bs.train(OPAQUE, task="iris", method="insitu-sat", budget=20, out=tmp_path / "x", progress=False)
+
+
+def test_a_move_that_raises_the_device_loss_is_rejected(tmp_path, monkeypatch):
+    real = physics_aware.physics_aware_step
+
+    def uphill(*args, **kwargs):  # a surrogate whose gradient points the wrong way
+        step = real(*args, **kwargs)
+        step.grad = -step.grad
+        return step
+
+    monkeypatch.setattr("blackbox_sat.pipeline.physics_aware_step", uphill)
+    cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2}
+    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=100, out=tmp_path / "u", config=cfg, progress=False)
+    assert r["extra"]["rounds"] >= 2 and r["extra"]["accepted_rounds"] < r["extra"]["rounds"]
+    assert r["extra"]["final_radius"] < 0.2  # rejected rounds shrink the trust region
+
+
+def test_own_device_trains_well_above_chance_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["train", "--device", OPAQUE, "--task", "iris", "--method", "blackbox-sat", "--budget", "300",
+                 "--set", "steps_per_round=20", "--set", "probes_per_round=5", "--set", "refit_steps=50", "--set", "surrogate=hyper",
+                 "--set", "surrogate_kw={'hyper': {'n_members': 3, 'max_steps': 600}}",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["accuracy"] > 0.75  # chance is 1/3
+    result = json.loads((out / "result.json").read_text())
+    assert result["extra"]["surrogate"] and result["settings_used"] <= 300
