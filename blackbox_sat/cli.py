@@ -50,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", metavar="ADDR", help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("collect", help="measure a designed set of queries into a ledger")
+    p.add_argument("--device", required=True)
+    p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--settings", type=int, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--around", metavar="THETA.npy", help="centre of a trust region")
+    where.add_argument("--random", action="store_true", help="Sobol over the whole box")
+    p.add_argument("--radius", type=float, default=0.05, help="L-inf radius in bound widths")
+    p.add_argument("--inputs", type=int, default=64, help="training inputs per setting")
+    p.add_argument("--task", default="digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("fit-surrogate", help="fit a surrogate from logged queries, report held-out error")
+    p.add_argument("--ledger", required=True)
+    p.add_argument("--kind", default="hyper", help="hyper | mlp | interferometric | gp")
+    p.add_argument("--out", required=True, help="file for the fitted surrogate")
+    p.add_argument("--device", help="the simulator the ledger came from (default: the ledger's record)")
+    p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("check-device", help="validate a device adapter against the contract")
     p.add_argument("spec")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
@@ -111,6 +132,24 @@ def _dispatch(args) -> int:
                       workers=args.workers, progress=not args.quiet, backend=args.backend, address=args.address)
         print(summary_table(res["summary"]))
         print(f"wrote {args.out}/results.csv and {args.out}/summary.md")
+        return 0
+    if args.command == "collect":
+        import numpy as np
+
+        from .collect import collect
+
+        around = None if args.random else np.load(args.around)
+        res = collect(args.device, args.settings, args.out, around=around, radius=args.radius, inputs=args.inputs,
+                      task=args.task, seed=args.seed, device_kw=parse_kv(args.device_kw))
+        print(json.dumps(res))
+        return 0
+    if args.command == "fit-surrogate":
+        from .collect import fit_surrogate, write_report
+
+        rep = fit_surrogate(args.ledger, kind=args.kind, out=args.out, device=args.device,
+                            device_kw=parse_kv(args.device_kw) or None, seed=args.seed)
+        write_report(rep, str(args.out) + ".json")
+        print(json.dumps(rep))
         return 0
     if args.command == "check-device":
         from .devices.check import check_device

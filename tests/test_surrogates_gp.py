@@ -41,7 +41,7 @@ def exact(data):
 def test_exact_gp_recovers_known_function(data, exact):
     assert exact.mode == "exact"
     r2 = heldout_r2(exact, *data[1])
-    assert np.all(r2 > 0.97), r2          # measured 0.993, 0.995
+    assert np.all(r2 > 0.97), r2          # measured 0.992, 0.995
 
 
 @pytest.mark.parametrize("multitask, r2_min", [("independent", 0.85), ("lmc", 0.5)])
@@ -50,7 +50,7 @@ def test_variational_gp_beyond_the_exact_threshold(data, multitask, r2_min):
                         fit_steps=300, multitask=multitask, n_latents=2).fit(*data[0])
     assert model.mode == "variational"
     r2 = heldout_r2(model, *data[1])
-    assert np.all(r2 > r2_min), r2        # measured 0.95, 0.93 (independent); 0.91, 0.81 (lmc)
+    assert np.all(r2 > r2_min), r2        # measured 0.96, 0.92 (independent); 0.96, 0.80 (lmc)
 
 
 def test_gp_std_grows_away_from_the_data():

@@ -46,9 +46,10 @@ def data():
     return (theta, x, y), rows(40, 16, rng)
 
 
-# Thresholds sit below the measured values (hyper: R^2 0.99, theta-part 0.98; mlp: 0.98 and
-# 0.97) with margin for seeds and BLAS differences; a model that ignores theta scores ~0 on the
-# theta-part.
+# Thresholds sit below the measured values (seeds 0 and 1: hyper R^2 0.973-0.978, theta-part
+# 0.958-0.964; mlp 0.983, 0.975-0.977) with margin for BLAS differences; a model that ignores
+# theta scores ~0 on the theta-part. On this small, strongly nonlinear toy the plain MLP does
+# as well: the hyper family's advantage is in gradients with many parameters.
 @pytest.mark.parametrize("kind, kw, r2_min, dr2_min", [
     ("hyper", {}, 0.95, 0.93),
     ("mlp", {"structure_kw": {"hidden": 128}}, 0.95, 0.9),

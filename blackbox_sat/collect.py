@@ -1,0 +1,145 @@
+"""``collect`` and ``fit-surrogate``: designed queries into a ledger, and surrogates fit from it.
+
+``collect`` measures a designed set of settings (a trust region around a centre, or Sobol
+over the whole box) on training inputs of a task, into ``DIR/ledger.sqlite`` (purpose
+``probe``), with the centre in ``DIR/centre.npy``.
+
+``fit_surrogate`` fits one surrogate family on a ledger, holding out whole settings, and
+reports its held-out error. Given the simulator the ledger came from, it also reports the
+held-out R² of the part of the output that ``theta`` changes, ``y(theta, x) - y(theta_c, x)``
+(a model that ignores ``theta`` scores about 0), and the cosine between the surrogate's and
+the true model's loss gradients at the centre.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
+
+from .devices.contract import describe
+from .devices.ledger import Ledger
+from .devices.metered import MeteredDevice
+from .devices.spec import load_device
+from .pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
+from .tasks import load_task
+
+
+def collect(device, settings: int, out, around: np.ndarray | None = None, radius: float = 0.05,
+            inputs: int = 64, task="digits", seed: int = 0, device_kw: dict | None = None) -> dict:
+    """Measure ``settings`` designed settings into ``out/ledger.sqlite``.
+
+    ``around (n_params,)``: centre of the trust region (L-inf ``radius`` in bound widths);
+    None: Sobol over the whole box. Each setting measures ``inputs`` training inputs.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = load_device(device, **(device_kw or {}))
+    info = describe(source)
+    data = load_task(task)
+    pnn = PNN.build(data.x_train, data.n_classes, info)
+    pool = pnn.device_inputs(pnn.features(data.x_train)).numpy()
+    if around is None:
+        thetas = space_filling(settings, info.low, info.high, seed)
+        centre = info.start(seed)
+    else:
+        centre = np.asarray(around, float)
+        thetas = design_settings(centre, radius, settings, info.low, info.high, global_fraction=0.0,
+                                 periodic=info.periodic, seed=seed).settings
+    xs = inputs_per_setting(pool, len(thetas), min(inputs, len(pool)), np.random.default_rng(seed))
+    t0 = time.perf_counter()
+    with Ledger(out / "ledger.sqlite") as ledger:
+        meter = MeteredDevice(source, ledger, replay=False)
+        for theta, x in zip(thetas, xs):
+            meter.query(info.project(theta), x, purpose="probe")
+        ledger.set_meta("collect", {"device": device if isinstance(device, str) else type(device).__name__,
+                                    "device_kw": dict(device_kw or {}), "settings": settings, "radius": radius,
+                                    "inputs": inputs, "task": task, "seed": seed, "random": around is None})
+    np.save(out / "centre.npy", centre)
+    return {"settings": meter.settings_used, "samples": meter.samples_used, "wall_s": time.perf_counter() - t0,
+            "ledger": str(out / "ledger.sqlite")}
+
+
+def _loss_grad(model, theta: np.ndarray, x: torch.Tensor, labels: torch.Tensor, pnn: PNN) -> np.ndarray:
+    th = torch.tensor(theta, dtype=torch.float32, requires_grad=True)
+    loss = F.cross_entropy(pnn(model(th, x).double()), labels)
+    return torch.autograd.grad(loss, th)[0].double().numpy()
+
+
+def fit_surrogate(ledger_path, kind: str = "hyper", out=None, device=None, device_kw: dict | None = None,
+                  centre: np.ndarray | None = None, holdout: float = 0.2, seed: int = 0, task="digits",
+                  surrogate_kw: dict | None = None, threads: int = 1) -> dict:
+    """Fit ``kind`` on a ledger's good rows; return held-out metrics (and save to ``out``).
+
+    ``threads``: torch threads (1 by default, as for trials: reproducible, and faster than
+    an oversubscribed pool on a small machine)."""
+    torch.set_num_threads(threads)
+    with Ledger(ledger_path) as ledger:
+        theta, x, y, groups = ledger.samples()
+        meta = ledger.get_meta("collect", {}) or {}
+    rng = np.random.default_rng(seed)
+    ids = np.unique(groups)
+    held = np.isin(groups, rng.choice(ids, max(1, int(holdout * len(ids))), replace=False))
+    if device is None and meta.get("device"):
+        device, device_kw = meta["device"], meta.get("device_kw", {})
+    source = load_device(device, **(device_kw or {})) if device is not None else None
+    info = describe(source) if source is not None else None
+    kw = dict(surrogate_kw or {})
+    if info is not None:
+        kw.update(theta_low=info.low, theta_high=info.high, periodic=info.periodic)
+    sur = make_surrogate(kind, seed=seed, **kw)
+    t0 = time.perf_counter()
+    sur.fit(theta[~held], x[~held], y[~held], groups[~held])
+    fit_s = time.perf_counter() - t0
+    with torch.no_grad():
+        pred = sur.predict(torch.as_tensor(theta[held], dtype=torch.float32),
+                           torch.as_tensor(x[held], dtype=torch.float32)).double().numpy()
+    resid = ((pred - y[held]) ** 2).sum()
+    report = {"kind": kind, "rows": int(len(y)), "settings": int(len(ids)), "heldout_settings": int(held.sum() and
+              len(np.unique(groups[held]))), "fit_s": fit_s,
+              "heldout_r2": float(1 - resid / ((y[held] - y[held].mean(0)) ** 2).sum()),
+              "heldout_rmse": float(np.sqrt(resid / y[held].size))}
+    getter = getattr(source, "true_model", None)
+    if getter is not None:
+        report.update(_simulator_metrics(sur, getter(), info, theta[held], x[held], centre, ledger_path, task))
+    if out is not None:
+        sur.save(out)
+        report["saved"] = str(out)
+    return report
+
+
+def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task) -> dict:
+    """Held-out R² of ``y(theta,x) - y(theta_c,x)`` and the loss-gradient cosine at the centre."""
+    if centre is None:
+        p = Path(ledger_path).parent / "centre.npy"
+        centre = np.load(p) if p.exists() else theta_h.mean(0)
+    th_h, xs = torch.as_tensor(theta_h), torch.as_tensor(x_h)
+    c = torch.as_tensor(centre, dtype=torch.float64)
+    settings, which = np.unique(theta_h, axis=0, return_inverse=True)
+    with torch.no_grad():
+        y_true = torch.empty(len(x_h), true(c, xs[:1]).shape[1], dtype=torch.float64)
+        for k, s in enumerate(settings):  # one true-model call per held-out setting
+            rows = torch.as_tensor(np.flatnonzero(which.ravel() == k))
+            y_true[rows] = true(torch.as_tensor(s), xs[rows])
+        dy = y_true - true(c, xs)
+        p = sur.predict(th_h.float(), xs.float()).double() - sur.predict(c.float(), xs.float()).double()
+    r2_delta = float(1 - ((p - dy) ** 2).sum() / (dy ** 2).sum())
+    data = load_task(task)
+    pnn = PNN.build(data.x_train, data.n_classes, info)
+    xt = pnn.device_inputs(pnn.features(data.x_train[:256]))
+    with torch.no_grad():
+        pnn.gain.fill_(calibrate_gain(true(c, xt[:CALIBRATION_INPUTS]).numpy(), data.n_classes))
+    labels = torch.as_tensor(data.y_train[:256])
+    g_true = _loss_grad(true, centre, xt.float(), labels, pnn)
+    g_sur = _loss_grad(sur.predict, centre, xt.float(), labels, pnn)
+    cos = float(g_true @ g_sur / (np.linalg.norm(g_true) * np.linalg.norm(g_sur) + 1e-30))
+    return {"heldout_r2_delta": r2_delta, "grad_cosine": cos, "true_grad_norm": float(np.linalg.norm(g_true))}
+
+
+def write_report(report: dict, path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,39 @@
+"""Surrogate quality on a simulator: held-out R² of the theta-driven output change and the
+loss-gradient cosine, for each family and data size (thin wrapper over the public API).
+
+    .venv/bin/python scripts/fit_surrogate.py --device mrr --kinds hyper,mlp --sizes 250,500,1000
+"""
+import argparse
+import json
+
+import numpy as np
+
+import blackbox_sat as bs
+from blackbox_sat.collect import collect, fit_surrogate
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="mrr")
+    ap.add_argument("--kinds", default="hyper,mlp")
+    ap.add_argument("--sizes", default="250,500,1000")
+    ap.add_argument("--radius", type=float, default=0.05)
+    ap.add_argument("--inputs", type=int, default=64)
+    ap.add_argument("--centre", help="THETA.npy (default: the device's theta0)")
+    ap.add_argument("--out", default="runs/surrogates")
+    args = ap.parse_args()
+    info = bs.describe(bs.load_device(args.device))
+    centre = np.load(args.centre) if args.centre else info.start(0)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    for n in sizes:
+        d = f"{args.out}/{args.device}-{n}"
+        collect(args.device, n, d, around=centre, radius=args.radius, inputs=args.inputs)
+        for kind in args.kinds.split(","):
+            rep = fit_surrogate(f"{d}/ledger.sqlite", kind=kind, out=f"{d}/{kind}.pt", centre=centre)
+            rows.append({"settings": n, **rep})
+            print(json.dumps({k: rep[k] for k in ("kind", "heldout_r2", "heldout_r2_delta", "grad_cosine",
+                                                   "fit_s") if k in rep} | {"settings": n}), flush=True)
+    print("\n| kind | settings | held-out R² (Δy) | grad cosine | fit s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['settings']} | {r.get('heldout_r2_delta', float('nan')):.3f} | "
+              f"{r.get('grad_cosine', float('nan')):.3f} | {r['fit_s']:.1f} |")
