@@ -1,7 +1,9 @@
 """``make run``: a quick preset of ``compare`` on the built-in ``mzi`` (N=16, sigma 0.15).
 
-Model-based methods (oracle, offline, offline-sat, nat) beside the device-query methods
-spsa and blackbox-sat, one training seed, a budget of 1000 settings, two worker processes.
+Model-based methods (oracle, offline, offline-sat, nat) beside the fast device-query
+baselines spsa and ng-cma: one training seed, the benchmark budget of 2000 settings, two
+worker processes. The surrogate methods take minutes per run on 2 cores; compare them with
+``blackbox-sat compare --methods ...`` (see README).
 
 Trains every method of the preset on chip seed 0, evaluates each on that chip, on the
 unseen chips 101-105 and over the drift sweep, and prints the summary table. Runs already
@@ -15,7 +17,7 @@ import time
 from .compare import compare, summary_table
 from .methods.registry import method_names
 
-PRESET_METHODS = ("oracle", "offline", "offline-sat", "nat", "spsa", "blackbox-sat")
+PRESET_METHODS = ("oracle", "offline", "offline-sat", "nat", "spsa", "ng-cma")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/quickstart")
     ap.add_argument("--device", default="mzi")
     ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--budget", type=int, default=1000, help="device settings (the benchmark uses 2000)")
+    ap.add_argument("--budget", type=int, default=2000, help="device settings")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
     methods = [m for m in PRESET_METHODS if m in method_names()]
