@@ -13,11 +13,18 @@ Public API:
 - :func:`make_surrogate` ``(kind="hyper", **kw)``, :func:`surrogate_kinds`,
   :func:`register_surrogate`, :func:`load_surrogate`;
 - :class:`EnsembleSurrogate` (``"hyper"``, ``"mlp"``): deep ensembles with stacked weights;
+  ``recentre(centre)`` moves the ``theta`` origin exactly (``update(..., centre=theta)``
+  does it before refitting);
 - :class:`InterferometricSurrogate` (``"interferometric"``): ``|U(theta) x|^2`` with one
-  rank-1 update per phase shifter, re-centred as ``theta`` moves;
+  rank-1 update per phase shifter, re-centred (``recentre``) as ``theta`` moves;
 - :class:`GPSurrogate` (``"gp"``): exact or variational gpytorch GP;
 - query design: :func:`trust_region`, :func:`space_filling`, :func:`design_settings`
   (returning a :class:`SettingsDesign`), :func:`inputs_per_setting`, :func:`estimate_noise`.
+
+Module map: ``protocol`` (the contract), ``base`` (shapes, persistence), ``normalize``,
+``encoding`` (periodic inputs), ``dataset`` (rows, settings, hold-out splits), ``ensemble``
+(stacked layers), ``training`` (the minibatch loop), ``structures`` (network families),
+``neural``, ``interferometric``, ``gp``, ``design``, ``registry``.
 """
 from .base import SurrogateBase
 from .design import (SettingsDesign, design_settings, estimate_noise, inputs_per_setting,

@@ -14,6 +14,11 @@ Families:
   than a plain MLP (cosine 0.86-0.92 against 0.16-0.65).
 - :class:`MLPStructure` (``"mlp"``): a plain MLP on ``[theta, x]``, kept as the baseline.
 
+On a 160-parameter microring-like device (trust region 0.05, 64 inputs per setting), the
+held-out R^2 of the ``theta``-dependent output was, for 250 / 500 / 1000 settings, 0.89 /
+0.96 / 0.975 (hyper) against 0.78 / 0.91 / 0.93 (mlp); gradient cosines 0.97 / 0.996 /
+0.998 against 0.95 / 0.994 / 0.996.
+
 The interferometric family lives in :mod:`surrogates.interferometric`.
 """
 from __future__ import annotations
@@ -35,11 +40,15 @@ class HyperStructure(nn.Module):
     (exact for weights affine in ``theta``: the local picture in a trust region) and a
     nonlinear one.
 
-    Per-parameter square features were tried in the linear path and dropped: over a
-    trust-region box in many dimensions the sum of squares is nearly constant (concentration
-    of measure), so its weights are unidentified and predictions at the box centre, where
-    the sum is far from its typical value and where training evaluates the surrogate, went
-    wrong (theta-part R^2 0.69 against 0.96).
+    ``quadratic=True`` adds the squares of the non-periodic columns to the linear path, so
+    that each weight can have its own curvature in its own parameter (a ring's Lorentzian in
+    its heater), which the MLP path could only give with a hidden unit per parameter. It is
+    off by default: over a uniform trust-region box in many dimensions the sum of squares
+    is nearly constant (concentration of measure), so predictions at the box centre, where
+    training evaluates the surrogate, are an extrapolation and went wrong (theta-part R^2
+    0.69 against 0.965 without squares, 1000 settings of a 160-parameter microring-like
+    device). With ``design_settings(..., spread="shells")``, which puts points at every
+    distance from the centre, it measured 0.990 against 0.974 without squares.
 
     The factorised form costs ``rank * (in_dim + 1 + width)`` per row instead of
     materialising a ``width x (in_dim+1)`` matrix per setting; the ``theta`` path is computed
