@@ -172,7 +172,7 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
     study = Study(device, list(methods), seeds, budget, task, dict(device_kw or {}), dict(config or {}),
                   None if unseen is None else tuple(unseen), sweep, str(out))
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(out) / "study.json", study.__dict__)
+    write_json_atomic(Path(out) / "study.json", _public(study.__dict__))
     todo, rows = [], {}
     for t in study.trials():
         if t.row_path.exists():
@@ -191,6 +191,14 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
     summary = summarise(ordered)
     write_results(ordered, summary, Path(out), study)
     return {"rows": ordered, "summary": summary, "out": str(out)}
+
+
+def _public(study: dict) -> dict:
+    """The study as written to disk: secrets (a device token) never are."""
+    from .training import SECRET_DEVICE_KW
+
+    kw = {k: v for k, v in study["device_kw"].items() if k not in SECRET_DEVICE_KW}
+    return {**study, "device_kw": kw}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -266,7 +274,7 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> N
         w.writerows(rows)
     tmp.replace(out / "results.csv")
     curve_keys = sorted({k for e in summary.values() for k in e if k.startswith("curve_")}, key=lambda k: int(k[6:]))
-    text = [f"# Comparison on `{study.device}` {study.device_kw or ''}", "",
+    text = [f"# Comparison on `{study.device}` {_public(study.__dict__)['device_kw'] or ''}", "",
             f"task `{study.task}`, budget {study.budget} settings, seeds {study.seeds}; mean ± std over seeds; "
             "accuracies in %. Unseen chips: device seeds "
             f"{list(study.unseen) if study.unseen is not None else 'default'}; sweep: "
