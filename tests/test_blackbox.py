@@ -31,9 +31,11 @@ def test_budget_never_exceeded_and_ledger_holds_every_query(tmp_path, method, cf
 
 
 def test_insitu_sat_uses_two_settings_per_step_and_stays_in_budget(tmp_path):
-    r = bs.train("mrr", task="iris", method="insitu-sat", budget=61, out=tmp_path / "i",
-                 device_kw={"in_dim": 4, "out_dim": 3}, progress=False)
+    common = dict(task="iris", method="insitu-sat", budget=61, device_kw={"in_dim": 4, "out_dim": 3}, progress=False)
+    r = bs.train("mrr", out=tmp_path / "i", config={"ascent": "device"}, **common)
     assert r["settings_used"] <= 61 and r["extra"]["steps"] == 30  # 1 calibration + 30 x 2
+    r = bs.train("mrr", out=tmp_path / "j", **common)  # default: the ascent pass on the model
+    assert r["settings_used"] == 61 and r["extra"]["steps"] == 60
 
 
 def test_insitu_sat_refuses_a_device_without_model(tmp_path):
