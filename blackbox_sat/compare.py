@@ -227,21 +227,22 @@ def _model_based(method: str) -> bool:
 
 
 def _settings_to_target(summary: dict) -> None:
-    """Settings each method needs to reach the best gradient-free method's final acc_chip."""
-    from .methods.registry import METHODS
+    """Settings each device method needs to reach the best gradient-free method's final
+    accuracy. Both sides are read from the ``curve`` snapshots (one kind of measurement):
+    the target is the best final curve point among ``spsa`` and ``ng-*``."""
+    def curve_keys(e):
+        return sorted((k for k in e if k.startswith("curve_") and e[k]), key=lambda k: int(k.split("_")[1]))
 
-    gf = [m for m in summary if METHODS.get(m) and getattr(METHODS[m], "needs", "") == "device"
-          and (m.startswith("ng-") or m == "spsa") and summary[m]["acc_chip"]]
-    target = max((summary[m]["acc_chip"][0] for m in gf), default=None)
-    for m, e in summary.items():
+    gf = [m for m in summary if (m.startswith("ng-") or m == "spsa") and curve_keys(summary[m])]
+    target = max((summary[m][curve_keys(summary[m])[-1]][0] for m in gf), default=None)
+    for e in summary.values():
         e["target"] = target
         e["settings_to_target"] = None
         if target is None or e["model_based"]:
             continue
-        for k in sorted((k for k in e if k.startswith("curve_") and e[k]), key=lambda k: int(k.split("_")[1])):
-            if e[k][0] >= target:
-                e["settings_to_target"] = int(k.split("_")[1])
-                break
+        keys = curve_keys(e)
+        reached = [int(k.split("_")[1]) for k in keys if e[k][0] >= target - 1e-12]
+        e["settings_to_target"] = reached[0] if reached else (f"> {keys[-1].split('_')[1]}" if keys else None)
 
 
 def _fmt(v, pct=True) -> str:
@@ -260,7 +261,7 @@ def summary_table(summary: dict) -> str:
         lines.append(
             f"| {m} | {'model-based' if e['model_based'] else 'device'} | {_fmt(e['acc_chip'])} | "
             f"{_fmt(e['acc_unseen_mean'])} | {_fmt(e['acc_unseen_min'])} | {_fmt(e['acc_drift_mean'])} | "
-            f"{_fmt(e['settings_used'], False)} | {e['settings_to_target'] if e['settings_to_target'] else '-'} | "
+            f"{_fmt(e['settings_used'], False)} | {e['settings_to_target'] or '-'} | "
             f"{_fmt(e['sharpness'], False)} | {_fmt(e['wall_s'], False)} | {e['n_failed']} |")
     return "\n".join(lines)
 
@@ -277,7 +278,7 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> N
     text = [f"# Comparison on `{study.device}` {_public(study.__dict__)['device_kw'] or ''}", "",
             f"task `{study.task}`, budget {study.budget} settings, seeds {study.seeds}; mean ± std over seeds; "
             "accuracies in %. Unseen chips: device seeds "
-            f"{list(study.unseen) if study.unseen is not None else 'default'}; sweep: "
+            f"{list(study.unseen) if study.unseen is not None else list(UNSEEN_SEEDS) if _seedable(study.device) else 'none'}; sweep: "
             f"{study.sweep if study.sweep is not None else DEFAULT_SWEEPS.get(study.device, 'none')}.", "",
             summary_table(summary), ""]
     if curve_keys:

@@ -1,0 +1,70 @@
+"""The comparison harness on the local backend: skipping, failures, summary and plots."""
+import csv
+
+import numpy as np
+import pytest
+
+import blackbox_sat as bs
+from blackbox_sat.compare import summarise
+from blackbox_sat.methods.registry import METHODS, MethodResult, register
+
+TINY = dict(task="iris", seeds=2, budget=60, device_kw={"n_modes": 4}, unseen=(101,), sweep={"drift": [0.5]},
+            progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flaky_method():
+    @register("test-flaky", {"fail_seed": 1})
+    def flaky(ctx):
+        if ctx.seed == ctx.config["fail_seed"]:
+            raise RuntimeError("instrument fell over")
+        theta = ctx.theta0.copy()
+        for _ in range(3):
+            ctx.device.query(theta, ctx.device_inputs(ctx.f_train[:8]), purpose="train")
+            ctx.snapshot(theta)
+        return MethodResult(theta)
+
+    yield
+    METHODS.pop("test-flaky")
+
+
+def _mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/result.json"))}
+
+
+def test_rerun_into_the_same_folder_skips_finished_trials(tmp_path):
+    cfg = {"epochs": 3, "lr_grid": [0.1]}
+    first = bs.compare("mzi", methods=["offline"], out=tmp_path, config=cfg, **TINY)
+    before = _mtimes(tmp_path)
+    assert len(before) == 2 and all(r["status"] == "ok" for r in first["rows"])
+    again = bs.compare("mzi", methods=["offline"], out=tmp_path, config=cfg, **TINY)
+    assert _mtimes(tmp_path) == before
+    assert [r["acc_chip"] for r in again["rows"]] == [r["acc_chip"] for r in first["rows"]]
+    for name in ("results.csv", "summary.md", "curves.png", "sweep.png", "unseen.png", "sigma.png"):
+        assert (tmp_path / name).exists() or name == "curves.png"  # model-based runs draw no curve
+
+
+def test_a_method_failing_on_one_seed_is_recorded_and_the_others_kept(tmp_path):
+    res = bs.compare("mzi", methods=["test-flaky", "spsa"], out=tmp_path, **TINY)
+    status = {(r["method"], r["seed"]): r["status"] for r in res["rows"]}
+    assert status == {("test-flaky", 0): "ok", ("test-flaky", 1): "failed", ("spsa", 0): "ok", ("spsa", 1): "ok"}
+    failed = next(r for r in res["rows"] if r["status"] == "failed")
+    assert "instrument fell over" in failed["error"]
+    with open(tmp_path / "results.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Failed trials" in summary and "instrument fell over" in summary
+    assert res["summary"]["test-flaky"]["n_failed"] == 1 and res["summary"]["test-flaky"]["n_ok"] == 1
+    assert res["summary"]["spsa"]["settings_used"][0] <= 60
+
+
+def test_settings_to_target_reads_the_curves():
+    rows = [{"method": m, "seed": s, "status": "ok", "acc_chip": a, "curve_250": c1, "curve_500": c2}
+            for m, s, a, c1, c2 in [("spsa", 0, 0.5, 0.3, 0.5), ("spsa", 1, 0.5, 0.3, 0.5),
+                                    ("blackbox-sat", 0, 0.8, 0.6, 0.8), ("blackbox-sat", 1, 0.8, 0.6, 0.8),
+                                    ("ng-cma", 0, 0.2, 0.1, 0.2)]]
+    s = summarise(rows)
+    assert s["spsa"]["target"] == 0.5
+    assert s["blackbox-sat"]["settings_to_target"] == 250 and s["spsa"]["settings_to_target"] == 500
+    assert s["ng-cma"]["settings_to_target"] == "> 500"
+    assert np.isclose(s["blackbox-sat"]["acc_chip"][0], 0.8)
