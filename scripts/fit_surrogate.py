@@ -10,6 +10,7 @@ import numpy as np
 
 import blackbox_sat as bs
 from blackbox_sat.collect import collect, fit_surrogate
+from blackbox_sat.devices.spec import parse_kv
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
@@ -20,16 +21,20 @@ if __name__ == "__main__":
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--centre", help="THETA.npy (default: the device's theta0)")
     ap.add_argument("--out", default="runs/surrogates")
+    ap.add_argument("--task", default="digits")
+    ap.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    info = bs.describe(bs.load_device(args.device))
+    kw = parse_kv(args.device_kw)
+    info = bs.describe(bs.load_device(args.device, **kw))
     centre = np.load(args.centre) if args.centre else info.start(0)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for n in sizes:
         d = f"{args.out}/{args.device}-{n}"
-        collect(args.device, n, d, around=centre, radius=args.radius, inputs=args.inputs)
+        collect(args.device, n, d, around=centre, radius=args.radius, inputs=args.inputs, task=args.task,
+                device_kw=kw)
         for kind in args.kinds.split(","):
-            rep = fit_surrogate(f"{d}/ledger.sqlite", kind=kind, out=f"{d}/{kind}.pt", centre=centre)
+            rep = fit_surrogate(f"{d}/ledger.sqlite", kind=kind, out=f"{d}/{kind}.pt", centre=centre, task=args.task)
             rows.append({"settings": n, **rep})
             print(json.dumps({k: rep[k] for k in ("kind", "heldout_r2", "heldout_r2_delta", "grad_cosine",
                                                    "fit_s") if k in rep} | {"settings": n}), flush=True)
