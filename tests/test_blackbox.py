@@ -69,3 +69,12 @@ def test_own_device_trains_well_above_chance_through_the_cli(tmp_path, capsys):
     assert line["accuracy"] > 0.75  # chance is 1/3
     result = json.loads((out / "result.json").read_text())
     assert result["extra"]["surrogate"] and result["settings_used"] <= 300
+
+
+def test_hybrid_pnn_trains_its_digital_layers_through_the_device_methods(tmp_path):
+    r = bs.train("mrr", task="iris", method="insitu-sat", budget=200, out=tmp_path / "h", progress=False,
+                 device_kw={"in_dim": 4, "out_dim": 3}, config={"pnn": "hybrid"})
+    model = json.loads((tmp_path / "h" / "model.json").read_text())
+    readout = np.asarray(model["digital"]["readout.weight"])
+    assert not np.allclose(readout, np.eye(*readout.shape))  # the readout moved from its identity start
+    assert r["accuracy"] > 0.8 and bs.evaluate(r)["accuracy"] > 0.8
