@@ -101,3 +101,18 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
     if g_x is not None:  # the digital input layer's gradient through df_hat/dx
         x.backward(g_x, inputs=list(ctx.pnn.input_layer.parameters()))
     return StepResult(loss, grad, eps, settings)
+
+
+def normalized_step(opt: torch.optim.Optimizer, u: torch.Tensor, grad: np.ndarray, info,
+                    box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Step ``opt`` on ``u = theta / scale`` with the physical gradient ``grad (n_params,)``,
+    optionally clip ``u`` to a box ``(lo, hi)`` in ``u`` units, project onto the device
+    domain, and return the new setting ``theta (n_params,)``."""
+    u.grad = torch.as_tensor(grad * info.scale)
+    opt.step()
+    with torch.no_grad():
+        if box is not None:
+            u.copy_(torch.clamp(u, torch.as_tensor(box[0]), torch.as_tensor(box[1])))
+        theta = info.project(u.detach().numpy() * info.scale)
+        u.copy_(torch.as_tensor(theta / info.scale))
+    return theta

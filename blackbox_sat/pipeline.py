@@ -34,7 +34,7 @@ import surrogates
 
 from .context import TrainContext
 from .devices.metered import BudgetExhausted
-from .physics_aware import device_loss, physics_aware_step
+from .physics_aware import device_loss, normalized_step, physics_aware_step
 
 PIPELINE_DEFAULTS = {
     "surrogate": "auto",
@@ -201,13 +201,8 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
                 opt.zero_grad()
                 step = physics_aware_step(ctx, theta, idx, surrogate, rho=rho, ascent=cfg["ascent"],
                                           adaptive=cfg["adaptive"])
-                u.grad = torch.as_tensor(step.grad * scale)
-                opt.step()
-                with torch.no_grad():
-                    if rounds and cfg["clip_to_region"]:
-                        u.copy_(torch.clamp(u, torch.as_tensor(center_u - radius), torch.as_tensor(center_u + radius)))
-                    theta = info.project(u.detach().numpy() * scale)
-                    u.copy_(torch.as_tensor(theta / scale))
+                box = (center_u - radius, center_u + radius) if rounds and cfg["clip_to_region"] else None
+                theta = normalized_step(opt, u, step.grad, info, box)
                 timer.add("sat_steps", t0)
                 history.append({"settings": ctx.device.settings_used, "loss": step.loss})
                 ctx.snapshot(theta)

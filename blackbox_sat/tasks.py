@@ -37,6 +37,7 @@ images flattened). The fixed encoding (:mod:`blackbox_sat.encoding`) standardize
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import zlib
@@ -437,9 +438,20 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, P
         + "; ".join(searched) + ". " + FASHION_INSTALL_HINT)
 
 
+@functools.lru_cache(maxsize=1)
+def _read_fashion_files(stamp: tuple) -> dict:
+    """The four IDX arrays (read-only), keyed by ``(key, path, mtime)`` of each file."""
+    arr = {k: read_idx(p) for k, p, _ in stamp}
+    for a in arr.values():
+        a.setflags(write=False)
+    return arr
+
+
 def _load_fashion_mnist(seed: int, data_dir) -> Task:
     paths = find_fashion_mnist(data_dir)
-    arr = {k: read_idx(p) for k, p in paths.items()}
+    # evaluate() reloads the task for every chip of a sweep: read the 60k images once per
+    # process, keyed by the files' identity so a changed file is read again.
+    arr = _read_fashion_files(tuple(sorted((k, str(p), p.stat().st_mtime_ns) for k, p in paths.items())))
     for part in ("train", "test"):
         x, y = arr[f"x_{part}"], arr[f"y_{part}"]
         if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:

@@ -17,7 +17,7 @@ import torch
 from ..context import TrainContext
 from ..devices.metered import BudgetExhausted
 from ..devices.spec import resolve_factory
-from ..physics_aware import physics_aware_step
+from ..physics_aware import normalized_step, physics_aware_step
 from ..pipeline import PIPELINE_DEFAULTS, run_pipeline
 from .registry import MethodResult, register
 
@@ -84,12 +84,8 @@ def insitu_sat(ctx: TrainContext) -> MethodResult:
             opt.zero_grad()
             step = physics_aware_step(ctx, theta, next(batches), model, rho=cfg["rho"], ascent=cfg["ascent"],
                                       adaptive=cfg["adaptive"])
-            u.grad = torch.as_tensor(step.grad * scale)
-            opt.step()
+            theta = normalized_step(opt, u, step.grad, info)
             sched.step()
-            with torch.no_grad():
-                theta = info.project(u.detach().numpy() * scale)
-                u.copy_(torch.as_tensor(theta / scale))
             losses.append(step.loss)
             ctx.snapshot(theta)
     except BudgetExhausted:

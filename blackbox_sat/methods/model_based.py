@@ -21,27 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..context import TrainContext
-from ..sat import SAT
+from ..sat import SAT, Projector
 from .registry import MethodResult, register
 
 COMMON = {"lr_grid": [0.01, 0.03, 0.1], "epochs": 300, "patience": 30, "digital_lr": 0.01}
 #: Seeds of the random chips NAT trains over; far from training (0..) and unseen (101..) seeds.
 NAT_SEED_BASE = 10_000
-
-
-class _Projector:
-    """Keep normalized parameters ``u`` inside the device domain (wrap or clip)."""
-
-    def __init__(self, info):
-        self.low = torch.as_tensor(info.low / info.scale)
-        self.high = torch.as_tensor(info.high / info.scale)
-        self.periodic = torch.as_tensor(info.periodic)
-
-    def __call__(self, u: torch.Tensor) -> None:
-        with torch.no_grad():
-            lo, hi = self.low.to(u.dtype), self.high.to(u.dtype)
-            wrapped = lo + torch.remainder(u - lo, hi - lo)
-            u.copy_(torch.where(self.periodic, wrapped, torch.maximum(torch.minimum(u, hi), lo)))
 
 
 def model_accuracy(ctx: TrainContext, models, theta: torch.Tensor, split: str = "val") -> float:
@@ -59,7 +44,7 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
     learning rate and epoch by validation accuracy on ``val_models``."""
     cfg, info = ctx.config, ctx.info
     scale = torch.as_tensor(info.scale, dtype=torch.float32)
-    project = _Projector(info)
+    project = Projector(info.low / info.scale, info.high / info.scale, info.periodic)  # in u = theta / scale
     digital0 = copy.deepcopy(ctx.pnn.state_dict())
     best = {"val": -1.0}
     runs = []
