@@ -32,6 +32,8 @@ class StepResult:
     grad: np.ndarray     # (n_params,) gradient at theta (rho = 0) or at theta + eps
     eps: np.ndarray      # (n_params,) the SAT perturbation used (zeros when rho = 0)
     settings: int        # device settings this step paid
+    x: np.ndarray | None = None  # (B, in_dim) device inputs measured at theta
+    y: np.ndarray | None = None  # (B, out_dim) their measured outputs: data for a surrogate
 
 
 def _as_model(stand_in):
@@ -100,7 +102,7 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
         grad, g_x = _vjp(model, theta_eps, x, g_y)
     if g_x is not None:  # the digital input layer's gradient through df_hat/dx
         x.backward(g_x, inputs=list(ctx.pnn.input_layer.parameters()))
-    return StepResult(loss, grad, eps, settings)
+    return StepResult(loss, grad, eps, settings, x.detach().numpy(), np.asarray(y))
 
 
 def normalized_step(opt: torch.optim.Optimizer, u: torch.Tensor, grad: np.ndarray, info,
@@ -116,3 +118,71 @@ def normalized_step(opt: torch.optim.Optimizer, u: torch.Tensor, grad: np.ndarra
         theta = info.project(u.detach().numpy() * info.scale)
         u.copy_(torch.as_tensor(theta / info.scale))
     return theta
+
+
+class Anchors:
+    """The latest device measurement of every training input, to anchor a stand-in to.
+
+    Between device steps, extra steps can be taken on ``y_hat(theta, x_i) = f_hat(theta, x_i)
+    + r_i`` with ``r_i = y_i - f_hat(theta_i, x_i)``: input ``i``'s latest measured output
+    ``y_i`` (at setting ``theta_i``) plus the stand-in's predicted *change* since. The
+    stand-in's bias cancels (as in the surrogate ascent above); only its error on the change
+    remains, which the trust region keeps small. So a setting pays for several steps.
+    """
+
+    def __init__(self, n_train: int, out_dim: int):
+        self.y = np.zeros((n_train, out_dim))
+        self.setting = np.full(n_train, -1)   # index into self.thetas; -1: never measured
+        self.thetas: list[np.ndarray] = []
+        self.resid: torch.Tensor | None = None
+
+    def record(self, ctx: TrainContext, stand_in, idx: np.ndarray, theta: np.ndarray, y: np.ndarray) -> None:
+        """Input rows ``idx`` were measured at ``theta`` with outputs ``y (len(idx), out_dim)``."""
+        self.thetas.append(np.array(theta, dtype=float))
+        self.setting[idx] = len(self.thetas) - 1
+        self.y[idx] = y
+        if self.resid is not None:
+            with torch.no_grad():
+                x = ctx.pnn.device_inputs(ctx.f_train[idx]).detach().to(torch.float32)
+                pred = _as_model(stand_in)(torch.as_tensor(theta, dtype=torch.float32), x).double()
+            self.resid[idx] = torch.as_tensor(y) - pred
+
+    def invalidate(self) -> None:
+        """The stand-in changed (a refit): residuals are recomputed on next use."""
+        self.resid = None
+
+    def _residuals(self, ctx: TrainContext, model) -> torch.Tensor:
+        resid = torch.zeros(self.y.shape, dtype=torch.float64)
+        with torch.no_grad():
+            for s in np.unique(self.setting[self.setting >= 0]):  # one stand-in call per setting
+                rows = np.flatnonzero(self.setting == s)
+                x = ctx.pnn.device_inputs(ctx.f_train[rows]).detach().to(torch.float32)
+                pred = model(torch.as_tensor(self.thetas[s], dtype=torch.float32), x).double()
+                resid[rows] = torch.as_tensor(self.y[rows]) - pred
+        return resid
+
+    def step_gradient(self, ctx: TrainContext, stand_in, theta: np.ndarray, idx: np.ndarray,
+                      rho: float = 0.0, adaptive: bool = False) -> np.ndarray | None:
+        """The (SAT) gradient ``(n_params,)`` at ``theta`` of the anchored loss on rows ``idx``
+        (those measured so far; None when there are none). Costs no setting."""
+        idx = idx[self.setting[idx] >= 0]
+        if len(idx) == 0:
+            return None
+        model = _as_model(stand_in)
+        if self.resid is None:
+            self.resid = self._residuals(ctx, model)
+        with torch.no_grad():
+            x = ctx.pnn.device_inputs(ctx.f_train[idx]).to(torch.float32)
+        r, labels = self.resid[idx], torch.as_tensor(ctx.y_train[idx])
+
+        def grad_at(th_np):
+            th = torch.tensor(th_np, dtype=torch.float32, requires_grad=True)
+            loss = F.cross_entropy(ctx.pnn(model(th, x).double() + r), labels)
+            return torch.autograd.grad(loss, th)[0].double()
+
+        g = grad_at(theta)
+        if rho > 0 and bool(g.any()):
+            eps = sat_perturbation(g, rho, torch.as_tensor(ctx.info.scale), adaptive=adaptive,
+                                   theta=torch.as_tensor(theta)).numpy()
+            g = grad_at(ctx.info.project(theta + eps))
+        return g.numpy()
