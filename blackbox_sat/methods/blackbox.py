@@ -17,7 +17,7 @@ import torch
 from ..context import TrainContext
 from ..devices.metered import BudgetExhausted
 from ..devices.spec import resolve_factory
-from ..physics_aware import normalized_step, physics_aware_step
+from ..physics_aware import Anchors, normalized_step, physics_aware_step
 from ..pipeline import PIPELINE_DEFAULTS, run_pipeline
 from .registry import MethodResult, register
 
@@ -62,9 +62,10 @@ def approximate_model(ctx: TrainContext, spec: str | None):
 #: Measured on mzi N=16 (seed 0, budget 2000): lr 0.03 -> 0.47, lr 0.01 -> 0.71 (rho 0; the
 #: nominal model's gradient error makes larger steps unstable); with rho 0.05 the ascent on
 #: the approximate model (0.66) beats the paper's ascent on the device (0.44), which halves
-#: the steps a budget buys.
+#: the steps a budget buys. Three anchored steps per setting (``inner_steps``, see
+#: :class:`..physics_aware.Anchors`) raised it to 0.852 (seed 0) and 0.796 (seed 1).
 @register("insitu-sat", {"model": "nominal", "rho": 0.05, "adaptive": False, "ascent": "surrogate", "lr": 0.01,
-                         "lr_final": 0.1},
+                         "lr_final": 0.1, "inner_steps": 3},
           needs="approximate", summary="device forward, backward through an approximate model, SAT ascent on the device")
 def insitu_sat(ctx: TrainContext) -> MethodResult:
     cfg, info = ctx.config, ctx.info
@@ -79,12 +80,23 @@ def insitu_sat(ctx: TrainContext) -> MethodResult:
     n_steps = max(1, ctx.device.remaining // per_step)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps, eta_min=cfg["lr"] * cfg["lr_final"])
     batches, losses = ctx.minibatches(), []
+    anchors = Anchors(len(ctx.y_train), info.out_dim)
     try:
         while ctx.device.remaining >= per_step:
             opt.zero_grad()
-            step = physics_aware_step(ctx, theta, next(batches), model, rho=cfg["rho"], ascent=cfg["ascent"],
+            idx = next(batches)
+            step = physics_aware_step(ctx, theta, idx, model, rho=cfg["rho"], ascent=cfg["ascent"],
                                       adaptive=cfg["adaptive"])
+            anchors.record(ctx, model, idx, theta, step.y)
             theta = normalized_step(opt, u, step.grad, info)
+            for _ in range(cfg["inner_steps"]):  # anchored steps on the model: no setting
+                g = anchors.step_gradient(ctx, model, theta, next(batches), rho=cfg["rho"], adaptive=cfg["adaptive"])
+                if g is None:
+                    continue
+                for p in opt.param_groups[1:]:
+                    for q in p["params"]:
+                        q.grad = None
+                theta = normalized_step(opt, u, g, info)
             sched.step()
             losses.append(step.loss)
             ctx.snapshot(theta)
