@@ -12,6 +12,21 @@ import blackbox_sat as bs
 from blackbox_sat.collect import collect, fit_surrogate
 from blackbox_sat.devices.spec import parse_kv
 
+def oracle_halfway(device: str, device_kw: dict, task: str, out: str) -> np.ndarray:
+    """``theta`` after half the epochs of the oracle's best run, at the oracle's chosen lr."""
+    full = bs.train(device, task=task, method="oracle", device_kw=device_kw, out=f"{out}/full", progress=False,
+                    overwrite=True)
+    ex = full["extra"]
+    curve = ex["val_curve"]
+    best_epoch = int(np.argmax(curve)) + 1
+    half = bs.train(device, task=task, method="oracle", device_kw=device_kw, out=f"{out}/half", progress=False,
+                    overwrite=True, config={"lr_grid": [ex["chosen_lr"]], "epochs": max(1, best_epoch // 2),
+                                            "patience": 10 ** 6})
+    print(json.dumps({"oracle_best_epoch": best_epoch, "oracle_acc": full["accuracy"],
+                      "halfway_epochs": max(1, best_epoch // 2), "halfway_acc": half["accuracy"]}), flush=True)
+    return np.load(f"{out}/half/theta.npy")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="mrr")
@@ -19,14 +34,18 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", default="250,500,1000")
     ap.add_argument("--radius", type=float, default=0.05)
     ap.add_argument("--inputs", type=int, default=64)
-    ap.add_argument("--centre", help="THETA.npy (default: the device's theta0)")
+    ap.add_argument("--centre", help="THETA.npy, or 'oracle-half' (theta halfway through an oracle run: "
+                    "a point that is not converged); default: the device's theta0")
     ap.add_argument("--out", default="runs/surrogates")
     ap.add_argument("--task", default="digits")
     ap.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     kw = parse_kv(args.device_kw)
     info = bs.describe(bs.load_device(args.device, **kw))
-    centre = np.load(args.centre) if args.centre else info.start(0)
+    if args.centre == "oracle-half":
+        centre = oracle_halfway(args.device, kw, args.task, f"{args.out}/oracle")
+    else:
+        centre = np.load(args.centre) if args.centre else info.start(0)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for n in sizes:
