@@ -186,3 +186,20 @@ class Anchors:
                                    theta=torch.as_tensor(theta)).numpy()
             g = grad_at(ctx.info.project(theta + eps))
         return g.numpy()
+
+
+def anchored_steps(ctx: TrainContext, anchors: Anchors, stand_in, opt: torch.optim.Optimizer, u: torch.Tensor,
+                   theta: np.ndarray, batches, n: int, rho: float = 0.0, adaptive: bool = False,
+                   box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``n`` optimizer steps of ``theta (n_params,)`` on anchored outputs (no setting), one
+    minibatch from ``batches`` each; returns the new ``theta``. Digital layers of a hybrid PNN
+    stay put: their gradients come from real outputs only."""
+    for _ in range(n):
+        g = anchors.step_gradient(ctx, stand_in, theta, next(batches), rho=rho, adaptive=adaptive)
+        if g is None:
+            continue
+        for group in opt.param_groups[1:]:
+            for q in group["params"]:
+                q.grad = None
+        theta = normalized_step(opt, u, g, info=ctx.info, box=box)
+    return theta

@@ -17,7 +17,10 @@ Within one settings budget ``B`` (every number below is a rule, not a device con
      refinement off): 0.814 with 3 against 0.776 without; the round's accept test below
      guards them like any other move;
    - **accept or reject** the round's end point by the device loss on one fixed check
-     minibatch (one setting; the start point's check loss is known from the round before):
+     minibatch (one setting; the start point's check loss is known from the round before),
+     with a tolerance of the check loss's measured spread (``check_repeats`` measurements
+     at the start; ``accept_tol="auto"``). Freespace, seed 1: 0.862 against 0.608 with a
+     strict test (check-loss std 0.055 nats there, 0.008 on mrr):
      accepted rounds re-centre the box and grow it by ``grow``; rejected ones return to the
      start and shrink it by ``shrink``;
    - ``probes_per_round`` new settings around the centre, then a warm refit of the surrogate
@@ -44,7 +47,7 @@ import surrogates
 
 from .context import TrainContext
 from .devices.metered import BudgetExhausted
-from .physics_aware import Anchors, device_loss, normalized_step, physics_aware_step
+from .physics_aware import Anchors, anchored_steps, device_loss, normalized_step, physics_aware_step
 
 PIPELINE_DEFAULTS = {
     "surrogate": "auto",
@@ -74,7 +77,8 @@ PIPELINE_DEFAULTS = {
     "lr_decay": "none",
     "lr_final": 0.1,
     "clip_to_region": True,
-    "accept_tol": 0.0,
+    "accept_tol": "auto",
+    "check_repeats": 3,
     "refine_fraction": 0.15,
     "refine_rule": "sa-spsa",
 }
@@ -207,9 +211,16 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
     check_idx = np.random.default_rng([ctx.seed, 5]).choice(len(ctx.y_train), min(128, len(ctx.y_train)), replace=False)
     history, round_log, n_rounds, accepted = [], [], 0, 0
     anchors = Anchors(len(ctx.y_train), info.out_dim)
+    check_loss, check_std, tol = np.inf, 0.0, 0.0
     per_step = 2 if (rho > 0 and cfg["ascent"] == "device") else 1
     try:
-        check_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
+        # The check loss is measured noisily: repeats at the start give its spread, and a
+        # round is accepted unless its end is worse by more than that (``accept_tol="auto"``).
+        # A plain "not worse" test throws away improving rounds half the time once the
+        # per-round gain is below the noise (freespace: check-loss std 0.055 nats).
+        repeats = [device_loss(ctx, theta, check_idx, digital=False)[0] for _ in range(max(1, cfg["check_repeats"]))]
+        check_loss, check_std = float(np.mean(repeats)), float(np.std(repeats, ddof=1)) if len(repeats) > 1 else 0.0
+        tol = check_std if cfg["accept_tol"] == "auto" else float(cfg["accept_tol"])
         while True:
             affordable = (ctx.device.remaining - reserve - 1) // per_step  # one setting kept for the check
             steps = min(cfg["steps_per_round"], affordable) if rounds else affordable
@@ -229,13 +240,8 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
                     data.add(theta, step.x, step.y)
                 anchors.record(ctx, surrogate, idx, theta, step.y)
                 theta = normalized_step(opt, u, step.grad, info, box)
-                for _ in range(cfg["inner_steps"] if rounds else 0):
-                    g = anchors.step_gradient(ctx, surrogate, theta, next(batches), rho=rho, adaptive=cfg["adaptive"])
-                    if g is not None:
-                        for p in opt.param_groups[1:]:  # digital layers move on device steps only
-                            for q in p["params"]:
-                                q.grad = None
-                        theta = normalized_step(opt, u, g, info, box)
+                theta = anchored_steps(ctx, anchors, surrogate, opt, u, theta, batches, cfg["inner_steps"] if rounds else 0,
+                                       rho=rho, adaptive=cfg["adaptive"], box=box)
                 timer.add("sat_steps", t0)
                 history.append({"settings": ctx.device.settings_used, "loss": step.loss})
                 ctx.snapshot(theta)
@@ -245,7 +251,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
             end_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
             round_log.append({"radius": radius, "start_loss": check_loss, "end_loss": end_loss,
                               "step_losses": [h["loss"] for h in history[-steps:]]})
-            if end_loss <= check_loss + cfg["accept_tol"]:
+            if end_loss <= check_loss + tol:
                 accepted += 1
                 check_loss = end_loss
                 radius = min(radius * cfg["grow"], cfg["radius_max"])
@@ -267,7 +273,8 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
             timer.add("surrogate_fit", t0)
     except BudgetExhausted:
         pass
-    extra = {"surrogate": choice["chosen"], "surrogate_selection": choice, "rounds": n_rounds,
+    extra = {"check_loss_std": check_std, "accept_tol": tol,
+             "surrogate": choice["chosen"], "surrogate_selection": choice, "rounds": n_rounds,
              "accepted_rounds": accepted, "final_radius": radius, "round_log": round_log}
     if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
         t0 = time.perf_counter()
@@ -275,7 +282,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
         # The same acceptance test as a round's: refinement keeps its result only if the
         # device loss on the check minibatch did not rise (one setting, reserved above).
         refined_loss, *_ = device_loss(ctx, refined, check_idx, digital=False)
-        kept = refined_loss <= check_loss + cfg["accept_tol"]
+        kept = refined_loss <= check_loss
         theta = refined if kept else theta
         timer.add("refine", t0)
         extra["refine"] = {"rule": refine_rule, "steps": len(ref_hist), "check_loss_before": check_loss,

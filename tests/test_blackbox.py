@@ -78,3 +78,17 @@ def test_hybrid_pnn_trains_its_digital_layers_through_the_device_methods(tmp_pat
     readout = np.asarray(model["digital"]["readout.weight"])
     assert not np.allclose(readout, np.eye(*readout.shape))  # the readout moved from its identity start
     assert r["accuracy"] > 0.7 and bs.evaluate(r)["accuracy"] > 0.7  # chance is 1/3; 45 noisy test rows
+
+
+def test_a_refinement_that_raises_the_device_loss_is_dropped(tmp_path, monkeypatch):
+    def wild(ctx, theta, n, **kw):  # a refinement that lands far away, at the bounds
+        return ctx.info.project(np.where(theta > ctx.info.low + ctx.info.scale / 2, ctx.info.low, ctx.info.high)), []
+
+    monkeypatch.setattr("blackbox_sat.refine.refine", wild)
+    cfg = {**SMALL, "refine_fraction": 0.1}
+    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=100, out=tmp_path / "w", config=cfg, progress=False)
+    ref = r["extra"]["refine"]
+    assert ref["check_loss_after"] > ref["check_loss_before"] and ref["kept"] is False
+    theta = np.load(tmp_path / "w" / "theta.npy")
+    assert not (np.isclose(theta, 0) | np.isclose(theta, 1)).all()  # not the refinement's corner
+    assert r["settings_used"] <= 100

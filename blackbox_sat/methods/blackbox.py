@@ -17,7 +17,7 @@ import torch
 from ..context import TrainContext
 from ..devices.metered import BudgetExhausted
 from ..devices.spec import resolve_factory
-from ..physics_aware import Anchors, normalized_step, physics_aware_step
+from ..physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
 from ..pipeline import PIPELINE_DEFAULTS, run_pipeline
 from .registry import MethodResult, register
 
@@ -89,14 +89,8 @@ def insitu_sat(ctx: TrainContext) -> MethodResult:
                                       adaptive=cfg["adaptive"])
             anchors.record(ctx, model, idx, theta, step.y)
             theta = normalized_step(opt, u, step.grad, info)
-            for _ in range(cfg["inner_steps"]):  # anchored steps on the model: no setting
-                g = anchors.step_gradient(ctx, model, theta, next(batches), rho=cfg["rho"], adaptive=cfg["adaptive"])
-                if g is None:
-                    continue
-                for p in opt.param_groups[1:]:
-                    for q in p["params"]:
-                        q.grad = None
-                theta = normalized_step(opt, u, g, info)
+            theta = anchored_steps(ctx, anchors, model, opt, u, theta, batches, cfg["inner_steps"], rho=cfg["rho"],
+                                   adaptive=cfg["adaptive"])
             sched.step()
             losses.append(step.loss)
             ctx.snapshot(theta)
