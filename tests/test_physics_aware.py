@@ -46,3 +46,15 @@ def test_anchored_steps_need_measured_rows_and_survive_a_refit():
                               np.arange(64))  # rows 16.. are unmeasured and left out
     ref = physics_aware_step(ctx, ctx.theta0, idx, lambda th, x: other(th.double(), x.double()).float())
     assert np.corrcoef(g, ref.grad)[0, 1] > 0.99
+
+
+def test_paired_delta_r2_scores_only_what_theta_changes():
+    from blackbox_sat.pipeline import paired_delta_r2
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(50, 3)), 4, axis=0)          # each input under 4 settings
+    theta_part = rng.normal(size=(200, 2))
+    y = np.c_[x[:, :1], x[:, 1:2]] * 3 + theta_part               # mostly x-driven
+    blind = np.c_[x[:, :1], x[:, 1:2]] * 3                        # perfect on x, ignores theta
+    assert abs(paired_delta_r2(blind, y, x)) < 0.05               # yet a plain R² would be high
+    assert paired_delta_r2(y + 0.1 * rng.normal(size=y.shape), y, x) > 0.95
+    assert np.isnan(paired_delta_r2(y, y, rng.normal(size=(200, 3))))  # no repeated input
