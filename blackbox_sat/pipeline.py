@@ -38,10 +38,9 @@ Within one settings budget ``B`` (every number below is a rule, not a device con
 ``radius_min`` is 0.025: with 0.01 the rejected rounds shrank the steps until progress
 stalled (mrr, seed 0: 0.776 against 0.748 at 0.01, refinement off). The training steps'
 own measurements (``learn_from_steps``) join the refit data: 0.65 against 0.59 without.
-Options kept for experiments, off by default because they measured worse on mrr:
-``lr_decay="cosine"`` (step size annealed over the budget to ``lr_final`` of itself; 0.732
-against 0.748) and ``spread="shells"`` for the designs (:func:`surrogates.design.trust_region`;
-0.578 against 0.714).
+``spread="shells"`` for the designs (:func:`surrogates.design.trust_region`) is an option,
+off by default because it measured worse on mrr (0.578 against 0.714); so did annealing the
+step size over the budget (cosine, 0.732 against 0.748), which is not kept.
 """
 from __future__ import annotations
 
@@ -81,8 +80,6 @@ PIPELINE_DEFAULTS = {
     "inner_steps": 3,
     "lr_factor": 0.25,
     "lr": None,
-    "lr_decay": "none",
-    "lr_final": 0.1,
     "clip_to_region": True,
     "accept_tol": "auto",
     "check_repeats": 3,
@@ -231,11 +228,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
 
     u = torch.tensor(theta / scale, requires_grad=True)
     def step_size(r):
-        base = cfg["lr"] if cfg["lr"] else cfg["lr_factor"] * r
-        if cfg["lr_decay"] == "cosine":  # anneal over the budget, as SGD on noisy gradients needs
-            progress = min(1.0, ctx.device.settings_used / budget)
-            base *= cfg["lr_final"] + (1 - cfg["lr_final"]) * 0.5 * (1 + np.cos(np.pi * progress))
-        return base
+        return cfg["lr"] if cfg["lr"] else cfg["lr_factor"] * r
 
     opt = torch.optim.Adam([u], lr=step_size(radius))
     if ctx.pnn.trainable:
@@ -266,8 +259,6 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
                 opt.zero_grad()
                 step = physics_aware_step(ctx, theta, idx, surrogate, rho=rho, ascent=cfg["ascent"],
                                           adaptive=cfg["adaptive"])
-                for group in opt.param_groups[:1]:
-                    group["lr"] = step_size(radius)
                 box = (center_u - radius, center_u + radius) if rounds and cfg["clip_to_region"] else None
                 if cfg["learn_from_steps"]:
                     data.add(theta, step.x, step.y)

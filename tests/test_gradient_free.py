@@ -7,40 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from blackbox_sat.context import TrainContext
-from blackbox_sat.devices.contract import describe
 from blackbox_sat.devices.ledger import Ledger
-from blackbox_sat.devices.metered import BudgetExhausted, MeteredDevice
 from blackbox_sat.methods import gradient_free as gf
 from blackbox_sat.methods.registry import get_method
-from blackbox_sat.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
 from blackbox_sat.refine import DeviceObjective
 from blackbox_sat.sim.mrr import mrr
 from blackbox_sat.sim.mzi import mzi
-from blackbox_sat.tasks import load_task
 from blackbox_sat.training import train
+
+from .test_refine import fail_after, make_ctx, small_mrr
 
 torch.set_num_threads(1)  # tiny tensors; the test machine's cores are shared
 
 NG = ("ng-cma", "ng-ngopt", "ng-tbpsa")
-
-
-def small_mrr(**kw):
-    return mrr(in_dim=8, out_dim=4, seed=0, **kw)
-
-
-def make_ctx(device, task="iris", budget=400, seed=0, config=None) -> TrainContext:
-    """The context ``train`` builds, without files (gain calibrated on the device)."""
-    info = describe(device)
-    data = load_task(task)
-    pnn = PNN.build(data.x_train, data.n_classes, info)
-    metered = MeteredDevice(device, None, budget=budget)
-    theta0 = info.start(seed)
-    f_train = pnn.features(data.x_train)
-    x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).numpy()
-    pnn.gain.fill_(calibrate_gain(metered.query(theta0, x_cal, purpose="calibrate"), data.n_classes))
-    return TrainContext(metered, device, pnn, f_train, data.y_train, pnn.features(data.x_val), data.y_val,
-                        pnn.features(data.x_test), data.y_test, theta0, seed, dict(config or {}), budget)
 
 
 def test_registered_as_device_methods_with_data_defaults():
@@ -194,16 +173,7 @@ def test_same_seed_same_result(tmp_path):
 
 def test_budget_exhausted_from_the_device_returns_the_mean(monkeypatch):
     ctx = make_ctx(small_mrr(), budget=300)
-    real = ctx.device.query
-    calls = {"n": 0}
-
-    def flaky(theta, x, purpose="train"):
-        calls["n"] += 1
-        if calls["n"] > 50:
-            raise BudgetExhausted("spent elsewhere")
-        return real(theta, x, purpose=purpose)
-
-    monkeypatch.setattr(ctx.device, "query", flaky)
+    calls = fail_after(ctx, monkeypatch, 50)
     for kind in ("cma", "tbpsa", "ngopt"):
         calls["n"] = 0
         out = gf.run_nevergrad(ctx, kind)

@@ -22,7 +22,7 @@ from blackbox_sat.training import train
 torch.set_num_threads(1)
 
 
-def make_ctx(device, task="iris", budget=400, seed=0) -> TrainContext:
+def make_ctx(device, task="iris", budget=400, seed=0, config=None) -> TrainContext:
     """The context ``train`` builds, without files: metered device (no ledger), PNN with
     the gain calibrated on the device (1 setting), encoded data."""
     info = describe(device)
@@ -34,7 +34,35 @@ def make_ctx(device, task="iris", budget=400, seed=0) -> TrainContext:
     x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).numpy()
     pnn.gain.fill_(calibrate_gain(metered.query(theta0, x_cal, purpose="calibrate"), data.n_classes))
     return TrainContext(metered, device, pnn, f_train, data.y_train, pnn.features(data.x_val), data.y_val,
-                        pnn.features(data.x_test), data.y_test, theta0, seed, {}, budget)
+                        pnn.features(data.x_test), data.y_test, theta0, seed, dict(config or {}), budget)
+
+
+def fail_after(ctx: TrainContext, monkeypatch, n: int) -> dict:
+    """Make ``ctx.device`` raise ``BudgetExhausted`` after ``n`` queries (someone else spent
+    the budget); returns the call counter, which a test may reset."""
+    real, calls = ctx.device.query, {"n": 0}
+
+    def flaky(theta, x, purpose="train"):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise BudgetExhausted("someone else spent the budget")
+        return real(theta, x, purpose=purpose)
+
+    monkeypatch.setattr(ctx.device, "query", flaky)
+    return calls
+
+
+def record_refine_queries(ctx: TrainContext, monkeypatch) -> list:
+    """The settings ``ctx.device`` is queried at with purpose ``refine``, in order."""
+    real, queried = ctx.device.query, []
+
+    def record(theta, x, purpose="train"):
+        if purpose == "refine":
+            queried.append(np.asarray(theta, float).copy())
+        return real(theta, x, purpose=purpose)
+
+    monkeypatch.setattr(ctx.device, "query", record)
+    return queried
 
 
 def true_loss(ctx: TrainContext, theta) -> float:
@@ -161,16 +189,7 @@ def test_refine_stops_gracefully_when_the_device_budget_runs_out():
 
 def test_refine_survives_budget_exhausted_from_the_device(monkeypatch):
     ctx = make_ctx(small_mrr(), budget=300)
-    real = ctx.device.query
-    calls = {"n": 0}
-
-    def flaky(theta, x, purpose="train"):
-        calls["n"] += 1
-        if calls["n"] > 40:
-            raise BudgetExhausted("someone else spent the budget")
-        return real(theta, x, purpose=purpose)
-
-    monkeypatch.setattr(ctx.device, "query", flaky)
+    fail_after(ctx, monkeypatch, 40)
     theta, history = refine(ctx, ctx.theta0, 200)
     assert history.summary.get("budget_exhausted") is True
     assert np.all(np.isfinite(theta))
@@ -235,15 +254,7 @@ def test_blocking_accepts_moves_that_lower_the_loss(monkeypatch):
 def test_sa_spsa_perturbs_at_radius_rho(sa, monkeypatch):
     ctx = make_ctx(small_mrr(), budget=400)
     info = ctx.info
-    queried = []
-    real = ctx.device.query
-
-    def record(theta, x, purpose="train"):
-        if purpose == "refine":
-            queried.append(np.asarray(theta, float).copy())
-        return real(theta, x, purpose=purpose)
-
-    monkeypatch.setattr(ctx.device, "query", record)
+    queried = record_refine_queries(ctx, monkeypatch)
     rho, c = 0.3, 0.02
     # a = 0: the iterate stays at theta0, so every pair is centred at u0 + xi
     theta, hist = refine(ctx, ctx.theta0, 60, rule="sa-spsa", rho=rho, c=c, a=0.0, sa=sa, select="last")
@@ -269,15 +280,7 @@ def test_sa_spsa_perturbs_at_radius_rho(sa, monkeypatch):
 
 def test_plain_spsa_pairs_are_centred_on_the_iterate(monkeypatch):
     ctx = make_ctx(small_mrr(), budget=100)
-    queried = []
-    real = ctx.device.query
-
-    def record(theta, x, purpose="train"):
-        if purpose == "refine":
-            queried.append(np.asarray(theta, float).copy())
-        return real(theta, x, purpose=purpose)
-
-    monkeypatch.setattr(ctx.device, "query", record)
+    queried = record_refine_queries(ctx, monkeypatch)
     refine(ctx, ctx.theta0, 20, rule="spsa", a=0.0, rho=0.3)
     pairs = np.asarray(queried).reshape(-1, 2, ctx.info.n_params)
     np.testing.assert_allclose(pairs.mean(axis=1), np.tile(ctx.theta0, (len(pairs), 1)), atol=1e-12)
