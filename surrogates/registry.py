@@ -3,6 +3,7 @@
 | kind | class | what it assumes |
 |---|---|---|
 | ``"hyper"`` (default) | :class:`~surrogates.neural.EnsembleSurrogate` | ``theta`` generates the weights acting on ``x`` |
+| ``"hyper-additive"`` | :class:`~surrogates.neural.EnsembleSurrogate` | the same, plus each control's own 1-D response |
 | ``"mlp"`` | :class:`~surrogates.neural.EnsembleSurrogate` | nothing (baseline; learned poor gradients in prototypes) |
 | ``"interferometric"`` | :class:`~surrogates.interferometric.InterferometricSurrogate` | intensities of a linear optical circuit of phase shifters |
 | ``"gp"`` | :class:`~surrogates.gp.GPSurrogate` | a smooth response over ``[theta, x]``; small problems |
@@ -23,6 +24,7 @@ DEFAULT_KIND = "hyper"
 
 _FACTORIES: dict[str, Callable[..., Surrogate]] = {
     "hyper": partial(EnsembleSurrogate, "hyper"),
+    "hyper-additive": partial(EnsembleSurrogate, "hyper-additive"),
     "mlp": partial(EnsembleSurrogate, "mlp"),
     "interferometric": InterferometricSurrogate,
     "gp": GPSurrogate,

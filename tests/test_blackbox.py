@@ -92,3 +92,22 @@ def test_a_refinement_that_raises_the_device_loss_is_dropped(tmp_path, monkeypat
     theta = np.load(tmp_path / "w" / "theta.npy")
     assert not (np.isclose(theta, 0) | np.isclose(theta, 1)).all()  # not the refinement's corner
     assert r["settings_used"] <= 100
+
+
+def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
+    real, seen = physics_aware.physics_aware_step, []
+
+    def record(ctx, theta, idx, stand_in, rho=0.0, **kw):
+        seen.append((ctx.device.settings_used, rho))
+        return real(ctx, theta, idx, stand_in, rho=rho, **kw)
+
+    monkeypatch.setattr("blackbox_sat.pipeline.physics_aware_step", record)
+    cfg = {**SMALL, "refine_fraction": 0.0, "rho": 0.04}
+    bs.train(OPAQUE, task="iris", method="blackbox-sat", budget=100, out=tmp_path / "r", config=cfg, progress=False)
+    used, rho = np.array(seen).T
+    assert rho.max() <= 0.04 and rho[0] < 0.015 and rho[-1] > 0.03  # small early, near rho late
+    assert np.all(np.diff(rho) >= 0)  # never decreases
+    seen.clear()
+    bs.train(OPAQUE, task="iris", method="blackbox-sat", budget=60, out=tmp_path / "c",
+             config={**cfg, "rho_ramp": 0}, progress=False)
+    assert {r for _, r in seen} == {0.04}  # no ramp: the full radius from the first step

@@ -74,7 +74,7 @@ def test_ensemble_std_grows_away_from_the_data():
     assert std_far_x.mean() > 3 * std_near.mean()
 
 
-@pytest.mark.parametrize("kind", ["hyper", "mlp"])
+@pytest.mark.parametrize("kind", ["hyper", "hyper-additive", "mlp"])
 def test_gradients_match_finite_differences(kind):
     rng = np.random.default_rng(2)
     theta, x, y = rows(30, 8, rng)
@@ -165,7 +165,7 @@ def test_bad_shapes_are_reported():
 
 
 @pytest.mark.parametrize("kind, kw", [("hyper", {}), ("hyper", {"structure_kw": {"quadratic": True}}),
-                                      ("mlp", {})])
+                                      ("hyper-additive", {}), ("mlp", {})])
 def test_recentre_moves_the_theta_origin_without_changing_predictions(kind, kw):
     rng = np.random.default_rng(9)
     theta, x, y = rows(30, 8, rng, scale=0.2)

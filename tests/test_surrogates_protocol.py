@@ -13,6 +13,7 @@ P, IN, OUT = 3, 3, 2
 # Small, fast configurations of every kind; the round trip must hold for each.
 KINDS = {
     "hyper": {"max_steps": 20},
+    "hyper-additive": {"max_steps": 20},
     "mlp": {"max_steps": 20},
     "interferometric": {"max_steps": 20, "periodic": True},
     "gp": {"fit_steps": 10},
@@ -22,7 +23,8 @@ KINDS = {
 
 
 def _make(name):
-    return make_surrogate(name.split("-")[0], seed=0, **KINDS[name])
+    kind = name if name in surrogate_kinds() else name.split("-")[0]
+    return make_surrogate(kind, seed=0, **KINDS[name])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def rows():
 
 
 def test_registry():
-    assert surrogate_kinds() == ["gp", "hyper", "interferometric", "mlp"]
+    assert surrogate_kinds() == ["gp", "hyper", "hyper-additive", "interferometric", "mlp"]
     assert isinstance(make_surrogate(), EnsembleSurrogate) and make_surrogate().structure_name == "hyper"
     assert isinstance(make_surrogate("interferometric"), InterferometricSurrogate)
     assert isinstance(make_surrogate("gp"), GPSurrogate)
