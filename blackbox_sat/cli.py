@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-surrogate", help="fit a surrogate from logged queries, report held-out error")
     p.add_argument("--ledger", required=True)
-    p.add_argument("--kind", default="hyper", help="hyper | mlp | interferometric | gp")
+    p.add_argument("--kind", default="hyper", help="hyper | hyper-additive | mlp | interferometric | gp")
     p.add_argument("--out", required=True, help="file for the fitted surrogate")
     p.add_argument("--device", help="the simulator the ledger came from (default: the ledger's record)")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")

@@ -13,8 +13,8 @@ Families:
   Prototype measurements found this multiplicative form learns far better loss gradients
   than a plain MLP (cosine 0.86-0.92 against 0.16-0.65).
 - ``"hyper-additive"``: the same, with ``param_features=4``: every non-periodic control also
-  gets its own learned 1-D response (below). Chosen by ``surrogate=auto`` where it predicts
-  held-out settings better.
+  gets its own learned 1-D response (below). Chosen by name; the pipeline's ``auto`` tries it
+  when it is in ``surrogate_candidates``.
 - :class:`MLPStructure` (``"mlp"``): a plain MLP on ``[theta, x]``, kept as the baseline.
 
 On a 160-parameter microring-like device (trust region 0.05, 64 inputs per setting), the
@@ -65,9 +65,10 @@ class HyperStructure(nn.Module):
     control. The path starts at zero (``L = 0``), so the model starts as the plain form.
     Measured (1000 settings, radius 0.05, 64 inputs/setting, 5 members; R^2 of the
     ``theta``-driven change / loss-gradient cosine at the centre): mrr at ``theta0`` 0.972 /
-    0.995 against 0.871 / 0.991 without; mrr halfway through an oracle run 0.918 / 0.622
-    against 0.487 / 0.125; freespace at ``theta0``, whose response is nearly linear in each
-    pixel, 0.907 / 0.989 against 0.945 / 0.993 (the extra path only adds variance there).
+    0.995 against 0.871 / 0.991 without; mrr halfway through an oracle run 0.920 / 0.698
+    against 0.487 / 0.125; freespace, whose response is nearly linear in each pixel, 0.907 /
+    0.989 at ``theta0`` and 0.900 / 0.959 halfway against 0.945 / 0.993 and 0.945 / 0.974
+    (the extra path only adds variance there).
     Periodic columns need no such path: a phase acts through ``(sin, cos)`` exactly.
 
     The factorised form costs ``rank * (in_dim + 1 + width)`` per row instead of
