@@ -34,6 +34,7 @@ class StepResult:
     settings: int        # device settings this step paid
     x: np.ndarray | None = None  # (B, in_dim) device inputs measured at theta
     y: np.ndarray | None = None  # (B, out_dim) their measured outputs: data for a surrogate
+    y_hat: np.ndarray | None = None  # (B, out_dim) the stand-in's prediction of them at theta
 
 
 def _as_model(stand_in):
@@ -41,15 +42,18 @@ def _as_model(stand_in):
     return stand_in.predict if hasattr(stand_in, "predict") else stand_in
 
 
-def _vjp(model, theta: np.ndarray, x: torch.Tensor, g_y: torch.Tensor) -> tuple[np.ndarray, torch.Tensor | None]:
-    """``J^T g_y`` with respect to ``theta``, and with respect to ``x`` when ``x`` needs it."""
+def _vjp(model, theta: np.ndarray, x: torch.Tensor,
+         g_y: torch.Tensor) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray]:
+    """``J^T g_y`` with respect to ``theta``, with respect to ``x`` when ``x`` needs it, and
+    the stand-in's prediction ``(B, out_dim)`` at ``theta`` that the product came with."""
     th = torch.tensor(theta, dtype=torch.float32, requires_grad=True)
     xin = x.detach().to(torch.float32).requires_grad_(x.requires_grad)
     y_hat = model(th, xin)
     s = (y_hat.to(g_y.dtype) * g_y).sum()
     wrt = [th, xin] if x.requires_grad else [th]
     grads = torch.autograd.grad(s, wrt)
-    return grads[0].detach().double().numpy(), (grads[1].to(x.dtype) if x.requires_grad else None)
+    return (grads[0].detach().double().numpy(), (grads[1].to(x.dtype) if x.requires_grad else None),
+            y_hat.detach().double().numpy())
 
 
 def device_loss(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, purpose: str = "train",
@@ -82,7 +86,7 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
     x = ctx.pnn.device_inputs(ctx.f_train[idx])
     loss, g_y, x, y = device_loss(ctx, theta, idx, purpose, x)
     settings = 1
-    grad, g_x = _vjp(model, theta, x, g_y)
+    grad, g_x, y_hat = _vjp(model, theta, x, g_y)
     eps = np.zeros_like(theta)
     if rho > 0 and np.any(grad):
         scale = torch.as_tensor(ctx.info.scale)
@@ -99,10 +103,10 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
             yt = (torch.as_tensor(y) + delta.double()).requires_grad_(True)
             loss_eps = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
             (g_y,) = torch.autograd.grad(loss_eps, yt)
-        grad, g_x = _vjp(model, theta_eps, x, g_y)
+        grad, g_x, _ = _vjp(model, theta_eps, x, g_y)
     if g_x is not None:  # the digital input layer's gradient through df_hat/dx
         x.backward(g_x, inputs=list(ctx.pnn.input_layer.parameters()))
-    return StepResult(loss, grad, eps, settings, x.detach().numpy(), np.asarray(y))
+    return StepResult(loss, grad, eps, settings, x.detach().numpy(), np.asarray(y), y_hat)
 
 
 def normalized_step(opt: torch.optim.Optimizer, u: torch.Tensor, grad: np.ndarray, info,
@@ -136,16 +140,14 @@ class Anchors:
         self.thetas: list[np.ndarray] = []
         self.resid: torch.Tensor | None = None
 
-    def record(self, ctx: TrainContext, stand_in, idx: np.ndarray, theta: np.ndarray, y: np.ndarray) -> None:
-        """Input rows ``idx`` were measured at ``theta`` with outputs ``y (len(idx), out_dim)``."""
+    def record(self, step: StepResult, idx: np.ndarray, theta: np.ndarray) -> None:
+        """Input rows ``idx`` were measured at ``theta`` in ``step`` (its outputs ``y`` and the
+        current stand-in's prediction ``y_hat`` of them, computed by the step already)."""
         self.thetas.append(np.array(theta, dtype=float))
         self.setting[idx] = len(self.thetas) - 1
-        self.y[idx] = y
+        self.y[idx] = step.y
         if self.resid is not None:
-            with torch.no_grad():
-                x = ctx.pnn.device_inputs(ctx.f_train[idx]).detach().to(torch.float32)
-                pred = _as_model(stand_in)(torch.as_tensor(theta, dtype=torch.float32), x).double()
-            self.resid[idx] = torch.as_tensor(y) - pred
+            self.resid[idx] = torch.as_tensor(step.y - step.y_hat)
 
     def invalidate(self) -> None:
         """The stand-in changed (a refit): residuals are recomputed on next use."""

@@ -293,7 +293,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
                 box = (center_u - radius, center_u + radius) if rounds and cfg["clip_to_region"] else None
                 if cfg["learn_from_steps"]:
                     data.add(theta, step.x, step.y)
-                anchors.record(ctx, surrogate, idx, theta, step.y)
+                anchors.record(step, idx, theta)
                 theta = normalized_step(opt, u, step.grad, info, box)
                 theta = anchored_steps(ctx, anchors, surrogate, opt, u, theta, batches, cfg["inner_steps"] if rounds else 0,
                                        rho=rho_now, adaptive=cfg["adaptive"], box=box)

@@ -134,8 +134,8 @@ class HyperStructure(nn.Module):
         coef = self.coef_linear(linear_in) + self.coef_mlp(phi)   # (M, S, 1|K, rank)
         if self.n_plain:
             z = phi[..., :self.n_plain].unsqueeze(-1)                 # (M|1, S, 1|K, P, 1)
-            f = nn.functional.silu(self.feat_a.view(self.n_members, *[1] * (z.dim() - 3), self.n_plain, -1) * z
-                                   + self.feat_b.view(self.n_members, *[1] * (z.dim() - 3), self.n_plain, -1))
+            shape = (self.n_members,) + (1,) * (z.dim() - 3) + (self.n_plain, -1)
+            f = nn.functional.silu(self.feat_a.view(shape) * z + self.feat_b.view(shape))
             coef = coef + self.coef_sep(f.flatten(-2))
         h = self.mix(coef * self.x_proj(x))                  # (M, S, K, width)
         x_m = x.expand(self.n_members, *h.shape[1:-1], x.shape[-1])

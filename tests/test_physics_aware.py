@@ -21,7 +21,7 @@ def test_anchored_gradient_at_the_anchor_is_the_physics_aware_gradient():
     idx = np.arange(32)
     step = physics_aware_step(ctx, ctx.theta0, idx, model)
     anchors = Anchors(len(ctx.y_train), ctx.info.out_dim)
-    anchors.record(ctx, model, idx, ctx.theta0, step.y)
+    anchors.record(step, idx, ctx.theta0)
     g = anchors.step_gradient(ctx, model, ctx.theta0, idx)
     np.testing.assert_allclose(g, step.grad, rtol=2e-4, atol=1e-6 * np.abs(step.grad).max())
     with torch.no_grad():  # and the stand-in alone is indeed off: the anchor is what fixes it
@@ -37,7 +37,7 @@ def test_anchored_steps_need_measured_rows_and_survive_a_refit():
     assert anchors.step_gradient(ctx, model, ctx.theta0, np.arange(8)) is None  # nothing measured yet
     idx = np.arange(16)
     step = physics_aware_step(ctx, ctx.theta0, idx, model)
-    anchors.record(ctx, model, idx, ctx.theta0, step.y)
+    anchors.record(step, idx, ctx.theta0)
     # A different stand-in (a "refit"): residuals are recomputed, and the anchored outputs at
     # the anchor are still the measurement, so the gradient is still the physics-aware one.
     other = ctx.source.true_model()

@@ -87,7 +87,7 @@ def insitu_sat(ctx: TrainContext) -> MethodResult:
             idx = next(batches)
             step = physics_aware_step(ctx, theta, idx, model, rho=cfg["rho"], ascent=cfg["ascent"],
                                       adaptive=cfg["adaptive"])
-            anchors.record(ctx, model, idx, theta, step.y)
+            anchors.record(step, idx, theta)
             theta = normalized_step(opt, u, step.grad, info)
             theta = anchored_steps(ctx, anchors, model, opt, u, theta, batches, cfg["inner_steps"], rho=cfg["rho"],
                                    adaptive=cfg["adaptive"])
