@@ -111,3 +111,30 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
     bs.train(OPAQUE, task="iris", method="blackbox-sat", budget=60, out=tmp_path / "c",
              config={**cfg, "rho_ramp": 0}, progress=False)
     assert {r for _, r in seen} == {0.04}  # no ramp: the full radius from the first step
+
+
+def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monkeypatch):
+    from blackbox_sat.pipeline import REFIT_BY_FAMILY
+    from surrogates.neural import EnsembleSurrogate
+
+    real, seen = EnsembleSurrogate.update, []
+
+    def record(self, theta, x, y, groups=None, *, steps=None, **kw):
+        seen.append((self.structure_name, steps, len(np.unique(groups))))
+        return real(self, theta, x, y, groups, steps=steps, **kw)
+
+    monkeypatch.setattr(EnsembleSurrogate, "update", record)
+    common = dict(task="iris", budget=90, progress=False)
+    small = {k: v for k, v in SMALL.items() if k != "refit_steps"}
+    fast = {"n_members": 2, "max_steps": 200}
+    interf = {**small, "surrogate": "interferometric", "refine_fraction": 0.0,
+              "surrogate_kw": {"interferometric": fast}}
+    bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "i", config=interf, **common)
+    bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "h",
+             config={**small, "refine_fraction": 0.0}, **common)
+    assert {s for f, s, _ in seen if f == "interferometric"} == {REFIT_BY_FAMILY["interferometric"]["refit_steps"]}
+    assert {s for f, s, _ in seen if f == "hyper"} == {REFIT_BY_FAMILY["default"]["refit_steps"]}
+    seen.clear()
+    bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "u",
+             config={**interf, "refit_steps": 7, "refit_window": 12}, **common)
+    assert seen and all(s == 7 and n <= 12 for _, s, n in seen)  # the user's numbers win
