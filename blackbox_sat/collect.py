@@ -7,8 +7,10 @@ over the whole box) on training inputs of a task, into ``DIR/ledger.sqlite`` (pu
 ``fit_surrogate`` fits one surrogate family on a ledger, holding out whole settings, and
 reports its held-out error. Given the simulator the ledger came from, it also reports the
 held-out R² of the part of the output that ``theta`` changes, ``y(theta, x) - y(theta_c, x)``
-(a model that ignores ``theta`` scores about 0), and the cosine between the surrogate's and
-the true model's loss gradients at the centre.
+(a model that ignores ``theta`` scores about 0), the cosine between the surrogate's and
+the true model's loss gradients at the centre, and ``true_grad_turn``: the mean cosine between
+the true gradient at the centre and at held-out settings: how much the gradient turns across
+the region the data cover, i.e. how much curvature a model must get right.
 """
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ def collect(device, settings: int, out, around: np.ndarray | None = None, radius
             "ledger": str(out / "ledger.sqlite")}
 
 
+TURN_SETTINGS = 8  # held-out settings at which the true gradient is compared with the centre's
+
+
 def _loss_grad(model, theta: np.ndarray, x: torch.Tensor, labels: torch.Tensor, pnn: PNN) -> np.ndarray:
     th = torch.tensor(theta, dtype=torch.float32, requires_grad=True)
     loss = F.cross_entropy(pnn(model(th, x).double()), labels)
@@ -72,16 +77,18 @@ def _loss_grad(model, theta: np.ndarray, x: torch.Tensor, labels: torch.Tensor, 
 
 
 def fit_surrogate(ledger_path, kind: str = "hyper", out=None, device=None, device_kw: dict | None = None,
-                  centre: np.ndarray | None = None, holdout: float = 0.2, seed: int = 0, task="digits",
+                  centre: np.ndarray | None = None, holdout: float = 0.2, seed: int = 0, task: str | None = None,
                   surrogate_kw: dict | None = None, threads: int = 1) -> dict:
     """Fit ``kind`` on a ledger's good rows; return held-out metrics (and save to ``out``).
 
-    ``threads``: torch threads (1 by default, as for trials: reproducible, and faster than
+    ``task``: the task whose training inputs give the loss-gradient cosine (default: the one
+    the ledger was collected on). ``threads``: torch threads (1 by default, as for trials: reproducible, and faster than
     an oversubscribed pool on a small machine)."""
     torch.set_num_threads(threads)
     with Ledger(ledger_path) as ledger:
         theta, x, y, groups = ledger.samples()
         meta = ledger.get_meta("collect", {}) or {}
+    task = task or meta.get("task", "digits")
     rng = np.random.default_rng(seed)
     ids = np.unique(groups)
     held = np.isin(groups, rng.choice(ids, max(1, int(holdout * len(ids))), replace=False))
@@ -114,7 +121,8 @@ def fit_surrogate(ledger_path, kind: str = "hyper", out=None, device=None, devic
 
 
 def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task) -> dict:
-    """Held-out R² of ``y(theta,x) - y(theta_c,x)`` and the loss-gradient cosine at the centre."""
+    """Held-out R² of ``y(theta,x) - y(theta_c,x)``, the loss-gradient cosine at the centre, and
+    the true gradient's turn between the centre and held-out settings."""
     if centre is None:
         p = Path(ledger_path).parent / "centre.npy"
         centre = np.load(p) if p.exists() else theta_h.mean(0)
@@ -137,8 +145,16 @@ def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task)
     labels = torch.as_tensor(data.y_train[:256])
     g_true = _loss_grad(true, centre, xt.float(), labels, pnn)
     g_sur = _loss_grad(sur.predict, centre, xt.float(), labels, pnn)
-    cos = float(g_true @ g_sur / (np.linalg.norm(g_true) * np.linalg.norm(g_sur) + 1e-30))
-    return {"heldout_r2_delta": r2_delta, "grad_cosine": cos, "true_grad_norm": float(np.linalg.norm(g_true))}
+    # How far the true gradient turns across the data. Near 1, slopes seen anywhere in the
+    # region give the centre's gradient; low, the model must get the curvature right too,
+    # at the scale of the data's spread (a hard target, not a bound on the cosine).
+    turn = [_cosine(g_true, _loss_grad(true, s, xt.float(), labels, pnn)) for s in settings[::max(1, len(settings) // TURN_SETTINGS)][:TURN_SETTINGS]]
+    return {"heldout_r2_delta": r2_delta, "grad_cosine": _cosine(g_true, g_sur),
+            "true_grad_norm": float(np.linalg.norm(g_true)), "true_grad_turn": float(np.mean(turn))}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 def write_report(report: dict, path) -> None:

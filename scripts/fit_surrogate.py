@@ -56,8 +56,10 @@ if __name__ == "__main__":
             rep = fit_surrogate(f"{d}/ledger.sqlite", kind=kind, out=f"{d}/{kind}.pt", centre=centre, task=args.task)
             rows.append({"settings": n, **rep})
             print(json.dumps({k: rep[k] for k in ("kind", "heldout_r2", "heldout_r2_delta", "grad_cosine",
-                                                   "fit_s") if k in rep} | {"settings": n}), flush=True)
-    print("\n| kind | settings | held-out R² (Δy) | grad cosine | fit s |\n|---|---|---|---|---|")
+                                                   "true_grad_turn", "fit_s") if k in rep} | {"settings": n}), flush=True)
+    print("\n| kind | settings | held-out R² (Δy) | grad cosine | true gradient's turn | fit s |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kind']} | {r['settings']} | {r.get('heldout_r2_delta', float('nan')):.3f} | "
-              f"{r.get('grad_cosine', float('nan')):.3f} | {r['fit_s']:.1f} |")
+              f"{r.get('grad_cosine', float('nan')):.3f} | {r.get('true_grad_turn', float('nan')):.3f} | "
+              f"{r['fit_s']:.1f} |")
