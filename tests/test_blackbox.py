@@ -138,3 +138,31 @@ def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monke
     bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "u",
              config={**interf, "refit_steps": 7, "refit_window": 12}, **common)
     assert seen and all(s == 7 and n <= 12 for _, s, n in seen)  # the user's numbers win
+
+
+def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, monkeypatch):
+    from surrogates.neural import EnsembleSurrogate
+
+    real_step, real_fit, fits = physics_aware.physics_aware_step, EnsembleSurrogate.fit, []
+
+    def uphill(*args, **kwargs):  # a surrogate whose gradient points the wrong way: rounds fail
+        step = real_step(*args, **kwargs)
+        step.grad = -step.grad
+        return step
+
+    def count(self, theta, *args, **kw):
+        fits.append(len(theta))
+        return real_fit(self, theta, *args, **kw)
+
+    monkeypatch.setattr("blackbox_sat.pipeline.physics_aware_step", uphill)
+    monkeypatch.setattr(EnsembleSurrogate, "fit", count)
+    cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0, "refit_window": 20,
+           "refresh_after": 2}
+    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=120, out=tmp_path / "a", config=cfg, progress=False)
+    assert r["extra"]["rounds"] - r["extra"]["accepted_rounds"] >= 2 and r["extra"]["refreshes"] >= 1
+    assert len(fits) == 1 + r["extra"]["refreshes"]        # the initial fit, then one per refresh
+    assert all(n <= fits[0] for n in fits[1:])             # on the refit window, not all data
+    fits.clear()
+    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=120, out=tmp_path / "b",
+                 config={**cfg, "refresh_after": 0}, progress=False)
+    assert r["extra"]["refreshes"] == 0 and len(fits) == 1
