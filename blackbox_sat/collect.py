@@ -82,8 +82,8 @@ def fit_surrogate(ledger_path, kind: str = "hyper", out=None, device=None, devic
     """Fit ``kind`` on a ledger's good rows; return held-out metrics (and save to ``out``).
 
     ``task``: the task whose training inputs give the loss-gradient cosine (default: the one
-    the ledger was collected on). ``threads``: torch threads (1 by default, as for trials: reproducible, and faster than
-    an oversubscribed pool on a small machine)."""
+    the ledger was collected on). ``threads``: torch threads (1 by default, as for trials:
+    reproducible, and faster than an oversubscribed pool on a small machine)."""
     torch.set_num_threads(threads)
     with Ledger(ledger_path) as ledger:
         theta, x, y, groups = ledger.samples()
@@ -148,7 +148,8 @@ def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task)
     # How far the true gradient turns across the data. Near 1, slopes seen anywhere in the
     # region give the centre's gradient; low, the model must get the curvature right too,
     # at the scale of the data's spread (a hard target, not a bound on the cosine).
-    turn = [_cosine(g_true, _loss_grad(true, s, xt.float(), labels, pnn)) for s in settings[::max(1, len(settings) // TURN_SETTINGS)][:TURN_SETTINGS]]
+    spread = settings[::max(1, len(settings) // TURN_SETTINGS)][:TURN_SETTINGS]
+    turn = [_cosine(g_true, _loss_grad(true, s, xt.float(), labels, pnn)) for s in spread]
     return {"heldout_r2_delta": r2_delta, "grad_cosine": _cosine(g_true, g_sur),
             "true_grad_norm": float(np.linalg.norm(g_true)), "true_grad_turn": float(np.mean(turn))}
 

@@ -358,7 +358,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
             t0 = time.perf_counter()
             th, x, y, g = data.arrays(refit_window)
             if cfg["refresh_after"] and rejected_run >= cfg["refresh_after"]:
-                surrogate = _new_surrogate(choice["chosen"], ctx).fit(th, x, y, g)
+                surrogate.fit(th, x, y, g)  # from scratch: new normalisation and weights
                 rejected_run, refreshes = 0, refreshes + 1
             else:
                 surrogate.update(th, x, y, g, steps=refit_steps, centre=theta)
