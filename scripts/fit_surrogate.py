@@ -12,19 +12,26 @@ import blackbox_sat as bs
 from blackbox_sat.collect import collect, fit_surrogate
 from blackbox_sat.devices.spec import parse_kv
 
-def oracle_halfway(device: str, device_kw: dict, task: str, out: str) -> np.ndarray:
-    """``theta`` after half the epochs of the oracle's best run, at the oracle's chosen lr."""
+def oracle_halfway(device: str, device_kw: dict, task: str, out: str, by: str = "epochs") -> np.ndarray:
+    """``theta`` part-way through the oracle's best run, at the oracle's chosen lr: after half
+    the epochs to its best (``by="epochs"``), or after the first epoch whose validation
+    accuracy has covered half the way from the first epoch's to the best (``by="accuracy"``).
+    With Adam the first is often nearly converged; the second is a point still far from it."""
     full = bs.train(device, task=task, method="oracle", device_kw=device_kw, out=f"{out}/full", progress=False,
                     overwrite=True)
     ex = full["extra"]
-    curve = ex["val_curve"]
+    curve = np.asarray(ex["val_curve"])
     best_epoch = int(np.argmax(curve)) + 1
-    half = bs.train(device, task=task, method="oracle", device_kw=device_kw, out=f"{out}/half", progress=False,
-                    overwrite=True, config={"lr_grid": [ex["chosen_lr"]], "epochs": max(1, best_epoch // 2),
-                                            "patience": 10 ** 6})
-    print(json.dumps({"oracle_best_epoch": best_epoch, "oracle_acc": full["accuracy"],
-                      "halfway_epochs": max(1, best_epoch // 2), "halfway_acc": half["accuracy"]}), flush=True)
-    return np.load(f"{out}/half/theta.npy")
+    if by == "epochs":
+        epochs = max(1, best_epoch // 2)
+    else:
+        midway = (curve[0] + curve.max()) / 2
+        epochs = int(np.argmax(curve >= midway)) + 1
+    half = bs.train(device, task=task, method="oracle", device_kw=device_kw, out=f"{out}/half-{by}", progress=False,
+                    overwrite=True, config={"lr_grid": [ex["chosen_lr"]], "epochs": epochs, "patience": 10 ** 6})
+    print(json.dumps({"oracle_best_epoch": best_epoch, "oracle_acc": full["accuracy"], "by": by,
+                      "halfway_epochs": epochs, "halfway_acc": half["accuracy"]}), flush=True)
+    return np.load(f"{out}/half-{by}/theta.npy")
 
 
 if __name__ == "__main__":
@@ -34,16 +41,18 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", default="250,500,1000")
     ap.add_argument("--radius", type=float, default=0.05)
     ap.add_argument("--inputs", type=int, default=64)
-    ap.add_argument("--centre", help="THETA.npy, or 'oracle-half' (theta halfway through an oracle run: "
-                    "a point that is not converged); default: the device's theta0")
+    ap.add_argument("--centre", help="THETA.npy; 'oracle-half' (theta after half the epochs of an oracle run "
+                    "to its best); 'oracle-midway' (after the epoch at which the oracle's validation accuracy is "
+                    "halfway to its best: a point far from converged); default: the device's theta0")
     ap.add_argument("--out", default="runs/surrogates")
     ap.add_argument("--task", default="digits")
     ap.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     kw = parse_kv(args.device_kw)
     info = bs.describe(bs.load_device(args.device, **kw))
-    if args.centre == "oracle-half":
-        centre = oracle_halfway(args.device, kw, args.task, f"{args.out}/oracle")
+    if args.centre in ("oracle-half", "oracle-midway"):
+        centre = oracle_halfway(args.device, kw, args.task, f"{args.out}/oracle",
+                                by="epochs" if args.centre == "oracle-half" else "accuracy")
     else:
         centre = np.load(args.centre) if args.centre else info.start(0)
     sizes = [int(s) for s in args.sizes.split(",")]

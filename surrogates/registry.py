@@ -2,7 +2,7 @@
 
 | kind | class | what it assumes |
 |---|---|---|
-| ``"hyper"`` (default) | :class:`~surrogates.neural.EnsembleSurrogate` | ``theta`` generates the weights acting on ``x`` |
+| ``"hyper"`` (default) | :class:`~surrogates.neural.EnsembleSurrogate` | ``theta``, each control warped by its own learned curve, generates the weights acting on ``x`` |
 | ``"hyper-additive"`` | :class:`~surrogates.neural.EnsembleSurrogate` | the same, plus each control's own 1-D response |
 | ``"mlp"`` | :class:`~surrogates.neural.EnsembleSurrogate` | nothing (baseline; learned poor gradients in prototypes) |
 | ``"interferometric"`` | :class:`~surrogates.interferometric.InterferometricSurrogate` | intensities of a linear optical circuit of phase shifters |

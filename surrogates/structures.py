@@ -9,12 +9,13 @@ are encoded as ``(sin, cos)`` (:class:`~surrogates.encoding.PeriodicEncoding`).
 
 Families:
 
-- :class:`HyperStructure` (``"hyper"``): ``theta`` generates the weights acting on ``x``.
+- :class:`HyperStructure` (``"hyper"``): ``theta`` generates the weights acting on ``x``,
+  after a learned 1-D warp of each non-periodic control.
   Prototype measurements found this multiplicative form learns far better loss gradients
   than a plain MLP (cosine 0.86-0.92 against 0.16-0.65).
-- ``"hyper-additive"``: the same, with ``param_features=4``: every non-periodic control also
-  gets its own learned 1-D response (below). Chosen by name; the pipeline's ``auto`` tries it
-  when it is in ``surrogate_candidates``.
+- ``"hyper-additive"``: the same without the warp, with ``param_features=4``: every
+  non-periodic control gets its own learned 1-D response path into the weights (below).
+  Chosen by name; the pipeline's ``auto`` tries it when it is in ``surrogate_candidates``.
 - :class:`MLPStructure` (``"mlp"``): a plain MLP on ``[theta, x]``, kept as the baseline.
 
 On a 160-parameter microring-like device (trust region 0.05, 64 inputs per setting), the
@@ -71,6 +72,19 @@ class HyperStructure(nn.Module):
     (the extra path only adds variance there).
     Periodic columns need no such path: a phase acts through ``(sin, cos)`` exactly.
 
+    ``param_warp=K`` (default 4) first passes each plain column through its own learned
+    warp, ``z_j + sum_k alpha_jk silu(a_jk z_j + b_jk)``, starting as the identity
+    (``alpha = 0``); everything downstream sees the warped columns. It is the additive idea
+    at a fraction of the cost: where a control acts through one sharply curved transfer
+    curve, the warp can become that curve and the linear path then places it exactly, and
+    it adds only ``3 K`` weights per control, so a device that is linear in its controls
+    loses nothing to variance (``param_features`` adds ``K * rank`` per control). Measured
+    as above (``param_warp`` 4 against 0): mrr at ``theta0`` 0.989 / 0.996 against 0.871 /
+    0.991; mrr halfway 0.954 / 0.127 against 0.487 / 0.125 (a nearly converged point: the
+    true gradient is 1/15 of its size at ``theta0`` and turns by 87 degrees across the
+    data); freespace 0.942 / 0.992 and 0.942 / 0.953 against 0.945 / 0.993 and
+    0.945 / 0.974.
+
     The factorised form costs ``rank * (in_dim + 1 + width)`` per row instead of
     materialising a ``width x (in_dim+1)`` matrix per setting; the ``theta`` path is computed
     once per setting.
@@ -83,9 +97,10 @@ class HyperStructure(nn.Module):
 
     def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
                  periodic: np.ndarray, rank: int = 256, coef_hidden: int = 128, width: int = 64,
-                 head_hidden: int = 64, quadratic: bool = False, param_features: int = 0):
-        if param_features < 0:
-            raise ValueError(f"param_features must be >= 0, got {param_features}")
+                 head_hidden: int = 64, quadratic: bool = False, param_features: int = 0,
+                 param_warp: int = 4):
+        if param_features < 0 or param_warp < 0:
+            raise ValueError(f"param_features and param_warp must be >= 0, got {param_features}, {param_warp}")
         super().__init__()
         self.encode = PeriodicEncoding(periodic)
         p = self.encode.out_dim
@@ -96,7 +111,15 @@ class HyperStructure(nn.Module):
         with torch.no_grad():
             self.coef_linear.bias.fill_(1.0)
         self.coef_mlp = EnsembleMLP(n_members, p, [coef_hidden], rank, final_init_scale=0.1)
-        self.n_plain = int((~np.asarray(periodic, bool)).sum()) if param_features else 0
+        n_plain = int((~np.asarray(periodic, bool)).sum())
+        self.n_warp = n_plain if param_warp else 0
+        if self.n_warp:
+            # Each plain column's own warp z + sum_k alpha_k silu(a_k z + b_k), starting as z.
+            k = param_warp
+            self.warp_a = nn.Parameter(torch.empty(n_members, 1, n_plain, k).uniform_(-2.0, 2.0))
+            self.warp_b = nn.Parameter(torch.empty(n_members, 1, n_plain, k).uniform_(-2.0, 2.0))
+            self.warp_alpha = nn.Parameter(torch.zeros(n_members, 1, n_plain, k))
+        self.n_plain = n_plain if param_features else 0
         if self.n_plain:
             # Each plain column's own response: K SiLU units of that column alone.
             k = param_features
@@ -114,6 +137,8 @@ class HyperStructure(nn.Module):
         """Re-express the model for plain ``theta`` columns ``z' = z - shift`` (``shift`` of
         shape ``(n_plain,)``); predictions are unchanged up to rounding."""
         self.coef_mlp.layers[0].absorb_input_shift(shift)
+        if self.n_warp:
+            self.warp_b += self.warp_a * shift[None, None, :, None]
         if self.n_plain:
             self.feat_b += self.feat_a * shift[None, None, :, None]
         lin = self.coef_linear
@@ -130,6 +155,13 @@ class HyperStructure(nn.Module):
     def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         phi = self.encode(theta)
         # PeriodicEncoding puts the plain columns first.
+        if self.n_warp:
+            z = phi[..., :self.n_warp]
+            shape = (self.n_members,) + (1,) * (z.dim() - 2) + (self.n_warp, -1)
+            u = self.warp_a.view(shape) * z.unsqueeze(-1) + self.warp_b.view(shape)
+            warped = z + (self.warp_alpha.view(shape) * nn.functional.silu(u)).sum(-1)
+            rest = phi[..., self.n_warp:]
+            phi = torch.cat([warped, rest.expand(*warped.shape[:-1], rest.shape[-1])], dim=-1)
         linear_in = torch.cat([phi, phi[..., :self.n_squares] ** 2], dim=-1) if self.n_squares else phi
         coef = self.coef_linear(linear_in) + self.coef_mlp(phi)   # (M, S, 1|K, rank)
         if self.n_plain:
@@ -168,4 +200,4 @@ class MLPStructure(nn.Module):
 
 
 STRUCTURES: dict[str, Callable[..., nn.Module]] = {
-    "hyper": HyperStructure, "hyper-additive": partial(HyperStructure, param_features=4), "mlp": MLPStructure}
+    "hyper": HyperStructure, "hyper-additive": partial(HyperStructure, param_features=4, param_warp=0), "mlp": MLPStructure}

@@ -184,3 +184,34 @@ def test_recentre_moves_the_theta_origin_without_changing_predictions(kind, kw):
     torch.testing.assert_close(model.theta_norm.inverse(model.data.theta), stored_theta)
     model.update(theta, x, y, centre=np.full(P, -0.3), steps=5)
     np.testing.assert_allclose(model.theta_norm.loc.numpy()[[0, 2]], -0.3)
+
+
+def test_the_warp_learns_each_controls_own_resonance():
+    """A bank of resonant weights, ``y_o = sum_i x_i L(theta_oi)``, with a Lorentzian ``L``
+    about as wide as the data's spread (a ring per weight). The per-control warp can become
+    ``L``; without it the network must build a resonance per control from shared units.
+    Measured (seeds 11 / 12): theta-part R^2 0.972 / 0.976 with the warp, 0.29 / 0.23 without."""
+    rng = np.random.default_rng(11)
+    n_out, n_in = 6, 8
+    centre = rng.uniform(-0.3, 0.3, n_out * n_in)
+
+    def bank(theta, x):
+        w = 2 / (1 + ((theta - centre) / 0.5) ** 2) - 1
+        return np.einsum("noi,ni->no", w.reshape(-1, n_out, n_in), x)
+
+    def draw(n):
+        theta = np.repeat(rng.uniform(-1, 1, (n, n_out * n_in)), 16, 0)
+        x = rng.uniform(0, 1, (len(theta), n_in))
+        return theta, x, bank(theta, x)
+
+    train, test = draw(800), draw(60)
+    zero = np.zeros(n_out * n_in)
+    d_true = test[2] - bank(np.broadcast_to(zero, test[0].shape), test[1])
+    r2 = {}
+    for warp in (0, 4):
+        model = make_surrogate("hyper", structure_kw={"param_warp": warp}, max_steps=3000, seed=11,
+                               n_members=2).fit(*train)
+        with torch.no_grad():
+            d = (model.predict(test[0], test[1]) - model.predict(zero, test[1])).double().numpy()
+        r2[warp] = 1 - ((d - d_true) ** 2).sum() / (d_true ** 2).sum()
+    assert r2[4] > 0.9 and r2[0] < r2[4] - 0.3, r2
