@@ -66,6 +66,10 @@ def train_ensemble(structure: nn.Module, data: SettingsDataset, split: MemberSpl
     for step in range(1, steps + 1):
         rows = split.sample(n_settings, rows_per_setting, generator)
         loss = _member_mse(structure, data, rows).sum()
+        if hasattr(structure, "penalty"):
+            # Scaled by each member's held-out RMS error (normalised units), an estimate of
+            # the noise it fits against: a lasso's weight grows with the noise level.
+            loss = loss + structure.penalty(best.sqrt() if validate else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -215,3 +215,21 @@ def test_the_warp_learns_each_controls_own_resonance():
             d = (model.predict(test[0], test[1]) - model.predict(zero, test[1])).double().numpy()
         r2[warp] = 1 - ((d - d_true) ** 2).sum() / (d_true ** 2).sum()
     assert r2[4] > 0.9 and r2[0] < r2[4] - 0.3, r2
+
+
+def test_the_lasso_shrinks_the_theta_path_in_proportion_to_the_held_out_error():
+    """``l1`` pulls the linear ``theta`` path's weights towards 0, per member in proportion to
+    its held-out RMS error (the noise it fits against), and still lets a clean device fit."""
+    rng = np.random.default_rng(14)
+    theta, x, y = rows(120, 8, rng)
+    noisy = y + 1.0 * rng.normal(size=y.shape)
+    norms = {}
+    for name, target, l1 in (("off", noisy, 0.0), ("on", noisy, 1e-3), ("clean", y, 1e-3)):
+        model = make_surrogate("hyper", structure_kw={"l1": l1}, max_steps=400, eval_every=25, patience=100,
+                               seed=14, n_members=2).fit(theta, x, target)
+        norms[name] = float(model.model.coef_linear.weight.abs().sum())
+    assert norms["on"] < 0.5 * norms["off"], norms
+    assert heldout_r2(model, *rows(30, 8, rng))[0] > 0.8      # the clean fit
+    structure = model.model
+    w = structure.coef_linear.weight.abs().sum(dim=(1, 2))
+    torch.testing.assert_close(structure.penalty(torch.tensor([2.0, 0.5])), 1e-3 * (2 * w[0] + 0.5 * w[1]))
