@@ -233,3 +233,6 @@ def test_the_lasso_shrinks_the_theta_path_in_proportion_to_the_held_out_error():
     structure = model.model
     w = structure.coef_linear.weight.abs().sum(dim=(1, 2))
     torch.testing.assert_close(structure.penalty(torch.tensor([2.0, 0.5])), 1e-3 * (2 * w[0] + 0.5 * w[1]))
+    # phases are left alone: an all-periodic device gets no lasso
+    phases = make_surrogate("hyper", structure_kw={"l1": 1e-3}, periodic=[True] * P, max_steps=5).fit(theta, x, y)
+    assert phases.model.penalty() == 0.0
