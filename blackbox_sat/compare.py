@@ -13,6 +13,7 @@ import csv
 import json
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +182,11 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
                 rows[t.key] = prev
                 continue
         todo.append(t)
+    if rows:
+        # Reused rows come from whatever code wrote them: say so, since a changed method or
+        # default would otherwise be silently mixed with old results.
+        warnings.warn(f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; delete "
+                      f"those files, or choose another --out, to run them afresh", stacklevel=2)
     bar = tqdm(total=len(todo), desc="trials", disable=not progress)
     for t, row in run_trials(todo, backend=backend, workers=workers, address=address,
                              on_start=lambda t: bar.set_postfix_str(t.key)):

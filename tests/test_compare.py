@@ -37,7 +37,8 @@ def test_rerun_into_the_same_folder_skips_finished_trials(tmp_path):
     first = bs.compare("mzi", methods=["offline"], out=tmp_path, config=cfg, **TINY)
     before = _mtimes(tmp_path)
     assert len(before) == 2 and all(r["status"] == "ok" for r in first["rows"])
-    again = bs.compare("mzi", methods=["offline"], out=tmp_path, config=cfg, **TINY)
+    with pytest.warns(UserWarning, match="reusing 2 finished trial"):
+        again = bs.compare("mzi", methods=["offline"], out=tmp_path, config=cfg, **TINY)
     assert _mtimes(tmp_path) == before
     assert [r["acc_chip"] for r in again["rows"]] == [r["acc_chip"] for r in first["rows"]]
     for name in ("results.csv", "summary.md", "curves.png", "sweep.png", "unseen.png", "sigma.png"):
