@@ -81,3 +81,28 @@ class EnsembleMLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = nn.functional.silu(h)
         return h
+
+
+class ColumnUnits(nn.Module):
+    """``K`` SiLU units per column for ``M`` members, each unit seeing its own column only:
+    ``z (M|1, *batch, C) -> (M, *batch, C, K)``, unit ``k`` of column ``c`` being
+    ``silu(a[c, k] * z_c + b[c, k])``. The per-control transfer curves of
+    :class:`~surrogates.structures.HyperStructure` are built from these."""
+
+    def __init__(self, n_members: int, n_columns: int, k: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(n_members, n_columns, k).uniform_(-2.0, 2.0))
+        self.b = nn.Parameter(torch.empty(n_members, n_columns, k).uniform_(-2.0, 2.0))
+
+    def per_member(self, t: torch.Tensor, batch_dims: int) -> torch.Tensor:
+        """``t (M, C, K)`` viewed to broadcast over ``batch_dims`` batch dimensions."""
+        return t.view(t.shape[0], *([1] * batch_dims), *t.shape[1:])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        n = z.dim() - 2
+        return nn.functional.silu(self.per_member(self.a, n) * z.unsqueeze(-1) + self.per_member(self.b, n))
+
+    @torch.no_grad()
+    def absorb_input_shift(self, shift: torch.Tensor) -> None:
+        """Re-express for inputs ``z' = z - shift`` (``shift (C,)``): same outputs."""
+        self.b += self.a * shift[:, None]

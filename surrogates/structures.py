@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .encoding import PeriodicEncoding
-from .ensemble import EnsembleLinear, EnsembleMLP
+from .ensemble import ColumnUnits, EnsembleLinear, EnsembleMLP
 
 
 class HyperStructure(nn.Module):
@@ -125,21 +125,16 @@ class HyperStructure(nn.Module):
         with torch.no_grad():
             self.coef_linear.bias.fill_(1.0)
         self.coef_mlp = EnsembleMLP(n_members, p, [coef_hidden], rank, final_init_scale=0.1)
-        n_plain = int((~np.asarray(periodic, bool)).sum())
-        self.n_warp = n_plain if param_warp else 0
-        if self.n_warp:
+        self.n_plain = n_plain = int((~np.asarray(periodic, bool)).sum())
+        self.warp = self.feat = None
+        if n_plain and param_warp:
             # Each plain column's own warp z + sum_k alpha_k silu(a_k z + b_k), starting as z.
-            k = param_warp
-            self.warp_a = nn.Parameter(torch.empty(n_members, 1, n_plain, k).uniform_(-2.0, 2.0))
-            self.warp_b = nn.Parameter(torch.empty(n_members, 1, n_plain, k).uniform_(-2.0, 2.0))
-            self.warp_alpha = nn.Parameter(torch.zeros(n_members, 1, n_plain, k))
-        self.n_plain = n_plain if param_features else 0
-        if self.n_plain:
+            self.warp = ColumnUnits(n_members, n_plain, param_warp)
+            self.warp_alpha = nn.Parameter(torch.zeros(n_members, n_plain, param_warp))
+        if n_plain and param_features:
             # Each plain column's own response: K SiLU units of that column alone.
-            k = param_features
-            self.feat_a = nn.Parameter(torch.empty(n_members, 1, self.n_plain, k).uniform_(-2.0, 2.0))
-            self.feat_b = nn.Parameter(torch.empty(n_members, 1, self.n_plain, k).uniform_(-2.0, 2.0))
-            self.coef_sep = EnsembleLinear(n_members, self.n_plain * k, rank, bias=False, init_scale=0.0)
+            self.feat = ColumnUnits(n_members, n_plain, param_features)
+            self.coef_sep = EnsembleLinear(n_members, n_plain * param_features, rank, bias=False, init_scale=0.0)
         self.x_proj = EnsembleLinear(n_members, in_dim, rank)          # V [x, 1]
         self.mix = EnsembleLinear(n_members, rank, width, bias=False)  # P
         self.readout = EnsembleLinear(n_members, width, out_dim)        # Q
@@ -150,11 +145,10 @@ class HyperStructure(nn.Module):
     def penalty(self, scale: torch.Tensor | None = None) -> torch.Tensor | float:
         """L1 norm of the linear path's weights from the plain ``theta`` columns, times
         ``l1``, per member times ``scale (M,)`` when given."""
-        n_plain = int(self.encode.plain_idx.numel())
-        if not self.l1 or not n_plain:
+        if not self.l1 or not self.n_plain:
             return 0.0
         # PeriodicEncoding puts the plain columns first.
-        per_member = self.coef_linear.weight[:, :n_plain].abs().sum(dim=(1, 2))
+        per_member = self.coef_linear.weight[:, :self.n_plain].abs().sum(dim=(1, 2))
         return self.l1 * (per_member if scale is None else per_member * scale).sum()
 
     @torch.no_grad()
@@ -162,10 +156,9 @@ class HyperStructure(nn.Module):
         """Re-express the model for plain ``theta`` columns ``z' = z - shift`` (``shift`` of
         shape ``(n_plain,)``); predictions are unchanged up to rounding."""
         self.coef_mlp.layers[0].absorb_input_shift(shift)
-        if self.n_warp:
-            self.warp_b += self.warp_a * shift[None, None, :, None]
-        if self.n_plain:
-            self.feat_b += self.feat_a * shift[None, None, :, None]
+        for units in (self.warp, self.feat):
+            if units is not None:
+                units.absorb_input_shift(shift)
         lin = self.coef_linear
         if self.n_squares:
             # z^2 = z'^2 + 2 shift z' + shift^2: the squares feed the linear rows and the bias.
@@ -180,20 +173,15 @@ class HyperStructure(nn.Module):
     def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         phi = self.encode(theta)
         # PeriodicEncoding puts the plain columns first.
-        if self.n_warp:
-            z = phi[..., :self.n_warp]
-            shape = (self.n_members,) + (1,) * (z.dim() - 2) + (self.n_warp, -1)
-            u = self.warp_a.view(shape) * z.unsqueeze(-1) + self.warp_b.view(shape)
-            warped = z + (self.warp_alpha.view(shape) * nn.functional.silu(u)).sum(-1)
-            rest = phi[..., self.n_warp:]
+        if self.warp is not None:
+            z = phi[..., :self.n_plain]
+            warped = z + (self.warp.per_member(self.warp_alpha, z.dim() - 2) * self.warp(z)).sum(-1)
+            rest = phi[..., self.n_plain:]
             phi = torch.cat([warped, rest.expand(*warped.shape[:-1], rest.shape[-1])], dim=-1)
         linear_in = torch.cat([phi, phi[..., :self.n_squares] ** 2], dim=-1) if self.n_squares else phi
         coef = self.coef_linear(linear_in) + self.coef_mlp(phi)   # (M, S, 1|K, rank)
-        if self.n_plain:
-            z = phi[..., :self.n_plain].unsqueeze(-1)                 # (M|1, S, 1|K, P, 1)
-            shape = (self.n_members,) + (1,) * (z.dim() - 3) + (self.n_plain, -1)
-            f = nn.functional.silu(self.feat_a.view(shape) * z + self.feat_b.view(shape))
-            coef = coef + self.coef_sep(f.flatten(-2))
+        if self.feat is not None:
+            coef = coef + self.coef_sep(self.feat(phi[..., :self.n_plain]).flatten(-2))
         h = self.mix(coef * self.x_proj(x))                  # (M, S, K, width)
         x_m = x.expand(self.n_members, *h.shape[1:-1], x.shape[-1])
         return self.readout(h) + self.head(torch.cat([h, x_m], dim=-1))
