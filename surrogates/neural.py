@@ -149,6 +149,7 @@ class EnsembleSurrogate(SurrogateBase):
         self.model = self._build_model()
         self._prepare_fit(theta)
         self.data = self._dataset(theta, x, y, groups)
+        self._initialise(self.data)
         self._optimizer = self._make_optimizer(self.lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, self.max_steps, eta_min=self.lr / 10)
         self._train(self.training_data(), self.max_steps, scheduler)
@@ -156,6 +157,9 @@ class EnsembleSurrogate(SurrogateBase):
 
     def _prepare_fit(self, theta: np.ndarray) -> None:
         """Hook for families that need data before training (e.g. a centre)."""
+
+    def _initialise(self, data: SettingsDataset) -> None:
+        """Hook for families that set their first weights from the normalised rows."""
 
     def training_data(self) -> SettingsDataset:
         """The rows the next training run uses (all stored rows; families may select)."""

@@ -42,15 +42,16 @@ class AffineNormalizer(nn.Module):
 
     @classmethod
     def from_data(cls, values: np.ndarray, center: bool = True) -> "AffineNormalizer":
-        """Mean/std of ``values (n, dim)``; with ``center=False`` only a scale (the root mean
-        square), which keeps ``0`` at ``0`` for models linear in their input field."""
+        """Mean/std of ``values (n, dim)``; with ``center=False`` only a scale, the root mean
+        square over all columns together: for models linear in their input field, ``0`` stays
+        ``0`` and the field's direction ``x / |x|`` is unchanged."""
         values = np.asarray(values, dtype=np.float64)
         if center:
             loc = values.mean(axis=0)
             scale = values.std(axis=0)
         else:
             loc = np.zeros(values.shape[1])
-            scale = np.sqrt(np.mean(values ** 2, axis=0))
+            scale = np.full(values.shape[1], np.sqrt(np.mean(values ** 2)))
         scale = np.where(scale > _MIN_SCALE, scale, 1.0)
         return cls(torch.from_numpy(loc), torch.from_numpy(scale))
 
