@@ -87,8 +87,12 @@ from torch import nn
 
 from .neural import EnsembleSurrogate
 
-#: Rows (at most) of the convex quadratic fit that chooses the input model and starts ``U0``.
+#: Rows (at most) of the convex quadratic fit that chooses the input model and starts ``U0``,
+#: and the most inputs it is run for: it has ``in_dim (in_dim + 1) / 2`` features, 2080 at 64
+#: (24k rows, about 20 s on one core).
+#: Above that, ``input_power="auto"`` takes the inputs as the field and ``U0`` starts at random.
 QUADRATIC_ROWS = 50_000
+QUADRATIC_MAX_INPUTS = 64
 
 
 def _complex_normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
@@ -236,7 +240,7 @@ class InterferometricSurrogate(EnsembleSurrogate):
         **kw: training and base keywords of :class:`~surrogates.neural.EnsembleSurrogate`.
 
     ``x`` is scaled, by one factor for all columns, but not centred (``0`` must stay "no
-light", and ``x / |x|`` must keep its direction). ``theta`` uses the bounds
+    light", and ``x / |x|`` must keep its direction). ``theta`` uses the bounds
     frame (:mod:`surrogates.normalize`): phases are measured against the bound width.
     """
 
@@ -283,7 +287,13 @@ light", and ``x / |x|`` must keep its direction). ``theta`` uses the bounds
         self.model.recentre(self._data_centre(z))
 
     def _initialise(self, data) -> None:
-        rows = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(self.seed))[:QUADRATIC_ROWS]
+        if data.x.shape[1] > QUADRATIC_MAX_INPUTS:
+            self.readout_r2 = {}
+            self.model.unit_power.fill_(self.input_power == "fixed")
+            return
+        n_feats = data.x.shape[1] * (data.x.shape[1] + 1) // 2 + 1
+        n_rows = min(QUADRATIC_ROWS, 50_000_000 // n_feats)     # the features in at most 400 MB
+        rows = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(self.seed))[:n_rows]
         x, y = data.x[rows], data.y[rows]
         powers = ("free", "fixed") if self.input_power == "auto" else (self.input_power,)
         fits = {p: quadratic_readout(x, y, p == "fixed") for p in powers}
