@@ -205,3 +205,13 @@ def test_the_convex_readout_fit_starts_U0_at_the_measured_transfer(mesh_class):
     structure.init_readout(a, c)
     pred = structure(torch.zeros(1, 1, mesh.n_params, dtype=torch.float64), xt[None])[0]
     assert 1 - ((pred - yt) ** 2).sum() / (yt ** 2).sum() > 0.999
+
+
+def test_the_readout_fit_is_skipped_for_many_inputs():
+    from surrogates.interferometric import QUADRATIC_MAX_INPUTS
+    rng = np.random.default_rng(5)
+    d = QUADRATIC_MAX_INPUTS + 1
+    theta, x, y = rng.uniform(0, 1, (64, 3)), rng.uniform(-1, 1, (64, d)), rng.uniform(0, 1, (64, 2))
+    for power, unit in (("auto", False), ("fixed", True)):
+        model = InterferometricSurrogate(periodic=True, max_steps=2, input_power=power).fit(theta, x, y)
+        assert model.readout_r2 == {} and bool(model.model.unit_power) is unit
