@@ -169,6 +169,11 @@ class InterferometricStructure(nn.Module):
         # y is standardised and |E|^2 starts with mean ~1, hence the offset.
         self.offset = nn.Parameter(torch.full((n_members, 1, out_dim), -1.0))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Models saved before the input-power test took the inputs as the field.
+        state_dict.setdefault(prefix + "unit_power", torch.tensor(False))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def rate(self) -> torch.Tensor:
         """Phase per normalised unit ``(M, n_params)``: ``pi`` for periodic parameters."""
         return torch.where(self.periodic, torch.full_like(self.log_rate, math.pi), self.log_rate.exp())

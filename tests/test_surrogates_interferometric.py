@@ -215,3 +215,12 @@ def test_the_readout_fit_is_skipped_for_many_inputs():
     for power, unit in (("auto", False), ("fixed", True)):
         model = InterferometricSurrogate(periodic=True, max_steps=2, input_power=power).fit(theta, x, y)
         assert model.readout_r2 == {} and bool(model.model.unit_power) is unit
+
+
+def test_a_model_saved_before_the_input_power_test_still_loads():
+    structure = InterferometricStructure(2, 3, 4, 4, np.ones(3, bool))
+    state = {k: v for k, v in structure.state_dict().items() if k != "unit_power"}
+    fresh = InterferometricStructure(2, 3, 4, 4, np.ones(3, bool))
+    fresh.unit_power.fill_(True)
+    fresh.load_state_dict(state)
+    assert not bool(fresh.unit_power)
