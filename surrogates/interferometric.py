@@ -100,38 +100,51 @@ def _complex_normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
     return torch.randn(*shape, 2) * (std / math.sqrt(2.0))
 
 
+def unit_field(x: torch.Tensor) -> torch.Tensor:
+    """``x / |x|`` over the last dimension (``0`` stays ``0``): the field of a fixed-power source."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-12)
+
+
+def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
+    """``(n, d) -> (n, d (d + 1) / 2 + 1)``: the products ``x_i x_j`` (``i <= j``) and a 1."""
+    iu = torch.triu_indices(x.shape[1], x.shape[1])
+    return torch.cat([(x[:, :, None] * x[:, None, :])[:, iu[0], iu[1]], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+
 def quadratic_readout(x: torch.Tensor, y: torch.Tensor, unit_power: bool,
-                      holdout: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, float]:
+                      holdout: float = 0.2) -> tuple[torch.Tensor, float]:
     """Least-squares ``y_k = x^T A_k x + c_k`` with ``theta`` ignored, from real
-    ``x (n, in_dim)`` and ``y (n, out_dim)``: ``(A (out_dim, in_dim, in_dim), c (out_dim,),
-    held-out R²)``. With ``unit_power`` the fit is on ``x / |x|`` (a source of fixed power
-    whose split the inputs set).
+    ``x (n, in_dim)`` and ``y (n, out_dim)``: the weights ``(n_features, out_dim)`` (see
+    :func:`readout_matrices`) fitted on all but the last ``holdout`` share of rows, and their
+    R² on that share (pass the rows shuffled; NaN with ``holdout=0``, a fit on every row). With ``unit_power`` the fit is on ``x / |x|`` (a source of fixed power whose
+    split the inputs set).
 
     Linear in ``A`` and ``c``, so it is a convex, quick test of the input model and a start
-    for ``U0`` free of the local minima of fitting ``U0`` itself (a phase-retrieval
-    problem). The last ``holdout`` share of rows is held out for the R²: pass them shuffled.
-    With unit power ``x^T I x = 1`` lets ``A`` and ``c`` trade a multiple of ``I``; the bulk
-    of ``A``'s spectrum (all but its top two eigenvalues) is moved into ``c``.
+    for ``U0`` free of the local minima of fitting ``U0`` itself (a phase-retrieval problem).
     """
     x, y = x.double(), y.double()
-    if unit_power:
-        x = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-12)
-    d = x.shape[1]
-    iu = torch.triu_indices(d, d)
-    feats = torch.cat([(x[:, :, None] * x[:, None, :])[:, iu[0], iu[1]], torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    n_fit = len(x) - max(1, int(holdout * len(x)))
+    feats = _quadratic_features(unit_field(x) if unit_power else x)
+    n_fit = len(x) - int(holdout * len(x))
     w = torch.linalg.lstsq(feats[:n_fit], y[:n_fit]).solution
+    if n_fit == len(x):
+        return w, float("nan")
     resid, dev = feats[n_fit:] @ w - y[n_fit:], y[n_fit:] - y[n_fit:].mean(0)
-    r2 = float(1 - (resid ** 2).sum() / (dev ** 2).sum())
-    w = torch.linalg.lstsq(feats, y).solution
-    a = torch.zeros(y.shape[1], d, d, dtype=x.dtype)
+    return w, float(1 - (resid ** 2).sum() / (dev ** 2).sum())
+
+
+def readout_matrices(w: torch.Tensor, in_dim: int, unit_power: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (out_dim, in_dim, in_dim), c (out_dim,))`` from :func:`quadratic_readout`'s weights.
+    With unit power ``x^T I x = 1`` lets ``A`` and ``c`` trade a multiple of ``I``; the bulk of
+    ``A``'s spectrum (all but its top two eigenvalues) is moved into ``c``."""
+    iu = torch.triu_indices(in_dim, in_dim)
+    a = torch.zeros(w.shape[1], in_dim, in_dim, dtype=w.dtype)
     a[:, iu[0], iu[1]] = w[:-1].T
     a = (a + a.transpose(1, 2)) / 2            # an off-diagonal weight counts x_i x_j twice
     c = w[-1]
-    if unit_power and d > 2:
+    if unit_power and in_dim > 2:
         bulk = torch.linalg.eigvalsh(a)[:, :-2].mean(1)
-        a, c = a - bulk[:, None, None] * torch.eye(d, dtype=x.dtype), c + bulk
-    return a, c, r2
+        a, c = a - bulk[:, None, None] * torch.eye(in_dim, dtype=w.dtype), c + bulk
+    return a, c
 
 
 class InterferometricStructure(nn.Module):
@@ -186,7 +199,7 @@ class InterferometricStructure(nn.Module):
         d = torch.polar(torch.ones_like(phase), phase) - 1
         d = d.expand(m, *batch, d.shape[-1]).reshape(m, -1, d.shape[-1])
         if self.unit_power:
-            x = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-12)
+            x = unit_field(x)
         xc = x.expand(m, *batch, x.shape[-1]).reshape(m, -1, x.shape[-1]).to(d.dtype)
         u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
         vx = torch.bmm(xc, v.transpose(1, 2))                       # (M, R, P): v_j . x
@@ -201,7 +214,7 @@ class InterferometricStructure(nn.Module):
     @torch.no_grad()
     def init_readout(self, a: torch.Tensor, c: torch.Tensor) -> None:
         """Set the read rows of ``U0``, the gain and the offset from a quadratic readout
-        ``y_k = x^T A_k x + c_k`` (:func:`quadratic_readout`; ``a (out_dim, in_dim, in_dim)``).
+        ``y_k = x^T A_k x + c_k`` (:func:`readout_matrices`; ``a (out_dim, in_dim, in_dim)``).
 
         With real inputs ``|u_k . x|^2 = x^T Re(conj(u_k) u_k^T) x``, so ``A_k``'s top two
         eigenpairs give row ``u_k`` up to a phase, which no intensity sees. Only for
@@ -287,26 +300,26 @@ class InterferometricSurrogate(EnsembleSurrogate):
         z = self.theta_norm(torch.as_tensor(np.asarray(centre, np.float64)).to(self.dtype))
         self.model.recentre(z)
 
-    def _prepare_fit(self, theta: np.ndarray) -> None:
-        z = self.theta_norm(torch.from_numpy(theta).to(self.dtype))
-        self.model.recentre(self._data_centre(z))
-
     def _initialise(self, data) -> None:
-        if data.x.shape[1] > QUADRATIC_MAX_INPUTS:
+        """Centre the expansion on the data, then choose the input model and start ``U0`` from
+        the convex readout fit (module docstring)."""
+        self.model.recentre(self._data_centre(data.theta))
+        d = data.x.shape[1]
+        if d > QUADRATIC_MAX_INPUTS:
             self.readout_r2 = {}
             self.model.unit_power.fill_(self.input_power == "fixed")
             return
-        n_feats = data.x.shape[1] * (data.x.shape[1] + 1) // 2 + 1
-        n_rows = min(QUADRATIC_ROWS, 50_000_000 // n_feats)     # the features in at most 400 MB
+        n_rows = min(QUADRATIC_ROWS, 50_000_000 // (d * (d + 1) // 2 + 1))   # the features in at most 400 MB
         rows = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(self.seed))[:n_rows]
         x, y = data.x[rows], data.y[rows]
         powers = ("free", "fixed") if self.input_power == "auto" else (self.input_power,)
         fits = {p: quadratic_readout(x, y, p == "fixed") for p in powers}
-        self.readout_r2 = {p: fit[2] for p, fit in fits.items()}
-        best = max(fits, key=lambda p: fits[p][2])
+        self.readout_r2 = {p: r2 for p, (_, r2) in fits.items()}
+        best = max(fits, key=lambda p: fits[p][1])
         self.model.unit_power.fill_(best == "fixed")
-        if self.readout_init:
-            self.model.init_readout(*fits[best][:2])
+        if self.readout_init:  # the winner refitted on every row
+            w, _ = quadratic_readout(x, y, best == "fixed", holdout=0.0)
+            self.model.init_readout(*readout_matrices(w, d, best == "fixed"))
 
     def _before_update(self, centre: np.ndarray | None) -> None:
         self._centre_from_data = centre is None

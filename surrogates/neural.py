@@ -147,7 +147,6 @@ class EnsembleSurrogate(SurrogateBase):
         self._n_updates = 0
         self._generator.manual_seed(self.seed)
         self.model = self._build_model()
-        self._prepare_fit(theta)
         self.data = self._dataset(theta, x, y, groups)
         self._initialise(self.data)
         self._optimizer = self._make_optimizer(self.lr)
@@ -155,11 +154,8 @@ class EnsembleSurrogate(SurrogateBase):
         self._train(self.training_data(), self.max_steps, scheduler)
         return self
 
-    def _prepare_fit(self, theta: np.ndarray) -> None:
-        """Hook for families that need data before training (e.g. a centre)."""
-
     def _initialise(self, data: SettingsDataset) -> None:
-        """Hook for families that set their first weights from the normalised rows."""
+        """Hook for families that set their first weights (or a centre) from the normalised rows."""
 
     def training_data(self) -> SettingsDataset:
         """The rows the next training run uses (all stored rows; families may select)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from surrogates import InterferometricSurrogate, load_surrogate, make_surrogate
-from surrogates.interferometric import InterferometricStructure, quadratic_readout
+from surrogates.interferometric import InterferometricStructure, quadratic_readout, readout_matrices
 from surrogates.design import trust_region
 
 N_MODES = 4
@@ -198,8 +198,9 @@ def test_the_convex_readout_fit_starts_U0_at_the_measured_transfer(mesh_class):
     y = mesh(np.broadcast_to(centre, (len(x), mesh.n_params)), x)
     unit = mesh_class is UnitPowerMesh
     xt, yt = torch.as_tensor(x), torch.as_tensor((y - y.mean(0)) / y.std(0))
-    a, c, r2 = quadratic_readout(xt, yt, unit_power=unit)
-    assert r2 > 0.999 and quadratic_readout(xt, yt, unit_power=not unit)[2] < 0.99
+    w, r2 = quadratic_readout(xt, yt, unit_power=unit)
+    assert r2 > 0.999 and quadratic_readout(xt, yt, unit_power=not unit)[1] < 0.99
+    a, c = readout_matrices(w, mesh.n, unit)
     structure = InterferometricStructure(1, mesh.n_params, mesh.n, mesh.n, np.ones(mesh.n_params, bool)).double()
     structure.unit_power.fill_(unit)
     structure.init_readout(a, c)
