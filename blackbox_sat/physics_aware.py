@@ -96,11 +96,9 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
             _, g_y, _, _ = device_loss(ctx, theta_eps, idx, purpose, x, digital=False)
             settings += 1
         else:
-            with torch.no_grad():
-                xs = x.detach().to(torch.float32)
-                delta = model(torch.as_tensor(theta_eps, dtype=torch.float32), xs) - \
-                    model(torch.as_tensor(theta, dtype=torch.float32), xs)
-            yt = (torch.as_tensor(y) + delta.double()).requires_grad_(True)
+            with torch.no_grad():  # the change from y_hat, the prediction at theta the VJP made
+                y_eps = model(torch.as_tensor(theta_eps, dtype=torch.float32), x.detach().to(torch.float32))
+            yt = (torch.as_tensor(y) + y_eps.double() - torch.as_tensor(y_hat)).requires_grad_(True)
             loss_eps = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
             (g_y,) = torch.autograd.grad(loss_eps, yt)
         grad, g_x, _ = _vjp(model, theta_eps, x, g_y)

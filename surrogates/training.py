@@ -37,11 +37,13 @@ def _member_mse(structure: nn.Module, data: SettingsDataset, rows: torch.Tensor)
 
 def validation_mse(structure: nn.Module, data: SettingsDataset, split: MemberSplit,
                    chunk: int = 1024) -> torch.Tensor:
-    """Per-member MSE ``(M,)`` on each member's held-out rows, in chunks of rows."""
+    """Per-member MSE ``(M,)`` on each member's held-out rows ``(M, S, K)``, about ``chunk``
+    rows at a time."""
+    per = max(1, chunk // split.val_idx.shape[2])
     total = None
     with torch.no_grad():
-        for start in range(0, split.val_idx.shape[1], chunk):
-            rows = split.val_idx[:, start:start + chunk, None]
+        for start in range(0, split.val_idx.shape[1], per):
+            rows = split.val_idx[:, start:start + per]
             part = _member_mse(structure, data, rows) * rows.shape[1]
             total = part if total is None else total + part
     return total / split.val_idx.shape[1]

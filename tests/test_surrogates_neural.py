@@ -138,6 +138,22 @@ def test_early_stopping_holds_out_settings_and_restores_best():
     assert len(model.last_report.best_val_mse) == model.n_members
 
 
+def test_validation_rows_come_grouped_from_each_members_held_out_settings():
+    from surrogates.dataset import MemberSplit
+    counts = np.array([3, 40, 40, 7, 40] * 8)              # uneven rows per setting
+    groups = np.repeat(np.arange(len(counts)), counts)
+    split = MemberSplit.by_settings(groups, 4, 0.25, 200, np.random.default_rng(0))
+    m, s, k = split.val_idx.shape
+    assert m == 4 and s * k <= 200 and k == 20             # min(median 40, 200 // 10 held out)
+    vg = groups[split.val_idx.numpy()]
+    assert (vg == vg[..., :1]).all()                       # each row of a group: one setting
+    for i in range(m):
+        held = set(vg[i, :, 0].tolist())
+        assert len(held) == s and not held & set(split.train_groups[i].tolist())
+        for g_idx, g in enumerate(vg[i, :, 0]):             # distinct rows while the setting has them
+            assert len(set(split.val_idx[i, g_idx].tolist())) == min(k, counts[g])
+
+
 def test_members_differ_and_seed_reproduces():
     rng = np.random.default_rng(6)
     theta, x, y = rows(30, 8, rng)
