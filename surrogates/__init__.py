@@ -17,6 +17,8 @@ Public API:
   does it before refitting);
 - :class:`InterferometricSurrogate` (``"interferometric"``): ``|U(theta) x|^2`` with one
   rank-1 update per phase shifter, re-centred (``recentre``) as ``theta`` moves;
+- :class:`PhaseLayerSurrogate` (``"interferometric-layers"``): the same updates composed in
+  learned layers, a model global in the phases;
 - :class:`GPSurrogate` (``"gp"``): exact or variational gpytorch GP;
 - query design: :func:`trust_region`, :func:`space_filling`, :func:`design_settings`
   (returning a :class:`SettingsDesign`), :func:`inputs_per_setting`, :func:`estimate_noise`.
@@ -24,7 +26,7 @@ Public API:
 Module map: ``protocol`` (the contract), ``base`` (shapes, persistence), ``normalize``,
 ``encoding`` (periodic inputs), ``dataset`` (rows, settings, hold-out splits), ``ensemble``
 (stacked layers), ``training`` (the minibatch loop), ``structures`` (network families),
-``neural``, ``interferometric``, ``gp``, ``design``, ``registry``.
+``neural``, ``interferometric``, ``phase_layers``, ``gp``, ``design``, ``registry``.
 """
 from .base import SurrogateBase
 from .design import (SettingsDesign, design_settings, estimate_noise, inputs_per_setting,
@@ -32,11 +34,13 @@ from .design import (SettingsDesign, design_settings, estimate_noise, inputs_per
 from .gp import GPSurrogate
 from .interferometric import InterferometricSurrogate
 from .neural import EnsembleSurrogate
+from .phase_layers import PhaseLayerSurrogate
 from .protocol import Surrogate
 from .registry import load_surrogate, make_surrogate, register_surrogate, surrogate_kinds
 
 __all__ = [
-    "Surrogate", "SurrogateBase", "EnsembleSurrogate", "InterferometricSurrogate", "GPSurrogate",
+    "Surrogate", "SurrogateBase", "EnsembleSurrogate", "InterferometricSurrogate", "PhaseLayerSurrogate",
+    "GPSurrogate",
     "make_surrogate", "surrogate_kinds", "register_surrogate", "load_surrogate",
     "trust_region", "space_filling", "design_settings", "SettingsDesign", "inputs_per_setting",
     "estimate_noise",

@@ -6,6 +6,7 @@
 | ``"hyper-additive"`` | :class:`~surrogates.neural.EnsembleSurrogate` | the same, plus each control's own 1-D response |
 | ``"mlp"`` | :class:`~surrogates.neural.EnsembleSurrogate` | nothing (baseline; learned poor gradients in prototypes) |
 | ``"interferometric"`` | :class:`~surrogates.interferometric.InterferometricSurrogate` | intensities of a linear optical circuit of phase shifters |
+| ``"interferometric-layers"`` | :class:`~surrogates.phase_layers.PhaseLayerSurrogate` | the same, global in the phases: the shifters' updates composed in learned layers |
 | ``"gp"`` | :class:`~surrogates.gp.GPSurrogate` | a smooth response over ``[theta, x]``; small problems |
 
 Further kinds can be added with :func:`register_surrogate`.
@@ -18,6 +19,7 @@ from functools import partial
 from .gp import GPSurrogate
 from .interferometric import InterferometricSurrogate
 from .neural import EnsembleSurrogate
+from .phase_layers import PhaseLayerSurrogate
 from .protocol import Surrogate
 
 DEFAULT_KIND = "hyper"
@@ -29,6 +31,7 @@ _FACTORIES: dict[str, Callable[..., Surrogate]] = {
     "hyper-additive": partial(EnsembleSurrogate, "hyper-additive"),
     "mlp": partial(EnsembleSurrogate, "mlp"),
     "interferometric": InterferometricSurrogate,
+    "interferometric-layers": PhaseLayerSurrogate,
     "gp": GPSurrogate,
 }
 

@@ -225,3 +225,28 @@ def test_a_model_saved_before_the_input_power_test_still_loads():
     fresh.unit_power.fill_(True)
     fresh.load_state_dict(state)
     assert not bool(fresh.unit_power)
+
+
+def test_phase_layers_hold_where_the_first_order_expansion_does_not(tmp_path):
+    """In a box of 0.15 bound widths (+-0.94 rad per phase) products of updates matter: the
+    layered model predicts the held-out change better than the first-order family, and it is
+    global: re-centring leaves it alone, and it saves and loads."""
+    mesh, rng = ToyMesh(seed=3), np.random.default_rng(3)
+    c0 = rng.uniform(0, 2 * np.pi, mesh.n_params)
+    train, test = measure(mesh, c0, 0.15, 200, 16, rng), measure(mesh, c0, 0.15, 40, 16, rng)[:2]
+    kw = dict(theta_low=mesh.low, theta_high=mesh.high, periodic=True, seed=0, n_members=3)
+    first = make_surrogate("interferometric", max_steps=1500, **kw).fit(*train)
+    layers = make_surrogate("interferometric-layers", **kw).fit(*train)
+    r2_first, r2_layers = delta_r2(first, mesh, c0, *test), delta_r2(layers, mesh, c0, *test)
+    # Measured 0.64 against 0.44 (0.92 against 0.86 in a box of 0.05).
+    assert r2_layers > 0.55 and r2_layers > r2_first + 0.1, (r2_layers, r2_first)
+    origin = layers.model.centre.clone()
+    layers.update(*train, steps=1, centre=c0 + 0.3)           # a moved centre moves no origin
+    torch.testing.assert_close(layers.model.centre, origin, rtol=0, atol=0)
+    assert delta_r2(layers, mesh, c0, *test) > r2_layers - 0.05
+    layers.save(tmp_path / "layers.pt")
+    loaded = load_surrogate(tmp_path / "layers.pt")
+    assert type(loaded).__name__ == "PhaseLayerSurrogate" and loaded.model.n_layers == 8
+    torch.testing.assert_close(loaded.predict(*test), layers.predict(*test))
+    with pytest.raises(ValueError, match="global"):
+        make_surrogate("interferometric-layers", local_radius=0.1, **kw)

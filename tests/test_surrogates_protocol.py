@@ -16,6 +16,7 @@ KINDS = {
     "hyper-additive": {"max_steps": 20},
     "mlp": {"max_steps": 20},
     "interferometric": {"max_steps": 20, "periodic": True},
+    "interferometric-layers": {"max_steps": 20, "periodic": True, "n_layers": 2},
     "gp": {"fit_steps": 10},
     "gp-variational": {"fit_steps": 10, "method": "variational", "num_inducing": 16},
     "gp-lmc": {"fit_steps": 10, "multitask": "lmc", "num_inducing": 16, "n_latents": 2},
@@ -38,9 +39,10 @@ def rows():
 
 
 def test_registry():
-    assert surrogate_kinds() == ["gp", "hyper", "hyper-additive", "interferometric", "mlp"]
+    assert surrogate_kinds() == ["gp", "hyper", "hyper-additive", "interferometric", "interferometric-layers", "mlp"]
     assert isinstance(make_surrogate(), EnsembleSurrogate) and make_surrogate().structure_name == "hyper"
     assert isinstance(make_surrogate("interferometric"), InterferometricSurrogate)
+    assert isinstance(make_surrogate("interferometric-layers"), surrogates.PhaseLayerSurrogate)
     assert isinstance(make_surrogate("gp"), GPSurrogate)
     with pytest.raises(ValueError, match="unknown surrogate kind"):
         make_surrogate("nope")
