@@ -201,15 +201,20 @@ class InterferometricStructure(nn.Module):
         if self.unit_power:
             x = unit_field(x)
         xc = x.expand(m, *batch, x.shape[-1]).reshape(m, -1, x.shape[-1]).to(d.dtype)
-        u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
-        vx = torch.bmm(xc, v.transpose(1, 2))                       # (M, R, P): v_j . x
-        field = torch.bmm(xc, u0.transpose(1, 2)) + torch.bmm(d * vx, u)   # (M, R, N)
+        field = self.field(d, xc)
         intensity = field.real ** 2 + field.imag ** 2
         if self.output == "gain":
             y = self.gain * intensity[..., :self.out_dim] + self.offset
         else:
             y = torch.baddbmm(self.offset, intensity, self.gain)
         return y.reshape(m, *batch, self.out_dim)
+
+    def field(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Output field ``(M, R, n_modes)`` from ``d = exp(i delta) - 1`` ``(M, R, P)`` and the
+        complex input field ``x (M, R, in_dim)``: the first-order model."""
+        u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
+        vx = torch.bmm(x, v.transpose(1, 2))                        # (M, R, P): v_j . x
+        return torch.bmm(x, u0.transpose(1, 2)) + torch.bmm(d * vx, u)
 
     @torch.no_grad()
     def init_readout(self, a: torch.Tensor, c: torch.Tensor) -> None:
