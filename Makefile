@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m blackbox_sat.quickstart
+	$(BIN)/python -m blackbox_sat.harness.quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

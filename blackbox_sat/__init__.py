@@ -7,14 +7,14 @@ Public API (same names as the CLI)::
     bs.evaluate(result, "mzi", device_kw={"seed": 101})   # -> {"accuracy": ...}
     bs.compare("mzi", task="digits", methods=["spsa", "oracle"], seeds=3, budget=2000, out="runs/cmp")
 """
-from .compare import compare
-from .devices.check import check_device
-from .devices.contract import DeviceContractError, DeviceOutputError, describe
-from .devices.ledger import Ledger
-from .devices.spec import load_device
-from .evaluate import evaluate
-from .methods.registry import method_names, register
-from .training import resume, train
+from blackbox_sat.harness.compare import compare
+from blackbox_sat.devices.check import check_device
+from blackbox_sat.devices.contract import DeviceContractError, DeviceOutputError, describe
+from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.devices.spec import load_device
+from blackbox_sat.harness.evaluate import evaluate
+from blackbox_sat.methods.registry import method_names, register
+from blackbox_sat.harness.run import resume, train
 
 __all__ = ["train", "resume", "evaluate", "compare", "check_device", "load_device", "describe", "Ledger",
            "method_names", "register", "DeviceContractError", "DeviceOutputError"]

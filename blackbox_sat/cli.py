@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .devices.spec import parse_kv
+from blackbox_sat.devices.contract import InvalidInput, UserError
+from blackbox_sat.devices.spec import parse_kv
 
 
 def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
@@ -94,20 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every completed query is in the ledger", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (UserError, FileNotFoundError, FileExistsError) as exc:  # bad input; a bug keeps its traceback
         print(f"blackbox-sat {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _dispatch(args) -> int:
     if args.command == "train":
-        from .training import resume, train
+        from blackbox_sat.harness.run import resume, train
 
         if args.resume:
             result = resume(args.resume, progress=not args.quiet)
         else:
             if not args.device or not args.out:
-                raise ValueError("train needs --device and --out (or --resume DIR)")
+                raise InvalidInput("train needs --device and --out (or --resume DIR)")
             result = train(args.device, task=args.task, method=args.method, budget=args.budget, seed=args.seed,
                            out=args.out, device_kw=parse_kv(args.device_kw), config=parse_kv(args.set),
                            progress=not args.quiet)
@@ -115,7 +116,7 @@ def _dispatch(args) -> int:
         print(json.dumps({k: result[k] for k in keys}))
         return 0
     if args.command == "evaluate":
-        from .evaluate import evaluate
+        from blackbox_sat.harness.evaluate import evaluate
 
         res = evaluate(args.run, args.device, parse_kv(args.device_kw))
         text = json.dumps(res)
@@ -124,7 +125,7 @@ def _dispatch(args) -> int:
             Path(args.json).write_text(text + "\n")
         return 0
     if args.command == "compare":
-        from .compare import compare, summary_table
+        from blackbox_sat.harness.compare import compare, summary_table
 
         res = compare(args.device, task=args.task, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                       seeds=args.seeds, budget=args.budget, out=args.out, device_kw=parse_kv(args.device_kw),
@@ -136,7 +137,7 @@ def _dispatch(args) -> int:
     if args.command == "collect":
         import numpy as np
 
-        from .collect import collect
+        from blackbox_sat.harness.collect import collect
 
         around = None if args.random else np.load(args.around)
         res = collect(args.device, args.settings, args.out, around=around, radius=args.radius, inputs=args.inputs,
@@ -144,7 +145,7 @@ def _dispatch(args) -> int:
         print(json.dumps(res))
         return 0
     if args.command == "fit-surrogate":
-        from .collect import fit_surrogate, write_report
+        from blackbox_sat.harness.collect import fit_surrogate, write_report
 
         rep = fit_surrogate(args.ledger, kind=args.kind, out=args.out, device=args.device,
                             device_kw=parse_kv(args.device_kw) or None, seed=args.seed)
@@ -152,8 +153,8 @@ def _dispatch(args) -> int:
         print(json.dumps(rep))
         return 0
     if args.command == "check-device":
-        from .devices.check import check_device
-        from .devices.spec import load_device
+        from blackbox_sat.devices.check import check_device
+        from blackbox_sat.devices.spec import load_device
 
         report = check_device(load_device(args.spec, **parse_kv(args.device_kw)), repeats=args.repeats)
         for k, v in report.items():
@@ -161,7 +162,7 @@ def _dispatch(args) -> int:
         print("OK: the device satisfies the contract")
         return 0
     if args.command == "serve-device":
-        from .devices.server import serve
+        from blackbox_sat.devices.server import serve
 
         return serve(args.device, parse_kv(args.device_kw), host=args.host, port=args.port,
                      token_file=args.token_file, journal=args.journal, max_message_bytes=args.max_message_bytes)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 import blackbox_sat as bs
-from blackbox_sat.collect import collect, fit_surrogate
+from blackbox_sat.harness.collect import collect, fit_surrogate
 from blackbox_sat.devices.spec import parse_kv
 
 def oracle_halfway(device: str, device_kw: dict, task: str, out: str, by: str = "epochs") -> np.ndarray:

@@ -1,6 +1,6 @@
 """The model-based tables: offline, offline-sat, nat and oracle on each built-in device.
 
-Thin wrapper over ``blackbox_sat.compare``: trains on chip seed 0 and evaluates on the
+Thin wrapper over ``blackbox_sat.harness.compare``: trains on chip seed 0 and evaluates on the
 trained chip, the unseen chips 101-105 and over each device's sweep (BENCHMARK.md).
 
     .venv/bin/python scripts/model_based_tables.py --out runs/tables --seeds 1
@@ -8,7 +8,7 @@ trained chip, the unseen chips 101-105 and over each device's sweep (BENCHMARK.m
 import argparse
 
 import blackbox_sat as bs
-from blackbox_sat.compare import summary_table
+from blackbox_sat.harness.compare import summary_table
 
 PRESETS = {
     "mzi16": ("mzi", {}, {}),

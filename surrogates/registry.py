@@ -13,8 +13,12 @@ Further kinds can be added with :func:`register_surrogate`.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from .gp import GPSurrogate
 from .interferometric import InterferometricSurrogate
@@ -60,3 +64,45 @@ def load_surrogate(path) -> Surrogate:
     """Any saved surrogate of this package, whatever its kind."""
     from .base import SurrogateBase
     return SurrogateBase.load(path)
+
+
+#: Constructor keywords that the caller fills from the device, not options of a family.
+_CONTEXT_KEYWORDS = ("theta_low", "theta_high", "periodic", "seed", "structure", "self")
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyOptions:
+    """Base of each family's generated options class."""
+
+
+def family_options(kind: str) -> type:
+    """A frozen dataclass of ``kind``'s constructor options with their defaults.
+
+    Generated from the constructor signatures along the class's bases (keywords passed on
+    with ``**kw`` included), so the options a user can set never drift from what the family
+    accepts. Pass ``make_surrogate`` only the options that differ from these defaults (a
+    family may fill some of its base's keywords itself)."""
+    if kind not in _FACTORIES:
+        raise ValueError(f"unknown surrogate kind {kind!r}; known: {surrogate_kinds()}")
+    factory = _FACTORIES[kind]
+    fixed = dict(factory.keywords) if isinstance(factory, partial) else {}
+    cls = factory.func if isinstance(factory, partial) else factory
+    fields: dict[str, tuple[Any, Any]] = {}
+    for klass in getattr(cls, "__mro__", (cls,)):
+        init = klass.__dict__.get("__init__") if isinstance(klass, type) else klass
+        if init is None:
+            continue
+        hints = typing.get_type_hints(init)
+        params = inspect.signature(init).parameters
+        for name, p in params.items():
+            if name in _CONTEXT_KEYWORDS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in fields:
+                continue
+            if p.default is p.empty and name not in fixed:
+                continue
+            fields[name] = (hints.get(name, Any), fixed.get(name, p.default))
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    spec = [(n, t, dataclasses.field(default_factory=partial(dict, d)) if isinstance(d, dict) else d)
+            for n, (t, d) in fields.items()]
+    return dataclasses.make_dataclass(f"{kind.title().replace('-', '')}Options", spec, bases=(FamilyOptions,),
+                                      frozen=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import blackbox_sat as bs
-from blackbox_sat import physics_aware
+from blackbox_sat.training import physics_aware
 from blackbox_sat.cli import main
 from blackbox_sat.devices.ledger import Ledger
 
@@ -51,7 +51,7 @@ def test_a_move_that_raises_the_device_loss_is_rejected(tmp_path, monkeypatch):
         step.grad = -step.grad
         return step
 
-    monkeypatch.setattr("blackbox_sat.pipeline.physics_aware_step", uphill)
+    monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", uphill)
     cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0}
     r = bs.train(OPAQUE, task="iris", method="blackbox", budget=100, out=tmp_path / "u", config=cfg, progress=False)
     assert r["extra"]["rounds"] >= 2 and r["extra"]["accepted_rounds"] < r["extra"]["rounds"]
@@ -84,7 +84,7 @@ def test_a_refinement_that_raises_the_device_loss_is_dropped(tmp_path, monkeypat
     def wild(ctx, theta, n, **kw):  # a refinement that lands far away, at the bounds
         return ctx.info.project(np.where(theta > ctx.info.low + ctx.info.scale / 2, ctx.info.low, ctx.info.high)), []
 
-    monkeypatch.setattr("blackbox_sat.refine.refine", wild)
+    monkeypatch.setattr("blackbox_sat.training.pipeline.refine", wild)
     cfg = {**SMALL, "refine_fraction": 0.1}
     r = bs.train(OPAQUE, task="iris", method="blackbox", budget=100, out=tmp_path / "w", config=cfg, progress=False)
     ref = r["extra"]["refine"]
@@ -101,7 +101,7 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
         seen.append((ctx.device.settings_used, rho))
         return real(ctx, theta, idx, stand_in, rho=rho, **kw)
 
-    monkeypatch.setattr("blackbox_sat.pipeline.physics_aware_step", record)
+    monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", record)
     cfg = {**SMALL, "refine_fraction": 0.0, "rho": 0.04}
     bs.train(OPAQUE, task="iris", method="blackbox-sat", budget=100, out=tmp_path / "r", config=cfg, progress=False)
     used, rho = np.array(seen).T
@@ -114,7 +114,7 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
 
 
 def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monkeypatch):
-    from blackbox_sat.pipeline import REFIT_BY_FAMILY
+    from blackbox_sat.training.pipeline import REFIT_BY_FAMILY
     from surrogates.neural import EnsembleSurrogate
 
     real, seen = EnsembleSurrogate.update, []
@@ -154,7 +154,7 @@ def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, mon
         fits.append(len(theta))
         return real_fit(self, theta, *args, **kw)
 
-    monkeypatch.setattr("blackbox_sat.pipeline.physics_aware_step", uphill)
+    monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", uphill)
     monkeypatch.setattr(EnsembleSurrogate, "fit", count)
     cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0, "refit_window": 20,
            "refresh_after": 2}

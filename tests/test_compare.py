@@ -3,9 +3,12 @@ import csv
 
 import numpy as np
 import pytest
+from dataclasses import dataclass
+
+from blackbox_sat.training.config import RunConfig
 
 import blackbox_sat as bs
-from blackbox_sat.compare import summarise
+from blackbox_sat.harness.compare import summarise
 from blackbox_sat.methods.registry import METHODS, MethodResult, register
 
 TINY = dict(task="iris", seeds=2, budget=60, device_kw={"n_modes": 4}, unseen=(101,), sweep={"drift": [0.5]},
@@ -14,9 +17,13 @@ TINY = dict(task="iris", seeds=2, budget=60, device_kw={"n_modes": 4}, unseen=(1
 
 @pytest.fixture(scope="module", autouse=True)
 def flaky_method():
-    @register("test-flaky", {"fail_seed": 1})
+    @dataclass(frozen=True)
+    class FlakyConfig(RunConfig):
+        fail_seed: int = 1
+
+    @register("test-flaky", FlakyConfig)
     def flaky(ctx):
-        if ctx.seed == ctx.config["fail_seed"]:
+        if ctx.seed == ctx.config.fail_seed:
             raise RuntimeError("instrument fell over")
         theta = ctx.theta0.copy()
         for _ in range(3):

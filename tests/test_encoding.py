@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from blackbox_sat.encoding import FixedEncoding, hybrid_features
-from blackbox_sat.tasks import load_task
+from blackbox_sat.data.encoding import FixedEncoding, hybrid_features
+from blackbox_sat.data.tasks import load_task
 
 
 @pytest.fixture(scope="module")

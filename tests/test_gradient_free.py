@@ -3,6 +3,8 @@ one minibatch per generation, the CMA mean recommendation, periodic coordinates,
 determinism, graceful stop, and spsa clearly above chance."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -10,12 +12,12 @@ import torch
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.methods import gradient_free as gf
 from blackbox_sat.methods.registry import get_method
-from blackbox_sat.refine import DeviceObjective
+from blackbox_sat.training.refine import DeviceObjective
 from blackbox_sat.sim.mrr import mrr
 from blackbox_sat.sim.mzi import mzi
-from blackbox_sat.training import train
+from blackbox_sat.harness.run import train
 
-from .test_refine import fail_after, make_ctx, small_mrr
+from .conftest import fail_after, make_ctx, small_mrr
 
 torch.set_num_threads(1)  # tiny tensors; the test machine's cores are shared
 
@@ -28,7 +30,7 @@ def test_registered_as_device_methods_with_data_defaults():
         assert spec.needs == "device" and not spec.model_based and spec.summary
     assert get_method("spsa").defaults["rule"] == "spsa"
     assert get_method("spsa").defaults["select"] == "val"
-    assert set(gf.NG_DEFAULTS) <= set(get_method("ng-cma").defaults)
+    assert set(asdict(gf.NevergradConfig())) <= set(get_method("ng-cma").defaults)
 
 
 @pytest.mark.parametrize("method", NG)
@@ -75,7 +77,7 @@ def _capture_optimizer(monkeypatch):
 
 
 def test_ng_cma_one_minibatch_per_generation_and_mean_recommendation(monkeypatch):
-    ctx = make_ctx(mrr(in_dim=4, out_dim=10, seed=0), task="digits", budget=200)
+    ctx = make_ctx(mrr(in_dim=4, out_dim=10, seed=0), task="digits", budget=200, method="ng-cma")
     log = _record_queries(monkeypatch, ctx)
     box = _capture_optimizer(monkeypatch)
     out = gf.run_nevergrad(ctx, "cma")
@@ -97,11 +99,11 @@ def test_ng_cma_one_minibatch_per_generation_and_mean_recommendation(monkeypatch
     assert not np.allclose(out.theta, best_theta)
     # non-elitist, full covariance, initial step sigma0 in normalized units
     assert opt._es.opts["CMA_elitist"] is False and not opt._es.opts["CMA_diagonal"]
-    assert 0.2 * gf.NG_DEFAULTS["sigma0"] < out.extra["final_sigma"] < 5 * gf.NG_DEFAULTS["sigma0"]
+    assert 0.2 * gf.NevergradConfig().sigma0 < out.extra["final_sigma"] < 5 * gf.NevergradConfig().sigma0
 
 
 def test_ng_tbpsa_recommends_its_centre(monkeypatch):
-    ctx = make_ctx(small_mrr(), budget=200)
+    ctx = make_ctx(small_mrr(), budget=200, method="ng-cma")
     box = _capture_optimizer(monkeypatch)
     out = gf.run_nevergrad(ctx, "tbpsa")
     opt, space = box["opt"], box["space"]
@@ -111,7 +113,7 @@ def test_ng_tbpsa_recommends_its_centre(monkeypatch):
 
 
 def test_cma_initial_spread_is_sigma0_in_normalized_units(monkeypatch):
-    ctx = make_ctx(small_mrr(), budget=60, config={"sigma0": 0.03})
+    ctx = make_ctx(small_mrr(), budget=60, config={"sigma0": 0.03}, method="ng-cma")
     log = _record_queries(monkeypatch, ctx)
     gf.run_nevergrad(ctx, "cma")
     u0 = ctx.theta0 / ctx.info.scale
@@ -172,7 +174,7 @@ def test_same_seed_same_result(tmp_path):
 
 
 def test_budget_exhausted_from_the_device_returns_the_mean(monkeypatch):
-    ctx = make_ctx(small_mrr(), budget=300)
+    ctx = make_ctx(small_mrr(), budget=300, method="ng-cma")
     calls = fail_after(ctx, monkeypatch, 50)
     for kind in ("cma", "tbpsa", "ngopt"):
         calls["n"] = 0
@@ -195,7 +197,7 @@ def test_spsa_on_mrr_is_clearly_above_chance(tmp_path):
 def test_resume_replays_the_whole_run(method, tmp_path):
     """The methods are deterministic given the seed, so a resumed run replays every
     logged query from the ledger and ends at the same setting without paying again."""
-    from blackbox_sat.training import resume
+    from blackbox_sat.harness.run import resume
 
     first = train(small_mrr(), task="iris", method=method, budget=60, seed=1, out=tmp_path, progress=False)
     theta = np.load(tmp_path / "theta.npy")

@@ -2,10 +2,10 @@
 import numpy as np
 import torch
 
-from blackbox_sat.physics_aware import Anchors, physics_aware_step
+from blackbox_sat.training.physics_aware import Anchors, physics_aware_step
 from blackbox_sat.sim import mrr
 
-from .test_refine import make_ctx
+from .conftest import make_ctx
 
 
 def _ctx():
@@ -49,7 +49,7 @@ def test_anchored_steps_need_measured_rows_and_survive_a_refit():
 
 
 def test_paired_delta_r2_scores_only_what_theta_changes():
-    from blackbox_sat.pipeline import paired_delta_r2
+    from blackbox_sat.training.pipeline import paired_delta_r2
     rng = np.random.default_rng(0)
     x = np.repeat(rng.normal(size=(50, 3)), 4, axis=0)          # each input under 4 settings
     theta_part = rng.normal(size=(200, 2))

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from blackbox_sat import backends
+from blackbox_sat.harness import backends
 from blackbox_sat.cli import main
-from blackbox_sat.compare import Trial, compare
+from blackbox_sat.harness.compare import Trial, compare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(task="iris", methods=["offline", "oracle"], seeds=2, budget=100, device_kw={"n_modes": 4},
@@ -55,7 +55,7 @@ def result_mtimes(out: Path) -> dict:
 
 
 def test_ray_gives_the_local_rows_and_reruns_skip(local_ray, tmp_path):
-    local = compare("mzi", out=tmp_path / "local", **TINY)
+    compare("mzi", out=tmp_path / "local", **TINY)
     remote = compare("mzi", out=tmp_path / "ray", backend="ray", **TINY)
     assert [r["status"] for r in remote["rows"]] == ["ok"] * 4
     a, b = read_rows(tmp_path / "local"), read_rows(tmp_path / "ray")

@@ -1,4 +1,4 @@
-"""Zeroth-order refinement (blackbox_sat.refine): it lowers the device loss on a noisy
+"""Zeroth-order refinement (blackbox_sat.training.refine): it lowers the device loss on a noisy
 device, never spends more than it is given, blocking rejects a move that raises the loss,
 sa-spsa perturbs at exactly rho, gain calibration hits its target step."""
 from __future__ import annotations
@@ -8,77 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blackbox_sat.context import TrainContext
-from blackbox_sat.devices.contract import describe
-from blackbox_sat.devices.metered import BudgetExhausted, MeteredDevice
-from blackbox_sat.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
-from blackbox_sat.refine import REFINE_DEFAULTS, RULES, DeviceObjective, refine, refine_options
-from blackbox_sat.sim.mrr import mrr
+from blackbox_sat.training.config import ConfigError
+from blackbox_sat.training.refine import RULES, DeviceObjective, RefineConfig, refine, refine_options
 from blackbox_sat.sim.mzi import mzi
-from blackbox_sat.tasks import load_task
-from blackbox_sat.training import train
+from blackbox_sat.harness.run import train
+
+from .conftest import fail_after, make_ctx, record_refine_queries, small_mrr, true_loss
 
 # tiny tensors: one thread is much faster, and the test machine's cores are shared
 torch.set_num_threads(1)
 
 
-def make_ctx(device, task="iris", budget=400, seed=0, config=None) -> TrainContext:
-    """The context ``train`` builds, without files: metered device (no ledger), PNN with
-    the gain calibrated on the device (1 setting), encoded data."""
-    info = describe(device)
-    data = load_task(task)
-    pnn = PNN.build(data.x_train, data.n_classes, info)
-    metered = MeteredDevice(device, None, budget=budget)
-    theta0 = info.start(seed)
-    f_train = pnn.features(data.x_train)
-    x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).numpy()
-    pnn.gain.fill_(calibrate_gain(metered.query(theta0, x_cal, purpose="calibrate"), data.n_classes))
-    return TrainContext(metered, device, pnn, f_train, data.y_train, pnn.features(data.x_val), data.y_val,
-                        pnn.features(data.x_test), data.y_test, theta0, seed, dict(config or {}), budget)
-
-
-def fail_after(ctx: TrainContext, monkeypatch, n: int) -> dict:
-    """Make ``ctx.device`` raise ``BudgetExhausted`` after ``n`` queries (someone else spent
-    the budget); returns the call counter, which a test may reset."""
-    real, calls = ctx.device.query, {"n": 0}
-
-    def flaky(theta, x, purpose="train"):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise BudgetExhausted("someone else spent the budget")
-        return real(theta, x, purpose=purpose)
-
-    monkeypatch.setattr(ctx.device, "query", flaky)
-    return calls
-
-
-def record_refine_queries(ctx: TrainContext, monkeypatch) -> list:
-    """The settings ``ctx.device`` is queried at with purpose ``refine``, in order."""
-    real, queried = ctx.device.query, []
-
-    def record(theta, x, purpose="train"):
-        if purpose == "refine":
-            queried.append(np.asarray(theta, float).copy())
-        return real(theta, x, purpose=purpose)
-
-    monkeypatch.setattr(ctx.device, "query", record)
-    return queried
-
-
-def true_loss(ctx: TrainContext, theta) -> float:
-    """Noise-free training loss on the whole training set, through the chip's true model."""
-    model = ctx.source.true_model()
-    with torch.no_grad():
-        x = ctx.pnn.device_inputs(ctx.f_train)
-        y = model(torch.as_tensor(np.asarray(theta, float)), x)
-        return float(F.cross_entropy(ctx.pnn(y), torch.as_tensor(ctx.y_train)))
-
-
-def small_mrr(**kw):
-    return mrr(in_dim=8, out_dim=4, seed=0, **kw)  # default read, programming and DAC noise
-
-
-# --- the objective --------------------------------------------------------------------
 def test_objective_counts_one_setting_per_loss_and_matches_true_model():
     ctx = make_ctx(small_mrr(noise=0.0, programming_noise=0.0, dac_bits=None))
     obj = DeviceObjective(ctx)
@@ -109,9 +49,9 @@ def test_objective_wraps_periodic_parameters():
 
 
 def test_options_are_checked():
-    assert refine_options("rdsa")["directions"] == "gaussian"
-    assert refine_options("spsa")["directions"] == "rademacher"
-    with pytest.raises(TypeError):
+    assert refine_options("rdsa").direction_kind == "gaussian"
+    assert refine_options("spsa").direction_kind == "rademacher"
+    with pytest.raises(ConfigError, match="did you mean|valid keys"):
         refine_options("spsa", nonsense=1)
     with pytest.raises(ValueError):
         refine_options("newton")
@@ -303,7 +243,7 @@ def test_gain_calibration_sets_the_first_step_size(target, monkeypatch):
     monkeypatch.setattr(DeviceObjective, "loss", linear)
     theta, hist = refine(ctx, ctx.theta0, 500, step=target, normalize=None, select="last")
     steps, summary = list(hist), hist.summary
-    alpha, big_a = REFINE_DEFAULTS["alpha"], 0.1 * summary["planned_steps"]
+    alpha, big_a = RefineConfig().alpha, 0.1 * summary["planned_steps"]
     # a_0 * calibrated RMS is the target exactly ...
     assert summary["a"] / (1 + big_a) ** alpha * summary["calibration_rms"] == pytest.approx(target)
     assert summary["calibration_rms"] == pytest.approx(1.0, rel=0.6)  # RMS of (w.d) d is |w| = 1

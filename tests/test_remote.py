@@ -1,8 +1,8 @@
 """The TCP device server and client: round trip, security, journal, faults (issue 6).
 
 Servers run in-process (threads, port 0) or as ``python -m blackbox_sat.cli serve-device``
-subprocesses on 127.0.0.1; every one is stopped by its test. Helpers here are also used by
-``test_resume.py``.
+subprocesses on 127.0.0.1; every one is stopped by its test. Shared helpers live in
+``conftest.py``.
 """
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,61 +30,7 @@ from blackbox_sat.devices.remote import (DeviceConnectionError, DeviceTimeoutErr
 from blackbox_sat.devices.server import DeviceServer
 from blackbox_sat.sim import BUILTINS
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-0123456789abcdef"
-QUIET = {"in_dim": 4, "out_dim": 3, "noise": 0.0, "programming_noise": 0.0}
-
-
-# --------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------
-def mrr4(**kw):
-    """The small served device of these tests: an MRR bank with 4 inputs and 3 outputs."""
-    return BUILTINS["mrr"](**{"in_dim": 4, "out_dim": 3, **kw})
-
-
-class Faulty:
-    """Wraps a device; after ``after`` good calls it misbehaves as ``mode``:
-    ``raise``, ``nan``, ``shape``, ``hang`` (until ``release`` is set) or ``gate`` (signals
-    ``reached`` and waits for ``release``, then answers normally). ``mode=None``: healthy."""
-
-    def __init__(self, device, mode=None, after=0, delay=0.0):
-        self.device, self.mode, self.after, self.delay = device, mode, after, delay
-        for name in ("n_params", "in_dim", "out_dim", "bounds", "periodic", "input_bounds", "theta0", "max_batch"):
-            if hasattr(device, name):
-                setattr(self, name, getattr(device, name))
-        self.calls = self.active = self.max_active = 0
-        self.reached, self.release = threading.Event(), threading.Event()
-
-    def query(self, theta, x):
-        self.calls += 1
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            if self.delay:
-                time.sleep(self.delay)
-            return self._answer(theta, x)
-        finally:
-            self.active -= 1
-
-    def _answer(self, theta, x):
-        y = self.device.query(theta, x)
-        if self.mode is None or self.calls <= self.after:
-            return y
-        if self.mode == "raise":
-            raise OSError("instrument timeout on channel 3")
-        if self.mode == "nan":
-            y = y.copy()
-            y[0, 0] = np.nan
-            return y
-        if self.mode == "shape":
-            return y[:, :-1]
-        if self.mode in ("hang", "gate"):
-            self.mode = None if self.mode == "gate" else self.mode
-            self.reached.set()
-            self.release.wait(30)
-        return y
-
+from .conftest import QUIET, TOKEN, Faulty, mrr4, start_server_process, stop
 
 def raw_exchange(url_or_addr, payload: bytes, read_reply: bool = True, timeout: float = 5.0):
     """Send raw bytes on a fresh connection and return the decoded reply (None on EOF)."""
@@ -129,39 +72,6 @@ def healthy(url) -> bool:
     """A fresh valid client gets its info."""
     reply = request(url, kind="info")
     return reply is not None and reply["status"] == "ok" and reply["info"]["n_params"] > 0
-
-
-def start_server_process(tmp_path: Path, device=("mrr", "in_dim=4", "out_dim=3"), port: int = 0,
-                         journal: Path | None = None, extra=(), name="server"):
-    """``blackbox-sat serve-device`` as a subprocess; returns ``(proc, url)``."""
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    spec, *kws = device
-    cmd = [sys.executable, "-m", "blackbox_sat.cli", "serve-device", "--device", spec, "--port", str(port),
-           "--token-file", str(token_file), "--journal", str(journal or tmp_path / "journal.sqlite"), *extra]
-    for kw in kws:
-        cmd += ["--device-kw", kw]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("BLACKBOX_SAT_TOKEN", None)
-    log = open(tmp_path / f"{name}.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, env=env)
-    log.close()
-    line = proc.stdout.readline().decode()  # "listening on tcp://127.0.0.1:PORT", printed once bound
-    m = re.search(r"listening on (tcp://\S+)", line)
-    if not m:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"server did not start: {line!r}\n{(tmp_path / f'{name}.log').read_text()}")
-    return proc, m.group(1)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-    if proc.stdout:
-        proc.stdout.close()
 
 
 @pytest.fixture
@@ -513,11 +423,6 @@ def test_cli_serve_device_requires_a_token(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
     assert main(["serve-device", "--device", "mrr", "--port", "0", "--journal", str(tmp_path / "j")]) == 2
     assert "needs a token" in capsys.readouterr().err
-
-
-def slow_mrr4(delay=0.004, **kw):
-    """Factory for subprocess servers (``tests.test_remote:slow_mrr4``): mrr4 taking ``delay`` s a call."""
-    return Faulty(mrr4(**kw), delay=delay)
 
 
 def test_idle_and_unauthenticated_connections_are_closed(monkeypatch):

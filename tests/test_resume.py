@@ -25,7 +25,7 @@ from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.remote import query_digest
 from blackbox_sat.devices.server import DeviceServer
 
-from .test_remote import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop
+from .conftest import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop
 
 BUDGET = 150
 TRAIN = ["--task", "iris", "--method", "spsa", "--budget", str(BUDGET), "--seed", "0", "--quiet"]
@@ -204,7 +204,7 @@ def test_sigkill_server_process_mid_run(tmp_path):
     """A real `serve-device` process is SIGKILLed mid-run and restarted on the same port and
     journal; the trainer rides it out. At most the one query in flight is measured again."""
     journal = tmp_path / "journal.sqlite"
-    device = ("tests.test_remote:slow_mrr4", "noise=0.0", "programming_noise=0.0")
+    device = ("tests.conftest:slow_mrr4", "noise=0.0", "programming_noise=0.0")
     server, url = start_server_process(tmp_path, device=device, journal=journal)
     port = url.rsplit(":", 1)[1]
     out = tmp_path / "run"

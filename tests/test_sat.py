@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blackbox_sat.devices.contract import describe
-from blackbox_sat.sat import ASAM_ETA, SAT, Projector, projector, sat_perturbation
+from blackbox_sat.optim.sat import ASAM_ETA, SAT, Projector, projector, sat_perturbation
 
 DT = torch.float64
 

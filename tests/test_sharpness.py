@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from blackbox_sat.sharpness import sharpness_gap, top_hessian_eigenvalue, worst_case_loss
+from blackbox_sat.optim.sharpness import sharpness_gap, top_hessian_eigenvalue, worst_case_loss
 
 DT = torch.float64
 EIGS = np.array([10.0, 4.0, 2.0, 1.0, 0.5, 0.1])

@@ -1,6 +1,5 @@
 """The ``mrr`` simulator: contract, chip identity, views, drift physics and gradients."""
 import numpy as np
-import pytest
 import torch
 
 from blackbox_sat.devices.contract import describe

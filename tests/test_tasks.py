@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from blackbox_sat import tasks
-from blackbox_sat.tasks import (
+from blackbox_sat.data import tasks
+from blackbox_sat.data.tasks import (
     TASK_NAMES,
     IDXFormatError,
     Task,

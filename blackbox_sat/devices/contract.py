@@ -18,11 +18,28 @@ DEFAULT_UNBOUNDED_SCALE = 1.0
 THETA0_JITTER = 0.01
 
 
-class DeviceContractError(ValueError):
+class UserError(Exception):
+    """Bad input from the user (a flag, a file, an adapter): the CLI prints it in one line and
+    exits 2. Anything else is a bug and keeps its traceback."""
+
+
+class InvalidInput(UserError, ValueError):
+    """A value the user gave (a flag, a keyword, a file's content) that cannot be used."""
+
+
+class InvalidType(UserError, TypeError):
+    """An argument of the wrong kind (a number where a task name or arrays were expected)."""
+
+
+class MissingCapability(UserError, TypeError):
+    """The device or the run lacks what the chosen method needs (a model, bounds, a seed)."""
+
+
+class DeviceContractError(UserError, ValueError):
     """A device, or a query to it, breaks the device contract."""
 
 
-class DeviceOutputError(RuntimeError):
+class DeviceOutputError(UserError, RuntimeError):
     """A device returned something unusable (wrong shape, NaN, inf) or raised."""
 
 

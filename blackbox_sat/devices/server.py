@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import DeviceContractError, DeviceOutputError, check_inputs, check_outputs, check_theta, describe
+from .contract import DeviceContractError, DeviceOutputError, InvalidInput, check_inputs, check_outputs, check_theta, describe
 from .remote import (DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, REQUEST_ID_RE, decode_array, encode_array, loads,
                      pack, query_digest, read_header, recv_exact)
 
@@ -152,7 +152,7 @@ class DeviceServer:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, name: str | None = None):
         if not token:
-            raise ValueError("serve-device needs a non-empty token")
+            raise InvalidInput("serve-device needs a non-empty token")
         self.device = device
         self.info = describe(device)
         self.name = name or type(device).__name__
@@ -401,9 +401,9 @@ def read_token(token_file: str | Path | None = None, env: str = "BLACKBOX_SAT_TO
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            raise ValueError(f"cannot read --token-file {path}: {exc}") from exc
+            raise InvalidInput(f"cannot read --token-file {path}: {exc}") from exc
         if not token:
-            raise ValueError(f"--token-file {path} is empty")
+            raise InvalidInput(f"--token-file {path} is empty")
         try:
             if path.stat().st_mode & 0o077:
                 log.warning("token file %s is readable by other users; chmod 600 it", path)
@@ -412,7 +412,7 @@ def read_token(token_file: str | Path | None = None, env: str = "BLACKBOX_SAT_TO
         return token
     token = os.environ.get(env, "").strip()
     if not token:
-        raise ValueError(
+        raise InvalidInput(
             f"serve-device needs a token: --token-file FILE or ${env}. Make one with "
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > token && chmod 600 token`")
     return token
@@ -445,13 +445,13 @@ def serve(spec: str, device_kw: dict | None = None, host: str = "127.0.0.1", por
         log.setLevel(logging.INFO)
         log.propagate = False
     if spec.startswith("tcp://"):
-        raise ValueError("serve-device serves a local device; give a simulator or package.module:factory spec")
+        raise InvalidInput("serve-device serves a local device; give a simulator or package.module:factory spec")
     device = load_device(spec, **(device_kw or {}))
     try:
         server = DeviceServer(device, token, host=host, port=port, journal=journal,
                               max_message_bytes=max_message_bytes, name=spec)
     except OSError as exc:
-        raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
+        raise InvalidInput(f"cannot listen on {host}:{port}: {exc}") from exc
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: traffic is not encrypted; tunnel it (ssh -L) across untrusted networks", host)
 

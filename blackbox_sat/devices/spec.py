@@ -12,7 +12,7 @@ import ast
 import importlib
 import inspect
 
-from .contract import DeviceContractError, describe
+from .contract import DeviceContractError, InvalidInput, describe
 
 
 def parse_kv(items: list[str] | None) -> dict:
@@ -20,7 +20,7 @@ def parse_kv(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"expected key=value, got {item!r}")
+            raise InvalidInput(f"expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
             out[key.strip()] = ast.literal_eval(raw)
@@ -31,7 +31,7 @@ def parse_kv(items: list[str] | None) -> dict:
 
 def resolve_factory(spec: str):
     """The callable a ``module:attr`` or built-in spec names."""
-    from ..sim import BUILTINS
+    from blackbox_sat.sim import BUILTINS
 
     if spec in BUILTINS:
         return BUILTINS[spec]
@@ -67,7 +67,7 @@ def load_device(spec, **kwargs):
     """
     if not isinstance(spec, str):
         if kwargs:
-            raise ValueError("device keywords only apply to a spec string, not to a device object")
+            raise InvalidInput("device keywords only apply to a spec string, not to a device object")
         describe(spec)
         return spec
     if spec.startswith("tcp://"):

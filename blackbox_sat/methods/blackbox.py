@@ -11,34 +11,55 @@ The black-box methods receive nothing but the device contract object.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import torch
 
-from ..context import TrainContext
-from ..devices.metered import BudgetExhausted
-from ..devices.spec import resolve_factory
-from ..physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
-from ..pipeline import PIPELINE_DEFAULTS, run_pipeline
+from blackbox_sat.training.context import TrainContext
+from blackbox_sat.devices.metered import BudgetExhausted
+from blackbox_sat.devices.spec import resolve_factory
+from blackbox_sat.training.physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
+from blackbox_sat.training.config import RunConfig
+from blackbox_sat.training.pipeline import PipelineConfig, run_pipeline
+from blackbox_sat.training.refine import RefineConfig
 from .registry import MethodResult, register
 
 
-@register("blackbox-sat", PIPELINE_DEFAULTS, summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement")
+@dataclass(frozen=True)
+class BlackboxConfig(PipelineConfig):
+    """``blackbox``: the pipeline without SAT, refined by plain SPSA."""
+
+    rho: float = 0.0
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="spsa", rho=0.0))
+
+
+@dataclass(frozen=True)
+class PatConfig(PipelineConfig):
+    """``pat``: one surrogate fit, then plain physics-aware steps: no SAT, no refinement."""
+
+    rho: float = 0.0
+    lr_factor: float = 0.1
+    refine_fraction: float = 0.0
+
+
+@register("blackbox-sat", PipelineConfig, summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement")
 def blackbox_sat(ctx: TrainContext) -> MethodResult:
-    theta, extra = run_pipeline(ctx, ctx.config, rho=ctx.config["rho"], refine_rule=ctx.config["refine_rule"])
+    theta, extra = run_pipeline(ctx, ctx.config)
     return MethodResult(theta, extra)
 
 
-@register("blackbox", {**PIPELINE_DEFAULTS, "rho": 0.0, "refine_rule": "spsa"},
+@register("blackbox", BlackboxConfig,
           summary="surrogate, plain physics-aware training in trust regions, SPSA refinement")
 def blackbox(ctx: TrainContext) -> MethodResult:
-    theta, extra = run_pipeline(ctx, ctx.config, rho=ctx.config["rho"], refine_rule=ctx.config["refine_rule"])
+    theta, extra = run_pipeline(ctx, ctx.config)
     return MethodResult(theta, extra)
 
 
-@register("pat", {**PIPELINE_DEFAULTS, "rho": 0.0, "lr_factor": 0.1, "refine_fraction": 0.0},
-          summary="device forward, surrogate backward, plain Adam")
+@register("pat", PatConfig, summary="device forward, surrogate backward, plain Adam")
 def pat(ctx: TrainContext) -> MethodResult:
-    theta, extra = run_pipeline(ctx, ctx.config, rho=ctx.config["rho"], rounds=False, refine_rule=None)
+    theta, extra = run_pipeline(ctx, ctx.config, rounds=False, with_refinement=False)
     return MethodResult(theta, extra)
 
 
@@ -64,33 +85,42 @@ def approximate_model(ctx: TrainContext, spec: str | None):
 #: the approximate model (0.66) beats the paper's ascent on the device (0.44), which halves
 #: the steps a budget buys. Three anchored steps per setting (``inner_steps``, see
 #: :class:`..physics_aware.Anchors`) raised it to 0.852 (seed 0) and 0.796 (seed 1).
-@register("insitu-sat", {"model": "nominal", "rho": 0.05, "adaptive": False, "ascent": "surrogate", "lr": 0.01,
-                         "lr_final": 0.1, "inner_steps": 3},
-          needs="approximate", summary="device forward, backward through an approximate model, SAT ascent on the device")
+@dataclass(frozen=True)
+class InsituSatConfig(RunConfig):
+    model: str = "nominal"    # ``nominal`` or ``package.module:function`` returning a torch model
+    rho: float = 0.05
+    adaptive: bool = False
+    ascent: Literal["device", "surrogate"] = "surrogate"
+    lr: float = 0.01          # normalized units per step
+    lr_final: float = 0.1     # cosine decay to lr * lr_final
+    inner_steps: int = 3
+
+
+@register("insitu-sat", InsituSatConfig, needs="approximate", summary="device forward, backward through an approximate model, SAT ascent on the device")
 def insitu_sat(ctx: TrainContext) -> MethodResult:
     cfg, info = ctx.config, ctx.info
-    model = approximate_model(ctx, cfg["model"])
+    model = approximate_model(ctx, cfg.model)
     scale = info.scale
     theta = ctx.theta0.copy()
     u = torch.tensor(theta / scale, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=cfg["lr"])
+    opt = torch.optim.Adam([u], lr=cfg.lr)
     if ctx.pnn.trainable:
         opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
-    per_step = 2 if cfg["rho"] > 0 and cfg["ascent"] == "device" else 1
+    per_step = 2 if cfg.rho > 0 and cfg.ascent == "device" else 1
     n_steps = max(1, ctx.device.remaining // per_step)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps, eta_min=cfg["lr"] * cfg["lr_final"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps, eta_min=cfg.lr * cfg.lr_final)
     batches, losses = ctx.minibatches(), []
     anchors = Anchors(len(ctx.y_train), info.out_dim)
     try:
         while ctx.device.remaining >= per_step:
             opt.zero_grad()
             idx = next(batches)
-            step = physics_aware_step(ctx, theta, idx, model, rho=cfg["rho"], ascent=cfg["ascent"],
-                                      adaptive=cfg["adaptive"])
+            step = physics_aware_step(ctx, theta, idx, model, rho=cfg.rho, ascent=cfg.ascent,
+                                      adaptive=cfg.adaptive)
             anchors.record(step, idx, theta)
             theta = normalized_step(opt, u, step.grad, info)
-            theta = anchored_steps(ctx, anchors, model, opt, u, theta, batches, cfg["inner_steps"], rho=cfg["rho"],
-                                   adaptive=cfg["adaptive"])
+            theta = anchored_steps(ctx, anchors, model, opt, u, theta, batches, cfg.inner_steps, rho=cfg.rho,
+                                   adaptive=cfg.adaptive)
             sched.step()
             losses.append(step.loss)
             ctx.snapshot(theta)

@@ -1,20 +1,20 @@
 """Gradient-free baselines on the device: ``spsa``, ``ng-cma``, ``ng-ngopt``, ``ng-tbpsa``.
 
 All four query only the metered device, start from ``ctx.theta0``, spend the budget left
-after the readout-gain calibration (done by :func:`~blackbox_sat.training.train` before the
+after the readout-gain calibration (done by :func:`~blackbox_sat.harness.run.train` before the
 method runs), measure every setting on one training minibatch of 128 inputs shared by the
 whole step / generation (common random numbers), work in normalized coordinates
 ``u = theta / scale`` and record the accuracy curve with ``ctx.snapshot``. Nothing here
 looks at the test set: test accuracy is only read by ``snapshot`` (purpose ``eval``).
 
 ``spsa``
-    :func:`blackbox_sat.refine.refine` alone, from ``theta0``, with the whole budget (rule
+    :func:`blackbox_sat.training.refine.refine` alone, from ``theta0``, with the whole budget (rule
     ``spsa``; ``--set rule=rdsa`` or ``sa-spsa`` switch the estimator). Defaults: the
     refine defaults (Rademacher pairs with c = 0.02 on one minibatch, Spall's gain decay,
     Adam-normalised steps) except ``step = 0.015`` per coordinate for the first step: a
     start from scratch needs larger steps than refining a trained point (measured across
     ``mzi``, ``mrr`` and ``freespace`` on validation accuracy; table in
-    :mod:`blackbox_sat.refine`). ``--set normalize=None`` gives plain SPSA, whose gain is
+    :mod:`blackbox_sat.training.refine`). ``--set normalize=None`` gives plain SPSA, whose gain is
     calibrated on training minibatches so that the first step moves ``step`` per coordinate.
     Returned point: the Polyak average of the last quarter of the iterates or the last
     iterate, whichever has the higher validation accuracy measured on the device
@@ -90,22 +90,35 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from ..context import MINIBATCH, TrainContext
-from ..devices.metered import BudgetExhausted
-from ..refine import REFINE_DEFAULTS, DeviceObjective, refine
+from blackbox_sat.devices.metered import BudgetExhausted
+from blackbox_sat.training.config import RunConfig
+from blackbox_sat.training.context import MINIBATCH, TrainContext
+from blackbox_sat.training.refine import DeviceObjective, RefineConfig, refine
+
 from .registry import MethodResult, register
 
-#: ``spsa`` defaults: :data:`blackbox_sat.refine.REFINE_DEFAULTS` with the rule and
-#: validation-based choice between the tail average and the last iterate.
-SPSA_DEFAULTS = {**{k: v for k, v in REFINE_DEFAULTS.items() if k not in ("purpose",)},
-                 "rule": "spsa", "select": "val", "step": 0.015}
 
-#: nevergrad defaults: initial step (fraction of the normalized range) and population
-#: (None: ``4 + floor(3 ln n)``).
-NG_DEFAULTS = {"sigma0": 0.02, "popsize": None, "batch": MINIBATCH}
+@dataclass(frozen=True)
+class SpsaConfig(RunConfig, RefineConfig):
+    """``spsa``: refinement's options from ``theta0``, choosing between the tail average and the
+    last iterate on validation accuracy, with a larger first step than refinement's."""
+
+    select: Literal["average", "last", "val"] = "val"
+    step: float = 0.015
+
+
+@dataclass(frozen=True)
+class NevergradConfig(RunConfig):
+    """Initial step (fraction of the normalized range) and population (None: ``4 + floor(3 ln n)``)."""
+
+    sigma0: float = 0.02
+    popsize: int | None = None
+    batch: int = MINIBATCH
 
 
 def default_popsize(n: int) -> int:
@@ -113,12 +126,11 @@ def default_popsize(n: int) -> int:
     return 4 + int(3 * math.log(max(n, 1)))
 
 
-@register("spsa", SPSA_DEFAULTS, needs="device",
+@register("spsa", SpsaConfig, needs="device",
           summary="in-situ SPSA on the device from theta0 (Adam-normalised, pairs on one minibatch)")
 def spsa(ctx: TrainContext) -> MethodResult:
-    opts = {k: ctx.config[k] for k in SPSA_DEFAULTS if k != "rule" and k in ctx.config}
     budget = ctx.device.remaining if ctx.device.remaining is not None else ctx.budget
-    theta, history = refine(ctx, ctx.theta0, budget, rule=ctx.config.get("rule", "spsa"), **opts)
+    theta, history = refine(ctx, ctx.theta0, budget, config=ctx.config)
     return MethodResult(theta, {
         "refine": history.summary,
         "loss_trace": [round(h["loss"], 5) for h in history],
@@ -205,14 +217,14 @@ def _mean_u(kind: str, optimizer, space: _Space, u0: np.ndarray) -> np.ndarray:
 
 def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
     """Ask/tell loop of one nevergrad optimizer on the device (module docstring)."""
-    cfg = {**NG_DEFAULTS, **{k: ctx.config[k] for k in NG_DEFAULTS if k in ctx.config}}
+    cfg = ctx.config
     obj = DeviceObjective(ctx, purpose="train")
     dev = ctx.device
-    ev = obj.cost(int(cfg["batch"]))
+    ev = obj.cost(cfg.batch)
     budget = (dev.remaining if dev.remaining is not None else ctx.budget) // ev
     u0 = obj.keep(obj.to_u(ctx.theta0))
-    sigma0 = float(cfg["sigma0"])
-    popsize = int(cfg["popsize"] or default_popsize(obj.n))
+    sigma0 = cfg.sigma0
+    popsize = cfg.popsize or default_popsize(obj.n)
     extra = {"optimizer": None, "popsize": popsize, "sigma0": sigma0, "generations": 0, "evaluations": 0,
              "recommendation": "mean" if kind in ("cma", "tbpsa") else "nevergrad pessimistic best",
              "budget_exhausted": False}
@@ -228,7 +240,7 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
             extra["optimizer"] = f"ParametrizedCMA(elitist=False, diagonal=False, popsize={popsize})"
         else:
             extra["optimizer"] = f"ParametrizedTBPSA(naive=False, initial_popsize={popsize})"
-        batches = ctx.minibatches(int(cfg["batch"]))
+        batches = ctx.minibatches(cfg.batch)
         loss_trace, first_es, restarts = [], None, 0
         try:
             while True:
@@ -265,19 +277,19 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
     return MethodResult(obj.to_theta(u), extra)
 
 
-@register("ng-cma", NG_DEFAULTS, needs="device",
+@register("ng-cma", NevergradConfig, needs="device",
           summary="nevergrad non-elitist full CMA-ES on the device, recommending the distribution mean")
 def ng_cma(ctx: TrainContext) -> MethodResult:
     return run_nevergrad(ctx, "cma")
 
 
-@register("ng-ngopt", NG_DEFAULTS, needs="device",
+@register("ng-ngopt", NevergradConfig, needs="device",
           summary="nevergrad NGOpt on the device, declared noisy (it picks its own optimizer)")
 def ng_ngopt(ctx: TrainContext) -> MethodResult:
     return run_nevergrad(ctx, "ngopt")
 
 
-@register("ng-tbpsa", NG_DEFAULTS, needs="device",
+@register("ng-tbpsa", NevergradConfig, needs="device",
           summary="nevergrad TBPSA on the device (noise-robust ES, recommends the population mean)")
 def ng_tbpsa(ctx: TrainContext) -> MethodResult:
     return run_nevergrad(ctx, "tbpsa")

@@ -15,16 +15,38 @@ Parameters are optimised in normalized coordinates ``u = theta / scale``.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..context import TrainContext
-from ..sat import SAT, Projector
+from blackbox_sat.optim.sat import SAT, Projector
+from blackbox_sat.training.config import RunConfig
+from blackbox_sat.training.context import TrainContext
+
 from .registry import MethodResult, register
 
-COMMON = {"lr_grid": [0.01, 0.03, 0.1], "epochs": 300, "patience": 30, "digital_lr": 0.01}
+
+@dataclass(frozen=True)
+class ModelTrainingConfig(RunConfig):
+    """The oracle's protocol: learning rates in bound widths, epochs, early-stopping patience."""
+
+    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
+    epochs: int = 300
+    patience: int = 30
+    digital_lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class ModelSatConfig(ModelTrainingConfig):
+    rho: float = 0.05       # SAT radius, normalized L2
+    adaptive: bool = False  # ASAM: the perturbation scaled by |theta|
+
+
+@dataclass(frozen=True)
+class NatConfig(ModelTrainingConfig):
+    chips: int = 16         # random chips of the datasheet's error distribution trained over
 #: Seeds of the random chips NAT trains over; far from training (0..) and unseen (101..) seeds.
 NAT_SEED_BASE = 10_000
 
@@ -48,18 +70,18 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
     digital0 = copy.deepcopy(ctx.pnn.state_dict())
     best = {"val": -1.0}
     runs = []
-    for lr in cfg["lr_grid"]:
+    for lr in cfg.lr_grid:
         ctx.pnn.load_state_dict(digital0)
         torch.manual_seed(ctx.seed)
         u = torch.tensor(ctx.theta0 / info.scale, dtype=torch.float32, requires_grad=True)
         groups = [{"params": [u], "lr": lr}]
         if ctx.pnn.trainable:
-            groups.append({"params": list(ctx.pnn.parameters()), "lr": cfg["digital_lr"]})
+            groups.append({"params": list(ctx.pnn.parameters()), "lr": cfg.digital_lr})
         opt = SAT(groups, torch.optim.Adam, rho=rho, adaptive=adaptive) if rho > 0 else torch.optim.Adam(groups)
         batches = ctx.minibatches()
         run_best, since, curve, step = (-1.0, None, None), 0, [], 0
         steps_per_epoch = max(1, len(ctx.y_train) // 128)
-        for epoch in range(cfg["epochs"]):
+        for epoch in range(cfg.epochs):
             for _ in range(steps_per_epoch):
                 idx = next(batches)
                 model = train_models[step % len(train_models)]
@@ -84,7 +106,7 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
                 since += 1
             if ctx.progress is not None:
                 ctx.progress.set_postfix_str(f"{label} lr={lr} epoch={epoch} val={acc:.3f}")
-            if since >= cfg["patience"]:
+            if since >= cfg.patience:
                 break
         runs.append({"lr": lr, "best_val": run_best[0], "epochs": len(curve), "val_curve": curve})
         if run_best[0] > best["val"]:
@@ -96,32 +118,32 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
         "lr_search": [{k: r[k] for k in ("lr", "best_val", "epochs")} for r in runs]})
 
 
-@register("oracle", COMMON, needs="true", summary="exact gradients through the true, noise-free chip model")
+@register("oracle", ModelTrainingConfig, needs="true", summary="exact gradients through the true, noise-free chip model")
 def oracle(ctx: TrainContext) -> MethodResult:
     model = ctx.model("true")
     return train_on_models(ctx, [model], [model], label="oracle")
 
 
-@register("offline", COMMON, needs="nominal", summary="backprop on the nominal (datasheet) model, deployed as-is")
+@register("offline", ModelTrainingConfig, needs="nominal", summary="backprop on the nominal (datasheet) model, deployed as-is")
 def offline(ctx: TrainContext) -> MethodResult:
     model = ctx.model("nominal")
     return train_on_models(ctx, [model], [model], label="offline")
 
 
-@register("offline-sat", {**COMMON, "rho": 0.05, "adaptive": False}, needs="nominal",
+@register("offline-sat", ModelSatConfig, needs="nominal",
           summary="SAT on the nominal model, deployed as-is")
 def offline_sat(ctx: TrainContext) -> MethodResult:
     model = ctx.model("nominal")
-    return train_on_models(ctx, [model], [model], rho=ctx.config["rho"], adaptive=ctx.config["adaptive"],
+    return train_on_models(ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive,
                            label="offline-sat")
 
 
-@register("nat", {**COMMON, "chips": 16}, needs="nominal",
+@register("nat", NatConfig, needs="nominal",
           summary="noise-aware training over random chips of the datasheet error distribution")
 def nat(ctx: TrainContext) -> MethodResult:
     ctx.model("nominal")  # the same clear error for a black-box device
     sibling = getattr(ctx.source, "sibling", None)
     if sibling is None:
         raise TypeError("nat needs a simulator that can draw random chips of its error distribution (sibling(seed=...))")
-    models = [sibling(seed=NAT_SEED_BASE + i).true_model() for i in range(ctx.config["chips"])]
+    models = [sibling(seed=NAT_SEED_BASE + i).true_model() for i in range(ctx.config.chips)]
     return train_on_models(ctx, models, models[:4], label="nat")

@@ -1,15 +1,27 @@
 """One registry of training methods, by name (DESIGN.md section 3, "Method names").
 
 A method is a function ``fn(ctx: TrainContext) -> MethodResult`` registered with its
-hyperparameter defaults (data, so ``--set`` can override and ``result.json`` records them)
-and what it needs: ``device`` (queries only), ``nominal`` or ``true`` (a simulator view).
+configuration class (a frozen dataclass: its defaults are data, ``--set`` overrides them by
+dotted keys and ``config.json`` records the resolved values) and what it needs: ``device``
+(queries only), ``nominal`` or ``true`` (a simulator view), ``approximate`` (a model given by
+the user or the device).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+
+from blackbox_sat.devices.contract import UserError
+
+class UnknownMethod(UserError, KeyError):
+    """No method is registered under that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
 
 NEEDS = ("device", "nominal", "true", "approximate")
 
@@ -23,10 +35,17 @@ class MethodResult:
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    fn: Callable
-    defaults: dict
+    fn: Callable[..., MethodResult]
+    config: type                 # frozen dataclass of the method's options
     needs: str
     summary: str
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The default configuration as plain data."""
+        from blackbox_sat.training.config import as_dict
+
+        return as_dict(self.config())
 
     @property
     def model_based(self) -> bool:
@@ -37,37 +56,27 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, defaults: dict | None = None, needs: str = "device", summary: str = ""):
-    """Decorator: ``@register("spsa", {"a": 0.1}, needs="device", summary="...")``."""
+def register(name: str, config: type, needs: str = "device", summary: str = ""):
+    """Decorator: ``@register("spsa", SpsaConfig, needs="device", summary="...")``."""
     if needs not in NEEDS:
         raise ValueError(f"needs must be one of {NEEDS}")
 
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, fn, dict(defaults or {}), needs, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = MethodSpec(name, fn, config, needs, summary or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
     if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownMethod(f"unknown method {name!r}; {hint}registered: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
 def method_names() -> list[str]:
-    _load_builtin_methods()
     return list(METHODS)
-
-
-def _load_builtin_methods() -> None:
-    from . import model_based  # noqa: F401  (registers on import)
-    for optional in ("gradient_free", "blackbox"):
-        try:
-            __import__(f"{__package__}.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{optional}":
-                raise

@@ -15,23 +15,23 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .context import TrainContext
-from .devices.contract import describe
-from .devices.ledger import Ledger
-from .devices.metered import MeteredDevice
-from .devices.spec import load_device
-from .methods.registry import get_method
-from .pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
-from .sharpness import top_hessian_eigenvalue
-from .tasks import load_task
+from blackbox_sat.training.config import as_dict, build
+from blackbox_sat.training.context import TrainContext
+from blackbox_sat.devices.contract import MissingCapability, describe
+from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.devices.metered import MeteredDevice
+from blackbox_sat.devices.spec import load_device
+from blackbox_sat.methods.registry import get_method
+from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
+from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
+from blackbox_sat.data.tasks import load_task
 
-#: Keys every method accepts besides its own defaults.
-RUN_DEFAULTS = {"pnn": "device", "threads": 1, "sharpness_samples": 256}
 #: Device keywords never written to config.json, the ledger or result.json (a resumed run
 #: reads the token from $BLACKBOX_SAT_TOKEN instead).
 SECRET_DEVICE_KW = ("token",)
@@ -56,15 +56,11 @@ def _jsonable(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def method_config(method: str, overrides: dict | None) -> dict:
-    """Defaults of ``method`` updated by ``overrides``; unknown keys are an error."""
-    spec = get_method(method)
-    cfg = {**RUN_DEFAULTS, **spec.defaults}
-    unknown = set(overrides or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown --set key(s) {sorted(unknown)} for method {method!r}; valid: {sorted(cfg)}")
-    cfg.update(overrides or {})
-    return cfg
+def method_config(method: str, overrides: dict | None) -> Any:
+    """``method``'s configuration: its defaults with ``overrides`` (dotted keys) applied.
+
+    Raises :class:`~blackbox_sat.training.config.ConfigError` on an unknown key or a bad value."""
+    return build(get_method(method).config, overrides)
 
 
 def train(device, task="digits", method: str = "blackbox-sat", budget: int = 2000, seed: int = 0,
@@ -86,7 +82,7 @@ def train(device, task="digits", method: str = "blackbox-sat", budget: int = 200
     secret_kw = {k: device_kw.pop(k) for k in SECRET_DEVICE_KW if k in device_kw}
     run_cfg = {"method": method, "task": task if isinstance(task, str) else None, "budget": int(budget), "seed": int(seed),
                "device": device if isinstance(device, str) else type(device).__name__,
-               "device_kw": device_kw, "config": cfg}
+               "device_kw": device_kw, "config": as_dict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in ("result.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
@@ -112,10 +108,11 @@ def resume(out: str | Path, device=None, progress: bool = True) -> dict:
 
 def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: dict | None = None) -> dict:
     t_start = time.perf_counter()
-    cfg, seed, budget = run_cfg["config"], run_cfg["seed"], run_cfg["budget"]
+    seed, budget = run_cfg["seed"], run_cfg["budget"]
     spec = get_method(run_cfg["method"])
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+    cfg = build(spec.config, run_cfg["config"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     source = load_device(device, **run_cfg["device_kw"], **(secret_kw or {}))
     info = describe(source)
@@ -125,13 +122,13 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
     metered = MeteredDevice(source, ledger, budget=0 if spec.model_based else budget)
     if callable(getattr(source, "bind_ledger", None)):  # request ids that survive a kill (devices/remote.py)
         source.bind_ledger(ledger)
-    pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg["pnn"])
+    pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg.pnn)
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)
     if spec.model_based:
         model = getattr(source, "true_model" if spec.needs == "true" else "nominal_model", None)
         if model is None:
-            raise TypeError(f"method {spec.name!r} needs the device's {spec.needs}_model(); "
+            raise MissingCapability(f"method {spec.name!r} needs the device's {spec.needs}_model(); "
                             f"{type(source).__name__} is a black-box device. Use a device-query method")
         with torch.no_grad():
             x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS])
@@ -164,7 +161,7 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
         "bad_queries": counts["bad"], "replayed_settings": metered.replayed,
         "wall_s": time.perf_counter() - t_start, "train_s": train_s, "device_s": metered.device_time,
         "curve": ctx.curve, "sharpness": _sharpness(ctx, theta), "gain": float(pnn.gain),
-        "config": cfg, "extra": outcome.extra, "out": str(out),
+        "config": as_dict(cfg), "extra": outcome.extra, "out": str(out),
     }
     np.save(out / "theta.npy", theta)
     write_json_atomic(out / "model.json", pnn.to_dict())
@@ -179,7 +176,7 @@ def _sharpness(ctx: TrainContext, theta: np.ndarray) -> float | None:
     getter = getattr(ctx.source, "true_model", None)
     if getter is None:
         return None
-    n = min(ctx.config["sharpness_samples"], len(ctx.y_train))
+    n = min(ctx.config.sharpness_samples, len(ctx.y_train))
     model, scale = getter(), torch.as_tensor(ctx.info.scale)
     with torch.no_grad():
         x = ctx.pnn.device_inputs(ctx.f_train[:n])

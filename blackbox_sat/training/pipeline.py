@@ -79,53 +79,96 @@ step size over the budget (cosine, 0.732 against 0.748), which is not kept.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 import surrogates
+from surrogates.registry import family_options
 
+from .config import RunConfig
 from .context import TrainContext
-from .devices.metered import BudgetExhausted
+from blackbox_sat.devices.metered import BudgetExhausted
+from .refine import RefineConfig, refine
 from .physics_aware import Anchors, anchored_steps, device_loss, normalized_step, physics_aware_step
 
-PIPELINE_DEFAULTS = {
-    "surrogate": "auto",
-    "surrogate_candidates": ["hyper", "interferometric", "interferometric-layers", "gp"],
-    "gp_max_params": 50,
-    # 3 members and a first fit of at most 3000 steps, for time: the loop refits anyway. With
-    # hyper's standalone default of 6000, seed 0 gave mrr 0.846 / freespace 0.896 against
-    # 0.858 / 0.918, and took longer (93 / 128 s, two runs side by side).
-    "surrogate_kw": {"hyper": {"n_members": 3, "max_steps": 3000}, "hyper-additive": {"n_members": 3},
-                     "mlp": {"n_members": 3}},
-    "rho": 0.02,
-    "rho_ramp": 1.0,
-    "adaptive": False,
-    "ascent": "surrogate",
-    "init_fraction": 0.2,
-    "radius": 0.05,
-    "radius_min": 0.025,
-    "radius_max": 0.3,
-    "grow": 1.25,
-    "shrink": 0.5,
-    "global_fraction": 0.0,
-    "spread": "box",
-    "inputs_per_setting": 128,
-    "probes_per_round": 25,
-    "steps_per_round": 25,
-    "refit_steps": None,
-    "refit_window": None,
-    "learn_from_steps": True,
-    "inner_steps": 3,
-    "lr_factor": 0.25,
-    "lr": None,
-    "clip_to_region": True,
-    "accept_tol": "auto",
-    "check_repeats": 3,
-    "refine_fraction": 0.15,
-    "refine_rule": "sa-spsa",
-    "refresh_after": 0,
-}
+def _family(kind: str, **overrides: Any) -> Any:
+    """A field defaulting to ``kind``'s options with ``overrides``."""
+    return field(default_factory=lambda: replace(family_options(kind)(), **overrides))
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    """Which surrogate family, and each family's options (``surrogate.hyper.max_steps=...``)."""
+
+    SCALAR_FIELD: ClassVar[str] = "family"  # ``--set surrogate=gp`` sets the family
+    family: str = "auto"
+    candidates: tuple[str, ...] = ("hyper", "interferometric", "interferometric-layers", "gp")
+    gp_max_params: int = 50
+    # 3 members and a first fit of at most 3000 steps, for time: the loop refits anyway
+    # (docs/experiments.md, "Pipeline design choices").
+    hyper: Any = _family("hyper", n_members=3, max_steps=3000)
+    hyper_additive: Any = _family("hyper-additive", n_members=3)
+    mlp: Any = _family("mlp", n_members=3)
+    interferometric: Any = _family("interferometric")
+    interferometric_layers: Any = _family("interferometric-layers")
+    gp: Any = _family("gp")
+
+    def __post_init__(self) -> None:
+        kinds = set(surrogates.surrogate_kinds())
+        for name in (self.family, *self.candidates):
+            if name != "auto" and name not in kinds:
+                raise ValueError(f"unknown surrogate family {name!r}; known: auto, {', '.join(sorted(kinds))}")
+
+    def options(self, kind: str) -> dict[str, Any]:
+        """``kind``'s constructor keywords that differ from the family's own defaults."""
+        chosen, default = getattr(self, kind.replace("-", "_")), family_options(kind)()
+        return {k: v for k, v in asdict(chosen).items() if v != getattr(default, k)}
+
+
+@dataclass(frozen=True)
+class PipelineConfig(RunConfig):
+    """Options of the loop in the module docstring (radii and rho in normalized units)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {  # keys of runs written before the typed configuration
+        "refine_rule": "refine.rule", "surrogate_kw": "surrogate", "surrogate_candidates": "surrogate.candidates",
+        "gp_max_params": "surrogate.gp_max_params"}
+    surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
+    rho: float = 0.02
+    rho_ramp: float = 1.0
+    adaptive: bool = False
+    ascent: Literal["device", "surrogate"] = "surrogate"
+    init_fraction: float = 0.2
+    radius: float = 0.05
+    radius_min: float = 0.025
+    radius_max: float = 0.3
+    grow: float = 1.25
+    shrink: float = 0.5
+    global_fraction: float = 0.0
+    spread: Literal["box", "shells"] = "box"
+    inputs_per_setting: int = 128
+    probes_per_round: int = 25
+    steps_per_round: int = 25
+    refit_steps: int | None = None
+    refit_window: int | None = None
+    learn_from_steps: bool = True
+    inner_steps: int = 3
+    lr_factor: float = 0.25
+    lr: float | None = None
+    clip_to_region: bool = True
+    accept_tol: Literal["auto"] | float = "auto"
+    check_repeats: int = 3
+    refine_fraction: float = 0.15
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="sa-spsa", rho=0.02))
+    refresh_after: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.init_fraction < 1 and 0 <= self.refine_fraction < 1 and self.init_fraction + self.refine_fraction < 1):
+            raise ValueError("need 0 < init_fraction, 0 <= refine_fraction, init_fraction + refine_fraction < 1")
+        if not (0 < self.radius_min <= self.radius <= self.radius_max):
+            raise ValueError("need 0 < radius_min <= radius <= radius_max")
 
 
 # Refit budget per surrogate family, used where ``refit_steps`` / ``refit_window`` are None
@@ -147,10 +190,11 @@ REFIT_BY_FAMILY = {
 }
 
 
-def refit_plan(cfg: dict, family: str) -> tuple[int, int]:
+def refit_plan(cfg: PipelineConfig, family: str) -> tuple[int, int]:
     """``(refit_steps, refit_window)`` for ``family``: the user's numbers, else the family's."""
     rule = REFIT_BY_FAMILY.get(family, REFIT_BY_FAMILY["default"])
-    return tuple(int(cfg[k]) if cfg.get(k) is not None else rule[k] for k in ("refit_steps", "refit_window"))
+    return (cfg.refit_steps if cfg.refit_steps is not None else rule["refit_steps"],
+            cfg.refit_window if cfg.refit_window is not None else rule["refit_window"])
 
 
 class Dataset:
@@ -174,25 +218,25 @@ class Dataset:
                 np.concatenate(self.groups[sl]))
 
 
-def candidate_families(ctx: TrainContext, cfg: dict) -> list[str]:
+def candidate_families(ctx: TrainContext, cfg: PipelineConfig) -> list[str]:
     """The families ``auto`` tries. The interferometric ones only where parameters are
     phases (periodic); ``hyper-additive`` only where some are not (periodic columns get no
     per-control path, so it would repeat ``hyper``); the GP only for small parameter counts,
     where it is practical."""
     fams = []
-    for f in cfg["surrogate_candidates"]:
+    for f in cfg.surrogate.candidates:
         if f in PHASE_FAMILIES and not ctx.info.periodic.any():
             continue
         if f == "hyper-additive" and ctx.info.periodic.all():
             continue
-        if f == "gp" and ctx.info.n_params > cfg["gp_max_params"]:
+        if f == "gp" and ctx.info.n_params > cfg.surrogate.gp_max_params:
             continue
         fams.append(f)
     return fams
 
 
 def _new_surrogate(kind: str, ctx: TrainContext):
-    kw = ctx.config.get("surrogate_kw", {}).get(kind, {})
+    kw = ctx.config.surrogate.options(kind)
     return surrogates.make_surrogate(kind, theta_low=ctx.info.low, theta_high=ctx.info.high,
                                      periodic=ctx.info.periodic, seed=ctx.seed, **kw)
 
@@ -215,7 +259,7 @@ def paired_delta_r2(pred: np.ndarray, y: np.ndarray, x: np.ndarray) -> float:
     return float(1 - ((d_pred - d_true) ** 2).sum() / (d_true ** 2).sum())
 
 
-def select_surrogate(ctx: TrainContext, data: Dataset, cfg: dict) -> tuple[object, dict]:
+def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> tuple[object, dict]:
     """Fit the candidates on the initial queries; keep the best on held-out settings.
 
     The score is :func:`paired_delta_r2`, the part of the output that ``theta`` changes,
@@ -223,7 +267,7 @@ def select_surrogate(ctx: TrainContext, data: Dataset, cfg: dict) -> tuple[objec
     the rest). Ranking by plain output error picked ``mlp`` on mzi, whose gradients were the
     worst there (README, surrogate table)."""
     theta, x, y, groups = data.arrays()
-    fams = [cfg["surrogate"]] if cfg["surrogate"] != "auto" else candidate_families(ctx, cfg)
+    fams = [cfg.surrogate.family] if cfg.surrogate.family != "auto" else candidate_families(ctx, cfg)
     if len(fams) == 1:
         return _new_surrogate(fams[0], ctx).fit(theta, x, y, groups), {"chosen": fams[0]}
     rng = np.random.default_rng([ctx.seed, 77])
@@ -256,7 +300,7 @@ class Timer:
         self.s[key] = self.s.get(key, 0.0) + time.perf_counter() - t0
 
 
-def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius: float, n: int, cfg: dict,
+def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius: float, n: int, cfg: PipelineConfig,
                    seed: int) -> None:
     """Measure ``n`` designed settings around ``center`` (purpose ``probe``) into ``data``."""
     info = ctx.info
@@ -265,34 +309,35 @@ def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius:
         return
     from surrogates.design import design_settings, inputs_per_setting
 
-    settings = design_settings(center, radius, n, info.low, info.high, global_fraction=cfg["global_fraction"],
-                               periodic=info.periodic, seed=seed, spread=cfg["spread"])
+    settings = design_settings(center, radius, n, info.low, info.high, global_fraction=cfg.global_fraction,
+                               periodic=info.periodic, seed=seed, spread=cfg.spread)
     settings = getattr(settings, "settings", settings)
     pool = ctx.device_inputs(ctx.f_train)
-    xs = inputs_per_setting(pool, len(settings), min(cfg["inputs_per_setting"], len(pool)), ctx.rng)
+    xs = inputs_per_setting(pool, len(settings), min(cfg.inputs_per_setting, len(pool)), ctx.rng)
     for s, x in zip(settings, xs):
         s = info.project(s)
         data.add(s, x, ctx.device.query(s, x, purpose="probe"))
         ctx.snapshot(center)  # the centre is the current training point
 
 
-def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, refine_rule: str | None = None):
+def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
+                 with_refinement: bool = True) -> tuple[np.ndarray, dict]:
     """The loop of the module docstring. Returns ``(theta, extra)``.
 
     ``rounds=False`` is ``pat``: one surrogate fit, then plain physics-aware steps with no
     trust region, refits or refinement.
     """
-    from .refine import refine
-
-    info, scale, budget = ctx.info, ctx.info.scale, ctx.budget
+    
+    info, scale, budget, rho = ctx.info, ctx.info.scale, ctx.budget, cfg.rho
+    refine_rule = cfg.refine.rule if (with_refinement and cfg.refine_fraction > 0) else None
     timer = Timer()
     data = Dataset()
     theta = ctx.theta0.copy()
-    radius = cfg["radius"]
-    reserve = int(cfg["refine_fraction"] * budget) + 1 if (rounds and refine_rule) else 0
+    radius = cfg.radius
+    reserve = int(cfg.refine_fraction * budget) + 1 if (rounds and refine_rule) else 0
 
     t0 = time.perf_counter()
-    measure_design(ctx, data, theta, radius, int(cfg["init_fraction"] * budget), cfg, seed=ctx.seed)
+    measure_design(ctx, data, theta, radius, int(cfg.init_fraction * budget), cfg, seed=ctx.seed)
     timer.add("init_queries", t0)
     t0 = time.perf_counter()
     surrogate, choice = select_surrogate(ctx, data, cfg)
@@ -301,7 +346,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
 
     u = torch.tensor(theta / scale, requires_grad=True)
     def step_size(r):
-        return cfg["lr"] if cfg["lr"] else cfg["lr_factor"] * r
+        return cfg.lr if cfg.lr else cfg.lr_factor * r
 
     opt = torch.optim.Adam([u], lr=step_size(radius))
     if ctx.pnn.trainable:
@@ -311,36 +356,36 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
     history, round_log, n_rounds, accepted, rejected_run, refreshes = [], [], 0, 0, 0, 0
     anchors = Anchors(len(ctx.y_train), info.out_dim)
     check_loss, check_std, tol = np.inf, 0.0, 0.0
-    per_step = 2 if (rho > 0 and cfg["ascent"] == "device") else 1
+    per_step = 2 if (rho > 0 and cfg.ascent == "device") else 1
     try:
         # The check loss is measured noisily: repeats at the start give its spread, and a
         # round is accepted unless its end is worse by more than that (``accept_tol="auto"``).
         # A plain "not worse" test throws away improving rounds half the time once the
         # per-round gain is below the noise (freespace: check-loss std 0.055 nats).
-        repeats = [device_loss(ctx, theta, check_idx, digital=False)[0] for _ in range(max(1, cfg["check_repeats"]))]
+        repeats = [device_loss(ctx, theta, check_idx, digital=False)[0] for _ in range(max(1, cfg.check_repeats))]
         check_loss, check_std = float(np.mean(repeats)), float(np.std(repeats, ddof=1)) if len(repeats) > 1 else 0.0
-        tol = check_std if cfg["accept_tol"] == "auto" else float(cfg["accept_tol"])
+        tol = check_std if cfg.accept_tol == "auto" else float(cfg.accept_tol)
         while True:
             affordable = (ctx.device.remaining - reserve - 1) // per_step  # one setting kept for the check
-            steps = min(cfg["steps_per_round"], affordable) if rounds else affordable
+            steps = min(cfg.steps_per_round, affordable) if rounds else affordable
             if steps <= 0:
                 break
             theta_start, center_u = theta.copy(), (theta / scale).copy()
-            rho_now = rho * min(1.0, ctx.device.settings_used / max(1.0, cfg["rho_ramp"] * budget)) \
-                if cfg["rho_ramp"] else rho
+            rho_now = rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * budget)) \
+                if cfg.rho_ramp else rho
             for _ in range(steps):
                 idx = next(batches)
                 t0 = time.perf_counter()
                 opt.zero_grad()
-                step = physics_aware_step(ctx, theta, idx, surrogate, rho=rho_now, ascent=cfg["ascent"],
-                                          adaptive=cfg["adaptive"])
-                box = (center_u - radius, center_u + radius) if rounds and cfg["clip_to_region"] else None
-                if cfg["learn_from_steps"]:
+                step = physics_aware_step(ctx, theta, idx, surrogate, rho=rho_now, ascent=cfg.ascent,
+                                          adaptive=cfg.adaptive)
+                box = (center_u - radius, center_u + radius) if rounds and cfg.clip_to_region else None
+                if cfg.learn_from_steps:
                     data.add(theta, step.x, step.y)
                 anchors.record(step, idx, theta)
                 theta = normalized_step(opt, u, step.grad, info, box)
-                theta = anchored_steps(ctx, anchors, surrogate, opt, u, theta, batches, cfg["inner_steps"] if rounds else 0,
-                                       rho=rho_now, adaptive=cfg["adaptive"], box=box)
+                theta = anchored_steps(ctx, anchors, surrogate, opt, u, theta, batches, cfg.inner_steps if rounds else 0,
+                                       rho=rho_now, adaptive=cfg.adaptive, box=box)
                 timer.add("sat_steps", t0)
                 history.append({"settings": ctx.device.settings_used, "loss": step.loss})
                 ctx.snapshot(theta)
@@ -353,22 +398,22 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
             if end_loss <= check_loss + tol:
                 accepted, rejected_run = accepted + 1, 0
                 check_loss = end_loss
-                radius = min(radius * cfg["grow"], cfg["radius_max"])
+                radius = min(radius * cfg.grow, cfg.radius_max)
             else:
                 theta = theta_start
                 rejected_run += 1
-                radius = max(radius * cfg["shrink"], cfg["radius_min"])
+                radius = max(radius * cfg.shrink, cfg.radius_min)
                 with torch.no_grad():
                     u.copy_(torch.as_tensor(theta / scale))
             for group in opt.param_groups[:1]:
                 group["lr"] = step_size(radius)
             t0 = time.perf_counter()
-            measure_design(ctx, data, theta, radius, min(cfg["probes_per_round"], ctx.device.remaining - reserve),
+            measure_design(ctx, data, theta, radius, min(cfg.probes_per_round, ctx.device.remaining - reserve),
                            cfg, seed=ctx.seed * 1000 + n_rounds)
             timer.add("probe_queries", t0)
             t0 = time.perf_counter()
             th, x, y, g = data.arrays(refit_window)
-            if cfg["refresh_after"] and rejected_run >= cfg["refresh_after"]:
+            if cfg.refresh_after and rejected_run >= cfg.refresh_after:
                 surrogate.fit(th, x, y, g)  # from scratch: new normalisation and weights
                 rejected_run, refreshes = 0, refreshes + 1
             else:
@@ -383,7 +428,7 @@ def run_pipeline(ctx: TrainContext, cfg: dict, rho: float, rounds: bool = True, 
              "refit_steps": refit_steps, "refit_window": refit_window, "refreshes": refreshes}
     if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
         t0 = time.perf_counter()
-        refined, ref_hist = refine(ctx, theta, ctx.device.remaining - 1, rule=refine_rule, rho=rho)
+        refined, ref_hist = refine(ctx, theta, ctx.device.remaining - 1, config=cfg.refine)
         # The same acceptance test as a round's: refinement keeps its result only if the
         # device loss on the check minibatch did not rise (one setting, reserved above).
         refined_loss, *_ = device_loss(ctx, refined, check_idx, digital=False)

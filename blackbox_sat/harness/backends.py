@@ -8,7 +8,7 @@
   If Ray is already initialised in this process (a notebook, the tests), that instance is
   used as it is.
 
-Both backends yield ``(trial, row)`` as trials finish; :func:`blackbox_sat.compare.compare`
+Both backends yield ``(trial, row)`` as trials finish; :func:`blackbox_sat.harness.compare.compare`
 stores the rows and rebuilds ``results.csv`` and ``summary.md`` from them, and skips
 finished trials before anything is dispatched. A trial carries only strings, numbers and
 small dicts (the device *spec*); every device, simulated or remote, is built inside the
@@ -66,16 +66,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from .training import write_json_atomic
+from blackbox_sat.devices.contract import InvalidInput, UserError
+
+from .run import write_json_atomic
 
 if TYPE_CHECKING:
-    from .compare import Trial
+    from .trials import Trial
 
 BACKENDS = ("local", "ray")
 RAY_INSTALL_HINT = "pip install 'blackbox-sat[ray]'"
 
 
-class BackendUnavailable(ImportError, RuntimeError):
+class BackendUnavailable(UserError, ImportError, RuntimeError):
     """A backend's optional dependency is not installed."""
 
 
@@ -93,11 +95,11 @@ def run_trials(trials: Iterable["Trial"], backend: str = "local", workers: int =
     todo = list(trials)
     if backend == "local":
         if address is not None:
-            raise ValueError("--address is for the ray backend; the local backend runs on this machine")
+            raise InvalidInput("--address is for the ray backend; the local backend runs on this machine")
         return _run_local(todo, workers, on_start)
     if backend == "ray":
         return _run_ray(todo, workers, address, import_ray())
-    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise InvalidInput(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def import_ray():
@@ -119,7 +121,7 @@ def execute(trial: "Trial", gate=None) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from .compare import run_trial
+    from .trials import run_trial
 
     threads = max(int(trial.threads), 1)
     torch.set_num_threads(threads)
@@ -136,7 +138,7 @@ def uses_real_device(trial: "Trial") -> bool:
 
 
 def is_model_based(method: str) -> bool:
-    from .methods.registry import get_method
+    from blackbox_sat.methods.registry import get_method
 
     try:
         return get_method(method).model_based
@@ -156,7 +158,7 @@ def owner_of(trial: "Trial") -> str:
 @contextlib.contextmanager
 def _gated_device_queries(gate, owner: str):
     """Take ``gate`` at this process's first ``RemoteDevice.query`` and hold it to the end."""
-    from .devices import remote
+    from blackbox_sat.devices import remote
 
     original = remote.RemoteDevice.query
     held = []

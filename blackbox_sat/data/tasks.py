@@ -26,7 +26,7 @@ The digits numbers are BENCHMARK.md's protocol: 1297 train and 500 test (stratif
 ``random_state=0``), then 297 of the training images held out as validation.
 
 Features are kept in their raw units (digits: pixel values 0..16, Fashion-MNIST: 0..255,
-images flattened). The fixed encoding (:mod:`blackbox_sat.encoding`) standardizes them.
+images flattened). The fixed encoding (:mod:`blackbox_sat.data.encoding`) standardizes them.
 
 **Fashion-MNIST** is read from, in this order: the ``data_dir`` argument, the folder named by
 ``$BLACKBOX_SAT_DATA`` or its ``fashion-mnist`` subfolder, and Debian's
@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from blackbox_sat.devices.contract import InvalidInput, InvalidType
 
 #: Names accepted by :func:`load_task` (and the CLI's ``--task``).
 TASK_NAMES: tuple[str, ...] = ("digits", "iris", "wine", "fashion-mnist")
@@ -85,11 +87,11 @@ FASHION_INSTALL_HINT = (
 _REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InvalidInput):
     """A user's task data is malformed (missing key, wrong shape, non-finite values...)."""
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(InvalidInput):
     """A file is not a valid IDX file (bad magic number, truncated, corrupt gzip...)."""
 
 
@@ -229,11 +231,11 @@ def load_task(spec=DEFAULT_TASK, seed: int = 0, *, data_dir: str | os.PathLike |
         path = Path(text).expanduser()
         if path.is_file() or text.endswith(".npz"):
             return _load_npz(path, seed)
-        raise ValueError(
+        raise InvalidInput(
             f"unknown task {text!r}: expected one of {', '.join(TASK_NAMES)}, or a path to an "
             ".npz file with x_train, y_train, x_test, y_test"
         )
-    raise TypeError(
+    raise InvalidType(
         f"task must be a name, an .npz path, or (x_train, y_train, x_test, y_test); got "
         f"{type(spec).__name__}"
     )

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import TrainContext
-from .sat import sat_perturbation
+from blackbox_sat.optim.sat import sat_perturbation
 
 ASCENTS = ("device", "surrogate")
 

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
 
-from .devices.contract import describe
-from .devices.ledger import Ledger
-from .devices.metered import MeteredDevice
-from .devices.spec import load_device
-from .pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
-from .tasks import load_task
+from blackbox_sat.devices.contract import describe
+from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.devices.metered import MeteredDevice
+from blackbox_sat.devices.spec import load_device
+from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
+from blackbox_sat.data.tasks import load_task
 
 
 def collect(device, settings: int, out, around: np.ndarray | None = None, radius: float = 0.05,

@@ -7,11 +7,13 @@ device object (``ctx.source``) is for model-based methods, which ask it for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from .devices.metered import MeteredDevice
+from blackbox_sat.devices.contract import MissingCapability
+from blackbox_sat.devices.metered import MeteredDevice
 from .pnn import PNN
 
 #: Settings at which ``curve`` snapshots are taken (BENCHMARK.md), scaled by budget / 2000.
@@ -20,7 +22,7 @@ CURVE_CHECKPOINTS = (250, 500, 1000, 2000)
 MINIBATCH = 128
 
 
-class ModelUnavailable(TypeError):
+class ModelUnavailable(MissingCapability):
     """A model-based method was handed a device that offers no such model."""
 
 
@@ -37,7 +39,7 @@ class TrainContext:
     y_test: np.ndarray
     theta0: np.ndarray   # (n_params,)
     seed: int
-    config: dict
+    config: Any          # the method's frozen configuration dataclass
     budget: int
     progress: object = None
     curve: list = field(default_factory=list)

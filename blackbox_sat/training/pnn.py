@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoding import FixedEncoding
+from blackbox_sat.data.encoding import FixedEncoding
 
 #: Logits at theta0 span about +-LOGIT_HALF_SPAN (BENCHMARK.md).
 LOGIT_HALF_SPAN = 5.0

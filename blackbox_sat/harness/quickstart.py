@@ -15,7 +15,7 @@ import argparse
 import time
 
 from .compare import compare, summary_table
-from .methods.registry import method_names
+from blackbox_sat.methods.registry import method_names
 
 PRESET_METHODS = ("oracle", "offline", "offline-sat", "nat", "spsa", "ng-cma")
 

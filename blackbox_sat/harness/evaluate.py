@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .devices.ledger import Ledger
-from .devices.metered import MeteredDevice
-from .devices.spec import load_device
-from .pnn import PNN
-from .tasks import load_task
+from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.devices.metered import MeteredDevice
+from blackbox_sat.devices.spec import load_device
+from blackbox_sat.training.pnn import PNN
+from blackbox_sat.data.tasks import load_task
 
 
 def load_run(run) -> tuple[PNN, np.ndarray, dict]:

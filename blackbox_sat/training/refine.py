@@ -2,7 +2,7 @@
 
 Every loss value here is a measurement: one setting programmed on the device through
 ``ctx.device.query`` (so it is counted, charged and logged), ``ctx.f_train[idx]`` (at most
-:data:`~blackbox_sat.context.MINIBATCH` inputs) measured, and the cross-entropy of the
+:data:`~blackbox_sat.training.context.MINIBATCH` inputs) measured, and the cross-entropy of the
 PNN's logits against the labels computed on the host. :class:`DeviceObjective` wraps that.
 
 All step sizes live in **normalized coordinates** ``u = theta / info.scale`` (each
@@ -114,13 +114,17 @@ after every step with the point refine would return at that moment.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blackbox_sat.devices.metered import BudgetExhausted
+
+from .config import build
 from .context import MINIBATCH, TrainContext
-from .devices.metered import BudgetExhausted
 
 RULES = ("spsa", "rdsa", "sa-spsa")
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
@@ -129,27 +133,43 @@ ALPHA, GAMMA = 0.602, 0.101
 #: Stability constant ``A`` as a fraction of the planned number of steps (Spall).
 A_FRACTION = 0.1
 
-#: Every option of :func:`refine`, with its default (normalized units).
-REFINE_DEFAULTS = {
-    "c": 0.02,            # perturbation per coordinate (fraction of bound width)
-    "step": 0.002,        # first-step size per coordinate (RMS), normalized
-    "a": None,            # None: gain calibration; a number: fixed a
-    "calibration": 4,     # gradient estimates spent on gain calibration
-    "resamples": 1,       # direction pairs averaged per step (rdsa: k directions)
-    "directions": None,   # None: rademacher for spsa/sa-spsa, gaussian for rdsa
-    "blocking": False,
-    "block_tol": 0.0,     # nats
-    "normalize": "adam",  # "adam" or None (plain SPSA with gain calibration)
-    "rho": 0.05,          # sa-spsa radius, normalized L2 (SAT's default rho)
-    "sa": "random",       # "random" or "ascent"
-    "alpha": ALPHA,
-    "gamma": GAMMA,
-    "A": None,            # None: A_FRACTION of the planned steps
-    "average": 0.25,      # fraction of steps averaged at the end (0: none)
-    "select": "average",  # "average", "last" or "val"
-    "batch": MINIBATCH,
-    "purpose": "refine",
-}
+@dataclass(frozen=True)
+class RefineConfig:
+    """Every option of :func:`refine` (normalized units; module docstring)."""
+
+    rule: Literal["spsa", "rdsa", "sa-spsa"] = "spsa"
+    c: float = 0.02            # perturbation per coordinate (fraction of bound width)
+    step: float = 0.002        # first-step size per coordinate (RMS), normalized
+    a: float | None = None     # None: gain calibration; a number: fixed a
+    calibration: int = 4       # gradient estimates spent on gain calibration
+    resamples: int = 1         # direction pairs averaged per step (rdsa: k directions)
+    directions: Literal["rademacher", "gaussian", "sphere"] | None = None  # None: gaussian for rdsa, else rademacher
+    blocking: bool = False
+    block_tol: float = 0.0     # nats
+    normalize: Literal["adam", "none"] | None = "adam"  # Adam-normalised steps, or plain SPSA with gain calibration
+    rho: float = 0.05          # sa-spsa radius, normalized L2 (SAT's default rho)
+    sa: Literal["random", "ascent"] = "random"
+    alpha: float = ALPHA
+    gamma: float = GAMMA
+    A: float | None = None     # None: A_FRACTION of the planned steps
+    average: float = 0.25      # fraction of steps averaged at the end (0: none)
+    select: Literal["average", "last", "val"] = "average"
+    batch: int = MINIBATCH
+    purpose: str = "refine"
+
+    def __post_init__(self) -> None:
+        if not (self.c > 0 and self.step > 0 and self.resamples >= 1 and 0 <= self.average < 1 and self.rho >= 0
+                and self.calibration >= 1 and 1 <= self.batch <= MINIBATCH):
+            raise ValueError(f"need c > 0, step > 0, resamples >= 1, 0 <= average < 1, rho >= 0, calibration >= 1, "
+                             f"1 <= batch <= {MINIBATCH}")
+
+    @property
+    def direction_kind(self) -> str:
+        return self.directions or ("gaussian" if self.rule == "rdsa" else "rademacher")
+
+    @property
+    def adam(self) -> bool:
+        return self.normalize == "adam"
 
 
 class DeviceObjective:
@@ -250,46 +270,24 @@ def sphere_point(rng: np.random.Generator, n: int, radius: float) -> np.ndarray:
     return z * (radius / max(np.linalg.norm(z), 1e-300))
 
 
-def refine_options(rule: str = "spsa", **options) -> dict:
-    """:data:`REFINE_DEFAULTS` updated by ``options``, checked; unknown keys are an error."""
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    unknown = set(options) - set(REFINE_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown refine option(s) {sorted(unknown)}; valid: {sorted(REFINE_DEFAULTS)}")
-    opt = {**REFINE_DEFAULTS, **options}
-    if opt["directions"] is None:
-        opt["directions"] = "gaussian" if rule == "rdsa" else "rademacher"
-    if opt["directions"] not in DIRECTIONS:
-        raise ValueError(f"directions must be one of {DIRECTIONS}, got {opt['directions']!r}")
-    if opt["normalize"] not in (None, "adam", "none"):
-        raise ValueError(f"normalize must be None or 'adam', got {opt['normalize']!r}")
-    if opt["normalize"] == "none":
-        opt["normalize"] = None
-    if opt["sa"] not in ("random", "ascent"):
-        raise ValueError(f"sa must be 'random' or 'ascent', got {opt['sa']!r}")
-    if opt["select"] not in ("average", "last", "val"):
-        raise ValueError(f"select must be 'average', 'last' or 'val', got {opt['select']!r}")
-    if not (opt["c"] > 0 and opt["step"] > 0 and int(opt["resamples"]) >= 1 and 0 <= opt["average"] < 1
-            and opt["rho"] >= 0 and int(opt["calibration"]) >= 1 and 1 <= int(opt["batch"]) <= MINIBATCH):
-        raise ValueError(f"bad refine options: need c > 0, step > 0, resamples >= 1, 0 <= average < 1, rho >= 0, "
-                         f"calibration >= 1, 1 <= batch <= {MINIBATCH}; got {opt}")
-    return opt
+def refine_options(rule: str = "spsa", **options: Any) -> RefineConfig:
+    """A :class:`RefineConfig` from keyword options; an unknown or ill-typed one is an error."""
+    return build(RefineConfig, {"rule": rule, **options}, what="refine option")
 
 
 class _Estimator:
     """Two-sided ZO gradient estimates on one minibatch, with the rule's perturbation."""
 
-    def __init__(self, obj: DeviceObjective, rule: str, opt: dict, rng: np.random.Generator):
-        self.obj, self.rule, self.opt, self.rng = obj, rule, opt, rng
+    def __init__(self, obj: DeviceObjective, opt: RefineConfig, rng: np.random.Generator):
+        self.obj, self.rule, self.opt, self.rng = obj, opt.rule, opt, rng
         self.momentum = None  # EMA of past estimates, for sa="ascent"
 
     def centre_offset(self) -> np.ndarray:
-        n, rho = self.obj.n, float(self.opt["rho"])
+        n, rho = self.obj.n, self.opt.rho
         if self.rule != "sa-spsa" or rho == 0:
             return np.zeros(n)
         m = self.momentum
-        if self.opt["sa"] == "ascent" and m is not None and np.linalg.norm(m) > 0:
+        if self.opt.sa == "ascent" and m is not None and np.linalg.norm(m) > 0:
             return rho * m / np.linalg.norm(m)
         return sphere_point(self.rng, n, rho)
 
@@ -297,8 +295,8 @@ class _Estimator:
         """``(g, mean_loss, offsets)``: averaged estimate over ``resamples`` pairs, the mean of
         all measured losses, and the perturbation centres used."""
         gs, ls, offs = [], [], []
-        for _ in range(int(self.opt["resamples"])):
-            d = sample_directions(self.rng, self.opt["directions"], self.obj.n)
+        for _ in range(self.opt.resamples):
+            d = sample_directions(self.rng, self.opt.direction_kind, self.obj.n)
             xi = self.centre_offset()
             lp, lm = self.obj.losses_u([u + xi + ck * d, u + xi - ck * d], idx)
             gs.append((lp - lm) / (2 * ck) * d)
@@ -319,19 +317,21 @@ class RefineHistory(list):
     summary: dict
 
 
-def refine(ctx: TrainContext, theta, n_settings: int, rule: str = "spsa", **options):
+def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "spsa",
+           config: RefineConfig | None = None, **options: Any) -> tuple[np.ndarray, RefineHistory]:
     """Zeroth-order refinement of ``theta`` on ``ctx.device`` within ``n_settings`` settings.
 
     Returns ``(theta, history)``: the refined setting (device units, projected) and a
     :class:`RefineHistory` (a list of per-step dicts with ``settings_used`` and ``loss``,
-    and ``history.summary``). Options and defaults: :data:`REFINE_DEFAULTS` (module
-    docstring).
+    and ``history.summary``). Options: a :class:`RefineConfig` as ``config``, or its fields
+    as keywords (module docstring).
     """
-    opt = refine_options(rule, **options)
-    obj = DeviceObjective(ctx, purpose=opt["purpose"])
+    opt = config if config is not None else refine_options(rule, **options)
+    rule = opt.rule
+    obj = DeviceObjective(ctx, purpose=opt.purpose)
     dev = ctx.device
     rng = np.random.default_rng([int(ctx.seed), 0x5B5A, RULES.index(rule)])
-    batches = ctx.minibatches(int(opt["batch"]))
+    batches = ctx.minibatches(opt.batch)
     start_used = dev.settings_used
     n_settings = int(n_settings)
 
@@ -339,12 +339,12 @@ def refine(ctx: TrainContext, theta, n_settings: int, rule: str = "spsa", **opti
         mine = n_settings - (dev.settings_used - start_used)
         return mine if dev.remaining is None else min(mine, dev.remaining)
 
-    ev = obj.cost(int(opt["batch"]))
-    k_pairs = int(opt["resamples"])
-    step_cost = (2 * k_pairs + (1 if opt["blocking"] else 0)) * ev
-    calibrate = opt["a"] is None and opt["normalize"] is None
-    cal_cost = 2 * k_pairs * int(opt["calibration"]) * ev if calibrate else 0
-    sel_cost = 2 * obj.accuracy_cost("val") if opt["select"] == "val" else 0
+    ev = obj.cost(opt.batch)
+    k_pairs = opt.resamples
+    step_cost = (2 * k_pairs + (1 if opt.blocking else 0)) * ev
+    calibrate = opt.a is None and not opt.adam
+    cal_cost = 2 * k_pairs * opt.calibration * ev if calibrate else 0
+    sel_cost = 2 * obj.accuracy_cost("val") if opt.select == "val" else 0
     n_steps = (left() - cal_cost - sel_cost) // step_cost
     u = obj.keep(obj.to_u(theta))
     history = RefineHistory()
@@ -354,33 +354,34 @@ def refine(ctx: TrainContext, theta, n_settings: int, rule: str = "spsa", **opti
         summary.update(settings_used=dev.settings_used, chosen="start")
         return obj.to_theta(u), history
 
-    alpha, gamma = float(opt["alpha"]), float(opt["gamma"])
-    big_a = A_FRACTION * n_steps if opt["A"] is None else float(opt["A"])
-    c = float(opt["c"])
-    est = _Estimator(obj, rule, opt, rng)
-    avg_from = int(round((1 - float(opt["average"])) * n_steps)) if opt["average"] > 0 else n_steps
+    alpha, gamma = opt.alpha, opt.gamma
+    big_a = A_FRACTION * n_steps if opt.A is None else opt.A
+    c = opt.c
+    est = _Estimator(obj, opt, rng)
+    avg_from = int(round((1 - opt.average) * n_steps)) if opt.average > 0 else n_steps
     u_sum, n_avg = np.zeros_like(u), 0
-    m = v = None
+    u_t = torch.zeros(len(u), dtype=torch.float64)
+    adam = torch.optim.Adam([u_t], betas=(0.9, 0.999), eps=1e-12) if opt.adam else None
 
     def current() -> np.ndarray:  # the point refine would return now
-        return u_sum / n_avg if (n_avg and opt["select"] != "last") else u
+        return u_sum / n_avg if (n_avg and opt.select != "last") else u
 
     try:
         # --- gain calibration: a_0 * RMS(step's estimate) = step -------------------------
         if calibrate:
             cal = []
-            for _ in range(int(opt["calibration"])):
+            for _ in range(opt.calibration):
                 g, _, _ = est(u, next(batches), c)
                 cal.append(g)
             est.momentum = None
             # each calibration estimate has the form of a step's estimate (resamples averaged)
             rms = max(math.sqrt(float(np.mean(np.sum(np.asarray(cal) ** 2, axis=1)) / obj.n)), 1e-12)
-            a = float(opt["step"]) * (1 + big_a) ** alpha / rms
+            a = opt.step * (1 + big_a) ** alpha / rms
             summary["calibration_rms"] = rms
-        elif opt["normalize"] == "adam":
-            a = float(opt["step"]) * (1 + big_a) ** alpha if opt["a"] is None else float(opt["a"])
+        elif opt.adam:
+            a = opt.step * (1 + big_a) ** alpha if opt.a is None else opt.a
         else:
-            a = float(opt["a"])
+            a = opt.a
         summary["a"] = a
 
         for k in range(n_steps):
@@ -389,20 +390,21 @@ def refine(ctx: TrainContext, theta, n_settings: int, rule: str = "spsa", **opti
             idx = next(batches)
             ak, ck = a / (k + 1 + big_a) ** alpha, c / (k + 1) ** gamma
             g, ref_loss, offs = est(u, idx, ck)
-            if opt["normalize"] == "adam":
-                m = g * 0.1 if m is None else 0.9 * m + 0.1 * g
-                v = g * g * 0.001 if v is None else 0.999 * v + 0.001 * g * g
-                mh, vh = m / (1 - 0.9 ** (k + 1)), v / (1 - 0.999 ** (k + 1))
-                move = -ak * mh / (np.sqrt(vh) + 1e-12)
+            if adam is not None:  # Adam's normalised step with Spall's decaying gain a_k as its rate
+                adam.param_groups[0]["lr"] = ak
+                u_t.data = torch.from_numpy(u.copy())
+                u_t.grad = torch.from_numpy(g)
+                adam.step()
+                move = u_t.detach().numpy() - u
             else:
                 move = -ak * g
             u_new = obj.keep(u + move)
             entry = {"step": k, "loss": ref_loss, "a_k": ak, "c_k": ck,
                      "step_rms": float(np.sqrt(np.mean((u_new - u) ** 2)))}
             accepted = True
-            if opt["blocking"]:
+            if opt.blocking:
                 new_loss = obj.loss_u(u_new + offs[0], idx)
-                accepted = new_loss <= ref_loss + float(opt["block_tol"])
+                accepted = new_loss <= ref_loss + opt.block_tol
                 entry["new_loss"] = new_loss
             if accepted:
                 u = u_new
@@ -422,9 +424,9 @@ def refine(ctx: TrainContext, theta, n_settings: int, rule: str = "spsa", **opti
     chosen, out = "last", u
     if n_avg:
         chosen, out = "average", u_sum / n_avg
-        if opt["select"] == "last":
+        if opt.select == "last":
             chosen, out = "last", u
-        elif opt["select"] == "val" and left() >= sel_cost and dev.can_afford(sel_cost):
+        elif opt.select == "val" and left() >= sel_cost and dev.can_afford(sel_cost):
             try:
                 acc_avg = obj.accuracy(obj.to_theta(u_sum / n_avg), "val", "train")
                 acc_last = obj.accuracy(obj.to_theta(u), "val", "train")

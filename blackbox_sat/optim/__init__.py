@@ -1,0 +1,1 @@
+"""Optimizers and measures that know nothing of devices: the SAT perturbation and sharpness."""
