@@ -184,9 +184,10 @@ class CalibratedSurrogate(SurrogateBase):
         holdout: share of settings held out (0: none).
         max_restarts, restart_scale, stall_factor, stall_fraction: restarts (see above).
         refit_all: after choosing the best attempt, refit warm on all settings.
-        residual_hidden, residual_steps, residual_lr, residual_l2, residual_gate: the
-            residual network's width, Adam steps and rate, output penalty, and the rule that
-            keeps it only if it lowers the held-out error.
+        residual_hidden, residual_steps, residual_lr, residual_l2, residual_gate,
+            residual_joint: the residual network's width, Adam steps and rate, output
+            penalty, the rule that keeps it only if it lowers the held-out error, and a joint
+            L-BFGS refinement of model and network after the network's own fit.
         adam_lr: Adam's rate in whitened units (prior std).
         theta_low, theta_high, periodic, seed, dtype: as for every surrogate (bounds and
             periodicity are accepted for the common interface and not used: the model knows
@@ -199,7 +200,8 @@ class CalibratedSurrogate(SurrogateBase):
                  holdout: float = 0.2, max_restarts: int = 3, restart_scale: float = 1.0,
                  stall_factor: float = 3.0, stall_fraction: float = 0.1, refit_all: bool = True,
                  residual_hidden: int = 64, residual_steps: int = 1500, residual_lr: float = 3e-3,
-                 residual_l2: float = 1e-3, residual_gate: bool = True, adam_lr: float = 0.05,
+                 residual_l2: float = 1e-3, residual_gate: bool = True, residual_joint: bool = True,
+                 adam_lr: float = 0.05,
                  theta_low=None, theta_high=None, periodic=None, seed: int = 0, dtype: str = "float64"):
         super().__init__(theta_low=theta_low, theta_high=theta_high, periodic=periodic, seed=seed, dtype=dtype)
         _check_model(model)
@@ -219,6 +221,7 @@ class CalibratedSurrogate(SurrogateBase):
         self.residual_hidden, self.residual_steps, self.residual_lr = int(residual_hidden), int(residual_steps), \
             float(residual_lr)
         self.residual_l2, self.residual_gate, self.adam_lr = float(residual_l2), bool(residual_gate), float(adam_lr)
+        self.residual_joint = bool(residual_joint)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # Datasheet values and scales: fixed at construction (the model's current values).
         self.p0 = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
@@ -259,13 +262,17 @@ class CalibratedSurrogate(SurrogateBase):
             return self._call(thetas, x)
         return functional_call(self._call, self._params(z), (thetas, x))
 
-    def _residuals(self, z, data: _Packed) -> torch.Tensor:
-        """Normalised residuals ``(S, B, out)`` (zeros on padding)."""
+    def _residuals(self, z, data: _Packed, with_correction: bool = False):
+        """Normalised residuals ``(S, B, out)`` (zeros on padding); with ``with_correction``
+        also the residual network's output (normalised; None when it is off)."""
         pred = self._forward(z, data.thetas, data.x)
+        corr = None
         if self.residual_active and self.net is not None:
-            pred = self._with_residual(pred, data.x)
+            corr = self._correction(pred, data.x)
+            pred = pred + self.y_spread * corr
         r = (pred - data.y) / self.y_spread
-        return torch.where(data.mask[..., None], r, torch.zeros_like(r))
+        r = torch.where(data.mask[..., None], r, torch.zeros_like(r))
+        return (r, corr) if with_correction else r
 
     def _rho(self, r: torch.Tensor, delta: float) -> torch.Tensor:
         if self.loss == "mse" or not math.isfinite(delta):
@@ -276,7 +283,11 @@ class CalibratedSurrogate(SurrogateBase):
         return delta * delta * (torch.sqrt(1 + (r / delta) ** 2) - 1)    # soft-L1
 
     def _objective(self, z, data: _Packed, delta: float) -> torch.Tensor:
-        loss = self._rho(self._residuals(z, data), delta).sum() / data.n_values
+        r, corr = self._residuals(z, data, with_correction=True)
+        loss = self._rho(r, delta).sum() / data.n_values
+        if corr is not None:
+            corr = torch.where(data.mask[..., None], corr, torch.zeros_like(corr))
+            loss = loss + self.residual_l2 * (corr * corr).sum() / data.n_values
         if self._prior_w > 0:
             prior = functional_call(self._call, self._params(z), (), {"what": "prior"})
             if prior is not None:
@@ -315,8 +326,11 @@ class CalibratedSurrogate(SurrogateBase):
 
     # -- fitting ------------------------------------------------------------------------------
     def _optimise(self, z, data: _Packed, delta: float, max_iter: int) -> tuple[int, bool]:
-        """Minimise the objective over ``z`` in place; returns (iterations, finite)."""
+        """Minimise the objective over ``z`` in place (and over the residual network's
+        weights when it is on: a joint fit); returns (iterations, finite)."""
         leaves = list(z.values())
+        if self.residual_active and self.net is not None:
+            leaves += list(self.net.parameters())
         iters, prev = 0, None
         chunk = 25
         if self.optimizer == "lbfgs":
@@ -330,6 +344,8 @@ class CalibratedSurrogate(SurrogateBase):
                 return loss
             while iters < max_iter:
                 start = opt.state[opt._params[0]].get("n_iter", 0)
+                opt.param_groups[0]["max_iter"] = step = min(chunk, max_iter - iters)
+                opt.param_groups[0]["max_eval"] = int(step * 1.5) + 1
                 opt.step(closure)
                 done = opt.state[opt._params[0]].get("n_iter", 0) - start
                 iters += done
@@ -337,7 +353,7 @@ class CalibratedSurrogate(SurrogateBase):
                     cur = float(self._objective(z, data, delta))
                 if not math.isfinite(cur):
                     return iters, False
-                if done < chunk or (prev is not None and prev - cur <= self.tol * abs(prev)):
+                if done < step or (prev is not None and prev - cur <= self.tol * abs(prev)):
                     break
                 prev = cur
             return iters, True
@@ -453,8 +469,6 @@ class CalibratedSurrogate(SurrogateBase):
             iters, finite = self._optimise(z, all_data, self._delta, max(self.max_iter // 2, 1))
             if finite:
                 self._write(z)
-                if self.residual_active:
-                    self._train_residual(all_data, max(self.residual_steps // 2, 1))
             report["refit_all"] = {"iterations": iters, "seconds": time.perf_counter() - t0, "finite": finite}
         report["final_train_nrmse"] = self._nrmse(None, all_data)
         report["fit_seconds"] = time.perf_counter() - t_start
@@ -462,9 +476,12 @@ class CalibratedSurrogate(SurrogateBase):
         return self
 
     # -- residual -----------------------------------------------------------------------------
+    def _correction(self, pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The residual network's output, in output spreads."""
+        return self.net((pred - self.y_loc) / self.y_spread, (x.to(_F64) - self.x_loc) / self.x_scale)
+
     def _with_residual(self, pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        r = self.net((pred - self.y_loc) / self.y_spread, (x.to(_F64) - self.x_loc) / self.x_scale)
-        return pred + self.y_spread * r
+        return pred + self.y_spread * self._correction(pred, x)
 
     def _train_residual(self, data: _Packed, steps: int) -> None:
         with torch.no_grad():
@@ -482,15 +499,26 @@ class CalibratedSurrogate(SurrogateBase):
 
     def _fit_residual(self, train: _Packed, test: _Packed | None, base_te: float) -> dict:
         t0 = time.perf_counter()
+        before = {n: v.detach().clone() for n, v in self._z().items()}
         torch.manual_seed(self.seed)
         self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
         self._train_residual(train, self.residual_steps)
         self.residual_active = True
+        joint = {}
+        if self.residual_joint:
+            # Joint refinement: the model's parameters can move back towards the physics once
+            # the network carries what the model lacks.
+            z = self._z()
+            iters, finite = self._optimise(z, train, self._delta, max(self.max_iter // 2, 1))
+            if finite:
+                self._write(z)
+            joint = {"joint_iterations": iters}
         te = self._nrmse(None, test)
         keep = not self.residual_gate or test is None or te < base_te
         if not keep:
             self.residual_active = False
-        return {"heldout_nrmse": te, "heldout_nrmse_without": base_te, "kept": keep,
+            self._write(before)
+        return {**joint, "heldout_nrmse": te, "heldout_nrmse_without": base_te, "kept": keep,
                 "train_nrmse": self._nrmse(None, train), "seconds": time.perf_counter() - t0}
 
     # -- update -------------------------------------------------------------------------------
@@ -513,8 +541,6 @@ class CalibratedSurrogate(SurrogateBase):
         iters, finite = self._optimise(z, data, self._delta, steps)
         if finite:
             self._write(z)
-            if self.residual_active:
-                self._train_residual(data, steps)
         self.report.setdefault("updates", []).append({"settings": len(data), "iterations": iters, "finite": finite,
                                                       "train_nrmse": self._nrmse(None, data),
                                                       "seconds": time.perf_counter() - t0})
@@ -552,6 +578,7 @@ class CalibratedSurrogate(SurrogateBase):
                    stall_fraction=self.stall_fraction, refit_all=self.refit_all,
                    residual_hidden=self.residual_hidden, residual_steps=self.residual_steps,
                    residual_lr=self.residual_lr, residual_l2=self.residual_l2, residual_gate=self.residual_gate,
+                   residual_joint=self.residual_joint,
                    adam_lr=self.adam_lr)
         return cfg
 
