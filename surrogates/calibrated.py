@@ -198,7 +198,7 @@ class CalibratedSurrogate(SurrogateBase):
                  max_iter: int = 400, tol: float = 1e-6, loss: str = "huber",
                  noise: float | ArrayLike | None = None, prior_weight: float | str = "auto",
                  holdout: float = 0.2, max_restarts: int = 3, restart_scale: float = 1.0,
-                 stall_factor: float = 3.0, stall_fraction: float = 0.1, refit_all: bool = True,
+                 stall_factor: float = 2.0, stall_fraction: float = 0.1, refit_all: bool = True,
                  residual_hidden: int = 64, residual_steps: int = 1500, residual_lr: float = 3e-3,
                  residual_l2: float = 1e-3, residual_gate: bool = True, residual_joint: bool = True,
                  adam_lr: float = 0.05,
