@@ -177,7 +177,8 @@ class CalibratedSurrogate(SurrogateBase):
         optimizer: ``"lbfgs"`` (default) or ``"adam"``.
         max_iter: L-BFGS iterations (or Adam steps) per attempt.
         tol: stop an attempt when a chunk of 25 iterations improves the loss by less than
-            this fraction.
+            this fraction (an L-BFGS run that stops early but made progress is resumed with
+            fresh memory).
         loss: ``"huber"``, ``"soft_l1"`` or ``"mse"``.
         noise: read-noise std in output units (scalar or ``(out_dim,)``), if known.
         prior_weight: ``"auto"`` (MAP, see above), a float, or 0 for none.
@@ -331,30 +332,36 @@ class CalibratedSurrogate(SurrogateBase):
         leaves = list(z.values())
         if self.residual_active and self.net is not None:
             leaves += list(self.net.parameters())
-        iters, prev = 0, None
-        chunk = 25
+        iters, chunk = 0, 25
         if self.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(leaves, lr=1.0, max_iter=chunk, max_eval=int(chunk * 1.5), history_size=20,
-                                    line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+            def make():
+                return torch.optim.LBFGS(leaves, lr=1.0, max_iter=chunk, max_eval=4 * chunk, history_size=20,
+                                         line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                                         tolerance_change=1e-15)
+            opt = make()
 
             def closure():
                 opt.zero_grad()
                 loss = self._objective(z, data, delta)
                 loss.backward()
                 return loss
+            with torch.no_grad():
+                prev = float(self._objective(z, data, delta))
             while iters < max_iter:
+                step = min(chunk, max_iter - iters)
+                opt.param_groups[0].update(max_iter=step, max_eval=4 * step)
                 start = opt.state[opt._params[0]].get("n_iter", 0)
-                opt.param_groups[0]["max_iter"] = step = min(chunk, max_iter - iters)
-                opt.param_groups[0]["max_eval"] = int(step * 1.5) + 1
                 opt.step(closure)
                 done = opt.state[opt._params[0]].get("n_iter", 0) - start
-                iters += done
+                iters += max(done, 1)
                 with torch.no_grad():
                     cur = float(self._objective(z, data, delta))
                 if not math.isfinite(cur):
                     return iters, False
-                if done < step or (prev is not None and prev - cur <= self.tol * abs(prev)):
+                if prev - cur <= self.tol * abs(prev):      # no progress over this chunk
                     break
+                if done < step:   # stopped early (line search or tolerance): continue with fresh memory
+                    opt = make()
                 prev = cur
             return iters, True
         opt = torch.optim.Adam(leaves, lr=self.adam_lr)
