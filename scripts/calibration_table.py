@@ -98,7 +98,7 @@ def run(device: str, n_settings: int, args, dev_kw: dict) -> dict:
     truth = dev.calibration_truth()
     rms, rms0 = parameter_rms(sur.model, truth), parameter_rms(nominal, truth)
     rep = sur.report
-    out = {"device": device, "kw": dev_kw, "settings": n_settings, "inputs": args.inputs, "design": args.design,
+    out = {"device": device, "kw": dev_kw, "settings": n_settings, "inputs": args.inputs, "design": args.design, "x": args.x,
            "test": errors,
            "internal_heldout_datasheet": rep["datasheet_heldout_nrmse"], "internal_heldout": rep["heldout_nrmse"],
            "noise_nrmse": rep["noise_nrmse"], "param_rms": rms, "param_rms_datasheet": rms0,

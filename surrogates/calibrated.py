@@ -32,7 +32,8 @@ Rows are grouped by setting (``groups``; one ``query`` call = one setting) and p
   (per-output std over the training rows). The Huber/soft-L1 scale is ``1.345 * s`` with
   ``s`` the normalised noise std: from ``noise=`` (output units), else from repeated
   ``(theta, x)`` rows in the data (:func:`~surrogates.design.estimate_noise`), else from the
-  residuals' MAD after a least-squares first stage (then one robust refinement stage).
+  residuals' MAD after a least-squares first stage (then one robust refinement stage, whose
+  prior weight is that scale squared).
 - **Optimiser**: ``torch.optim.LBFGS`` with strong-Wolfe line search (default) or Adam.
 - **Prior**: ``prior_weight * prior_loss() / n`` (``n`` measured values) is added to the
   mean loss. ``"auto"`` sets the weight to ``s^2``, which makes the objective the MAP
@@ -419,9 +420,10 @@ class CalibratedSurrogate(SurrogateBase):
             train, test = all_data, None
         s, source = self._noise_floor(theta, x, y, groups)
         self._noise_norm = s
-        self._prior_w = (s if s is not None else DEFAULT_NOISE) ** 2 if self.prior_weight == "auto" \
+        prior0 = (s if s is not None else DEFAULT_NOISE) ** 2 if self.prior_weight == "auto" \
             else float(self.prior_weight)
-        self._delta = HUBER_K * s if s is not None else float("inf")
+        delta0 = HUBER_K * s if s is not None else float("inf")
+        self._prior_w, self._delta = prior0, delta0
         self.residual_active, self.net = False, None
         z0 = self._z(self.p0)
         ds_train, ds_test = self._nrmse(z0, train), self._nrmse(z0, test)
@@ -430,6 +432,7 @@ class CalibratedSurrogate(SurrogateBase):
         attempts, best = [], None
         for k in range(self.max_restarts + 1):
             t0 = time.perf_counter()
+            self._prior_w, self._delta = prior0, delta0
             z = self._z(self.p0)
             if k:
                 with torch.no_grad():
@@ -439,11 +442,12 @@ class CalibratedSurrogate(SurrogateBase):
             if finite and s is None and self.loss != "mse":
                 # Robust stage: scale from the least-squares residuals' MAD.
                 r = self._residuals(z, train).detach()[train.mask]
-                mad = float(torch.median(torch.abs(r - torch.median(r))))
-                delta = HUBER_K * 1.4826 * max(mad, 1e-12)
-                more, finite = self._optimise(z, train, delta, max(self.max_iter // 4, 1))
+                s_hat = 1.4826 * max(float(torch.median(torch.abs(r - torch.median(r)))), 1e-12)
+                self._delta = HUBER_K * s_hat
+                if self.prior_weight == "auto":   # MAP weight for the residuals' own noise level
+                    self._prior_w = s_hat ** 2
+                more, finite = self._optimise(z, train, self._delta, max(self.max_iter // 4, 1))
                 iters += more
-                self._delta = delta
             tr = self._nrmse(z, train) if finite else float("nan")
             te = self._nrmse(z, test) if finite else float("nan")
             stalled = not finite or not tr <= threshold
@@ -452,13 +456,14 @@ class CalibratedSurrogate(SurrogateBase):
                              "stalled": stalled})
             score = te if test is not None else tr
             if finite and (best is None or score < best[0]):
-                best = (score, {n: v.detach().clone() for n, v in z.items()})
+                best = (score, {n: v.detach().clone() for n, v in z.items()}, self._delta, self._prior_w)
             if not stalled:
                 break
         if best is None:
             raise ValueError("every calibration attempt became non-finite (NaN/inf loss); check the model for "
                              "singular values of its parameters")
         z = {n: v.clone().requires_grad_(True) for n, v in best[1].items()}
+        self._delta, self._prior_w = best[2], best[3]
         self._write(z)
         self.n_params, self.in_dim, self.out_dim = theta.shape[1], x.shape[1], y.shape[1]
         fit_te = self._nrmse(z, test)

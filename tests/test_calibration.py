@@ -253,3 +253,20 @@ def test_stalled_fit_restarts_from_perturbed_datasheet():
     assert rep["heldout_nrmse"] < 1.5 * rep["noise_nrmse"]
     rms = parameter_rms(sur.model, dev.calibration_truth())
     assert rms["rotation"] < 0.05 and rms["shift"] < 0.05, rms
+
+
+def test_mzi_crosstalk_can_be_a_parameter():
+    """A design whose crosstalk is not trusted: the datasheet says 0.02, the chip has 0.04."""
+    dev = mzi(n_modes=5, crosstalk=0.04, **QUIET)
+    model = dev.calibration_model(fit_crosstalk=True)
+    th, x = torch.rand(2, dev.n_params, dtype=torch.float64) * 6, torch.rand(2, 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        model.load_truth(dev.calibration_truth(fit_crosstalk=True))
+        true = torch.stack([dev.true_model()(t, xx) for t, xx in zip(th, x)])
+        assert torch.allclose(model.batched(th, x), true, atol=1e-12)
+    theta, x, y, g = _rows(dev, 10)
+    fixed = make_surrogate("calibrated", model=dev.calibration_model(crosstalk=0.02), max_restarts=0).fit(theta, x, y, g)
+    free = make_surrogate("calibrated", model=dev.calibration_model(fit_crosstalk=True, crosstalk=0.02)).fit(
+        theta, x, y, g)
+    assert abs(float(free.model.kappa.detach()) - 0.04) < 1e-3
+    assert free.report["heldout_nrmse"] < 0.01 < fixed.report["heldout_nrmse"]

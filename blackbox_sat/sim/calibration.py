@@ -104,18 +104,23 @@ class MeshCalibrationModel(CalibrationModelBase):
     """Clements mesh with unknown coupler errors and phase offsets (``mzi``).
 
     Parameters: ``bs_error (M, 2)`` (unitless, datasheet 0, scale ``sigma``),
-    ``phase_bias (2M,)`` rad (datasheet 0, scale ``sigma_phase``). Fixed: topology and
-    crosstalk ``kappa``. Same physics as :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over
+    ``phase_bias (2M,)`` rad (datasheet 0, scale ``sigma_phase``); with ``fit_crosstalk`` also
+    the scalar ``kappa`` (datasheet ``kappa``, scale ``kappa_scale``), for a design whose
+    crosstalk is not trusted. Fixed: topology (and ``kappa`` by default). Same physics as :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over
     settings."""
 
-    def __init__(self, n_modes: int, kappa: float, sigma: float = 0.15, sigma_phase: float = 0.15):
+    def __init__(self, n_modes: int, kappa: float, sigma: float = 0.15, sigma_phase: float = 0.15,
+                 fit_crosstalk: bool = False, kappa_scale: float = 0.01):
         super().__init__()
         self.n_modes = n = int(n_modes)
         layout = clements_layout(n)
         m = len(layout)
-        self.kappa = float(kappa)
         self._add("bs_error", np.zeros((m, 2)), sigma)
         self._add("phase_bias", np.zeros(2 * m), sigma_phase)
+        if fit_crosstalk:
+            self._add("kappa", float(kappa), kappa_scale)
+        else:
+            self.kappa = float(kappa)
         up, down = _neighbours(layout)
         idx_a, idx_b, perm = _column_maps(layout, n)
         for name, arr in (("up", up), ("down", down), ("idx_a", idx_a), ("idx_b", idx_b), ("perm", perm)):
@@ -125,9 +130,11 @@ class MeshCalibrationModel(CalibrationModelBase):
         """``U (S, N, N)`` complex for settings ``thetas (S, n_params)``."""
         real = thetas.dtype
         p = torch.remainder(thetas, _TWO_PI)
-        if self.kappa:
+        kappa = self.kappa
+        if isinstance(kappa, torch.Tensor) or kappa:
             padded = torch.cat([p, p.new_zeros(p.shape[0], 1)], 1)
-            p = p + self.kappa * (padded[:, self.up] + padded[:, self.down])
+            kappa = kappa.to(real) if isinstance(kappa, torch.Tensor) else kappa
+            p = p + kappa * (padded[:, self.up] + padded[:, self.down])
         a = p + self.phase_bias.to(real)
         m = a.shape[1] // 2
         e = self.bs_error.to(real).clamp(-1 + 1e-9, 1 - 1e-9)
