@@ -393,10 +393,10 @@ class CalibratedSurrogate(SurrogateBase):
         """Held-out setting ids."""
         if self.holdout <= 0 or n_groups < 4:
             return np.zeros(0, np.int64)
-        n_out = min(n_groups - 2, max(1, int(math.ceil(self.holdout * n_groups))))
+        n_out = min(n_groups - 2, max(1, math.ceil(self.holdout * n_groups)))
         return np.sort(np.random.default_rng([self.seed, 11]).choice(n_groups, n_out, replace=False))
 
-    def fit(self, theta, x, y, groups=None) -> "CalibratedSurrogate":
+    def fit(self, theta, x, y, groups=None) -> CalibratedSurrogate:
         t_start = time.perf_counter()
         self.n_params = None
         theta, x, y, groups = self._check_rows(theta, x, y, groups)
@@ -534,7 +534,7 @@ class CalibratedSurrogate(SurrogateBase):
                 "train_nrmse": self._nrmse(None, train), "seconds": time.perf_counter() - t0}
 
     # -- update -------------------------------------------------------------------------------
-    def update(self, theta, x, y, groups=None, *, steps=None, append=False, centre=None) -> "CalibratedSurrogate":
+    def update(self, theta, x, y, groups=None, *, steps=None, append=False, centre=None) -> CalibratedSurrogate:
         """Warm refit from the current parameters on these rows (or the stored rows plus
         these), ``steps`` optimiser iterations (default ``max_iter // 4``). ``centre`` is
         ignored (the model is global)."""
@@ -615,7 +615,7 @@ class CalibratedSurrogate(SurrogateBase):
         self.report = json.loads(state["report"])
 
     @classmethod
-    def load(cls, path: str | PathLike, model: nn.Module | None = None) -> "CalibratedSurrogate":
+    def load(cls, path: str | PathLike, model: nn.Module | None = None) -> CalibratedSurrogate:
         """Rebuild a saved calibration into ``model`` (a fresh instance of the same model class
         and shape: the file holds parameters, not code)."""
         payload = torch.load(path, weights_only=True)

@@ -15,7 +15,7 @@ from blackbox_sat.sim import freespace, mrr, mzi
 from blackbox_sat.sim.calibration import MeshCalibrationModel, parameter_rms
 from surrogates import CalibratedSurrogate, Surrogate, load_surrogate, make_surrogate
 
-QUIET = dict(noise=0.0, programming_noise=0.0, dac_bits=None)
+QUIET = {"noise": 0.0, "programming_noise": 0.0, "dac_bits": None}
 
 
 def _rows(dev, n_settings, batch=32, seed=0, transform=None):
@@ -103,7 +103,7 @@ def test_residual_corrects_an_effect_the_model_lacks():
     stays near the datasheet's error (~0.9 spreads); the residual network brings it to ~0.04
     (development run), and the joint refinement pulls the parameters back towards the truth."""
     dev = mzi(n_modes=4, **QUIET)
-    sat = lambda y: y / (1 + y)  # noqa: E731
+    sat = lambda y: y / (1 + y)
     theta, x, y, g = _rows(dev, 16, transform=sat)
     th_t, x_t, y_t, _ = _rows(dev, 6, seed=9, transform=sat)
     errors, params = {}, {}

@@ -90,7 +90,7 @@ class CalibrationModelBase(nn.Module):
         return total
 
     @torch.no_grad()
-    def load_truth(self, truth: dict[str, torch.Tensor]) -> "CalibrationModelBase":
+    def load_truth(self, truth: dict[str, torch.Tensor]) -> CalibrationModelBase:
         """Set every parameter from ``truth`` (e.g. a simulator's ``calibration_truth()``)."""
         params = dict(self.named_parameters())
         if set(truth) != set(params):
