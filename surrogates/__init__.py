@@ -20,6 +20,8 @@ Public API:
 - :class:`PhaseLayerSurrogate` (``"interferometric-layers"``): the same updates composed in
   learned layers, a model global in the phases;
 - :class:`GPSurrogate` (``"gp"``): exact or variational gpytorch GP;
+- :class:`CalibratedSurrogate` (``"calibrated"``, ``"calibrated+residual"``): grey-box
+  calibration of a user's physics model (``model=``): its error parameters are fitted;
 - query design: :func:`trust_region`, :func:`space_filling`, :func:`design_settings`
   (returning a :class:`SettingsDesign`), :func:`inputs_per_setting`, :func:`estimate_noise`.
 
@@ -29,6 +31,7 @@ Module map: ``protocol`` (the contract), ``base`` (shapes, persistence), ``norma
 ``neural``, ``interferometric``, ``phase_layers``, ``gp``, ``design``, ``registry``.
 """
 from .base import SurrogateBase
+from .calibrated import CalibratedSurrogate
 from .design import (SettingsDesign, design_settings, estimate_noise, inputs_per_setting,
                      space_filling, trust_region)
 from .gp import GPSurrogate
@@ -40,7 +43,7 @@ from .registry import load_surrogate, make_surrogate, register_surrogate, surrog
 
 __all__ = [
     "Surrogate", "SurrogateBase", "EnsembleSurrogate", "InterferometricSurrogate", "PhaseLayerSurrogate",
-    "GPSurrogate",
+    "GPSurrogate", "CalibratedSurrogate",
     "make_surrogate", "surrogate_kinds", "register_surrogate", "load_surrogate",
     "trust_region", "space_filling", "design_settings", "SettingsDesign", "inputs_per_setting",
     "estimate_noise",

@@ -8,6 +8,8 @@
 | ``"interferometric"`` | :class:`~surrogates.interferometric.InterferometricSurrogate` | intensities of a linear optical circuit of phase shifters |
 | ``"interferometric-layers"`` | :class:`~surrogates.phase_layers.PhaseLayerSurrogate` | the same, global in the phases: the shifters' updates composed in learned layers |
 | ``"gp"`` | :class:`~surrogates.gp.GPSurrogate` | a smooth response over ``[theta, x]``; small problems |
+| ``"calibrated"`` | :class:`~surrogates.calibrated.CalibratedSurrogate` | the user's physics model (``model=``), only its error parameters unknown |
+| ``"calibrated+residual"`` | :class:`~surrogates.calibrated.CalibratedSurrogate` | the same plus a small learned output correction |
 
 Further kinds can be added with :func:`register_surrogate`.
 """
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from .calibrated import CalibratedSurrogate
 from .gp import GPSurrogate
 from .interferometric import InterferometricSurrogate
 from .neural import EnsembleSurrogate
@@ -37,6 +40,8 @@ _FACTORIES: dict[str, Callable[..., Surrogate]] = {
     "interferometric": InterferometricSurrogate,
     "interferometric-layers": PhaseLayerSurrogate,
     "gp": GPSurrogate,
+    "calibrated": CalibratedSurrogate,
+    "calibrated+residual": partial(CalibratedSurrogate, residual=True),
 }
 
 

@@ -39,7 +39,8 @@ def rows():
 
 
 def test_registry():
-    assert surrogate_kinds() == ["gp", "hyper", "hyper-additive", "interferometric", "interferometric-layers", "mlp"]
+    assert surrogate_kinds() == ["calibrated", "calibrated+residual", "gp", "hyper", "hyper-additive", "interferometric",
+                                "interferometric-layers", "mlp"]
     assert isinstance(make_surrogate(), EnsembleSurrogate) and make_surrogate().structure_name == "hyper"
     assert isinstance(make_surrogate("interferometric"), InterferometricSurrogate)
     assert isinstance(make_surrogate("interferometric-layers"), surrogates.PhaseLayerSurrogate)

@@ -181,6 +181,25 @@ class FreeSpaceVMM(SimulatedDevice):
         gain = np.ones(self.rows) if nominal else self.detector_gain
         return MaskModel(self._transfer(nominal), gain, self.in_dim, self.saturation)
 
+    def calibration_model(self) -> torch.nn.Module:
+        """Grey-box model for calibration (:class:`~.calibration.MaskCalibrationModel`): known
+        geometry and detector nonlinearity, unknown rotation, shift, scale, pixel and detector
+        gains at their datasheet values (identity warp, unit gains); prior scales 1 deg, 1 px,
+        0.02, ``sigma`` and ``sigma / 3`` (``sigma`` 0.03 where it is 0)."""
+        from .calibration import MaskCalibrationModel
+        return MaskCalibrationModel(self.out_dim, self.in_dim, self.p, self.saturation, sigma=self.sigma or SIGMA,
+                                    detector_per_sigma=DETECTOR_PER_SIGMA)
+
+    def calibration_truth(self) -> dict[str, torch.Tensor]:
+        """This chip's values of :meth:`calibration_model`'s parameters: loaded with
+        ``model.load_truth``, the model equals :meth:`true_model`."""
+        f64 = torch.float64
+        shift = (self.shift, self.shift) if np.ndim(self.shift) == 0 else tuple(self.shift)
+        return {"rotation": torch.tensor(self.rotation, dtype=f64), "shift": torch.tensor(shift, dtype=f64),
+                "scale": torch.tensor(self.scale, dtype=f64),
+                "log_pixel_gain": torch.as_tensor(np.log(self.pixel_gain), dtype=f64),
+                "log_det_gain": torch.as_tensor(np.log(self.detector_gain), dtype=f64)}
+
     def applied_setting(self, theta: np.ndarray) -> np.ndarray:
         """DAC, programming noise, then the display's range [0, 1]."""
         return np.clip(super().applied_setting(theta), 0.0, 1.0)

@@ -170,6 +170,22 @@ class MRRWeightBank(SimulatedDevice):
         return RingBankModel(detune, ETA * HEATER_R * self.heater_gain, self.linewidth,
                              crosstalk_matrix(self.in_dim, self.crosstalk))
 
+    def calibration_model(self) -> torch.nn.Module:
+        """Grey-box model for calibration (:class:`~.calibration.RingCalibrationModel`): known
+        datasheet ring design and crosstalk, unknown per-ring resonance offset, heater gain and
+        linewidth at their datasheet values; prior scales from ``sigma`` (0.2 where it is 0)."""
+        from .calibration import RingCalibrationModel
+        return RingCalibrationModel(self.out_dim, self.in_dim, self.crosstalk, sigma=self.sigma or SIGMA,
+                                    spread_per_sigma=SPREAD_PER_SIGMA)
+
+    def calibration_truth(self) -> dict[str, torch.Tensor]:
+        """This chip's values of :meth:`calibration_model`'s parameters (drift included in the
+        offsets): loaded with ``model.load_truth``, the model equals :meth:`true_model`."""
+        f64 = torch.float64
+        return {"offset": torch.as_tensor(self.resonance_offset + THERMAL_SHIFT * self.drift, dtype=f64),
+                "log_heater": torch.as_tensor(np.log(self.heater_gain), dtype=f64),
+                "log_width": torch.as_tensor(np.log(self.linewidth / FWHM), dtype=f64)}
+
     def applied_setting(self, theta: np.ndarray) -> np.ndarray:
         """DAC, programming noise, then the current source's range [0, I_MAX]."""
         return np.clip(super().applied_setting(theta), 0.0, I_MAX)

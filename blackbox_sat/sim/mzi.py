@@ -217,6 +217,25 @@ class MZIMesh(SimulatedDevice):
         bias = self.phase_offset + self.beta_j * self.drift
         return MeshModel(self.n_modes, self.bs_error, bias, self.crosstalk)
 
+    def calibration_model(self, fit_crosstalk: bool = False, crosstalk: float | None = None) -> torch.nn.Module:
+        """Grey-box model for calibration (:class:`~.calibration.MeshCalibrationModel`): known
+        topology and crosstalk, unknown coupler errors and phase offsets at their datasheet 0;
+        prior scales ``sigma`` and ``sigma_phase`` (0.15 where those are 0). ``fit_crosstalk``
+        makes ``kappa`` a parameter too, started at ``crosstalk`` (default: this chip's)."""
+        from .calibration import MeshCalibrationModel
+        kappa = self.crosstalk if crosstalk is None else float(crosstalk)
+        return MeshCalibrationModel(self.n_modes, kappa, sigma=self.sigma or 0.15,
+                                    sigma_phase=self.sigma_phase or 0.15, fit_crosstalk=fit_crosstalk)
+
+    def calibration_truth(self, fit_crosstalk: bool = False) -> dict[str, torch.Tensor]:
+        """This chip's values of :meth:`calibration_model`'s parameters (drift included in the
+        phase offsets): loaded with ``model.load_truth``, the model equals :meth:`true_model`."""
+        truth = {"bs_error": torch.as_tensor(self.bs_error, dtype=torch.float64).clone(),
+                 "phase_bias": torch.as_tensor(self.phase_offset + self.beta_j * self.drift, dtype=torch.float64)}
+        if fit_crosstalk:
+            truth["kappa"] = torch.tensor(self.crosstalk, dtype=torch.float64)
+        return truth
+
     def transfer_matrix(self, theta: np.ndarray, nominal: bool = False) -> np.ndarray:
         """``U (N, N)`` complex128 of this chip (or the datasheet) at setting ``theta``."""
         model = self.nominal_model() if nominal else self.true_model()
