@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from blackbox_sat.sim import freespace, mrr, mzi
-from blackbox_sat.sim.calibration import MeshCalibrationModel, parameter_rms
+from blackbox_sat.sim.calibration import parameter_rms
+from blackbox_sat.sim.mzi import MeshCalibrationModel
 from surrogates import CalibratedSurrogate, Surrogate, load_surrogate, make_surrogate
 
 QUIET = {"noise": 0.0, "programming_noise": 0.0, "dac_bits": None}

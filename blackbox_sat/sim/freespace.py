@@ -57,6 +57,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .calibration import _F64, CalibrationModelBase
 from .base import SimulatedDevice
 from .mrr import start_weights
 
@@ -110,6 +111,72 @@ class MaskModel(torch.nn.Module):
             det = self.saturation * -torch.expm1(-det / self.saturation)
         det = det * self.det_gain.to(theta.dtype)
         return det[:, 0::2] - det[:, 1::2]
+
+
+class MaskCalibrationModel(CalibrationModelBase):
+    """Free-space VMM with unknown misalignment and gains (``freespace``).
+
+    Parameters: ``rotation`` deg (datasheet 0, scale ``rotation_scale``), ``shift (2,)`` px
+    ``(dx, dy)`` (0, ``shift_scale``), ``scale`` (1, ``scale_scale``), ``log_pixel_gain
+    (H, W)`` (0, ``sigma``), ``log_det_gain (2 out_dim,)`` (0, ``sigma / 3``). The warp is
+    the simulator's bilinear sampling written in torch, so the transfer matrix is
+    differentiable in the geometry (piecewise: the taps move at pixel boundaries)."""
+
+    def __init__(self, out_dim: int, in_dim: int, pixels_per_weight: int, saturation: float | None,
+                 sigma: float = 0.03, detector_per_sigma: float = 1 / 3, rotation_scale: float = 1.0,
+                 shift_scale: float = 1.0, scale_scale: float = 0.02):
+        super().__init__()
+        self.out_dim, self.in_dim, self.p = int(out_dim), int(in_dim), int(pixels_per_weight)
+        self.rows = 2 * self.out_dim
+        self.height, self.width = self.rows * self.p, self.in_dim * self.p
+        self.n_params = self.rows * self.in_dim
+        self.saturation = None if saturation is None else float(saturation)
+        self._add("rotation", 0.0, rotation_scale)
+        self._add("shift", np.zeros(2), shift_scale)
+        self._add("scale", 1.0, scale_scale)
+        self._add("log_pixel_gain", np.zeros((self.height, self.width)), max(sigma, 1e-3))
+        self._add("log_det_gain", np.zeros(self.rows), max(sigma * detector_per_sigma, 1e-3))
+        rows, cols = np.meshgrid(np.arange(self.height, dtype=float), np.arange(self.width, dtype=float),
+                                 indexing="ij")
+        self.register_buffer("grid_r", torch.as_tensor(rows.ravel()))
+        self.register_buffer("grid_c", torch.as_tensor(cols.ravel()))
+        cell = (rows.ravel().astype(np.int64) // self.p) * self.in_dim + cols.ravel().astype(np.int64) // self.p
+        self.register_buffer("cell", torch.as_tensor(cell))
+
+    def transfer(self) -> torch.Tensor:
+        """``(R*C, R*C)``: block values -> mean warped, gain-weighted transmission per cell."""
+        h, w = self.height, self.width
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        a = torch.deg2rad(self.rotation)
+        cos, sin = torch.cos(a), torch.sin(a)
+        qx = (self.grid_c - cx - self.shift[0]) / self.scale
+        qy = (self.grid_r - cy - self.shift[1]) / self.scale
+        mx, my = cx + cos * qx + sin * qy, cy - sin * qx + cos * qy
+        x0, y0 = torch.floor(mx).detach(), torch.floor(my).detach()
+        fx, fy = mx - x0, my - y0
+        gain = torch.exp(self.log_pixel_gain).reshape(-1)
+        n = self.n_params
+        flat = torch.zeros(n * n, dtype=_F64, device=gain.device)
+        for oy, ox, wt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy),
+                           (1, 1, fx * fy)):
+            xs, ys = x0 + ox, y0 + oy
+            inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+            xs_i = torch.where(inside, xs, torch.zeros_like(xs)).long()
+            ys_i = torch.where(inside, ys, torch.zeros_like(ys)).long()
+            index = ys_i * w + xs_i
+            block = (ys_i // self.p) * self.in_dim + xs_i // self.p
+            contrib = torch.where(inside, wt, torch.zeros_like(wt)) * gain[index]
+            flat = flat.index_add(0, self.cell * n + block, contrib)
+        return flat.reshape(n, n) / self.p ** 2
+
+    def batched(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dt = thetas.dtype
+        cells = (thetas @ self.transfer().to(dt).T).reshape(thetas.shape[0], self.rows, self.in_dim)
+        det = torch.matmul(x.to(dt), cells.transpose(1, 2))                 # (S, B, R)
+        if self.saturation is not None:
+            det = self.saturation * -torch.expm1(-det / self.saturation)
+        det = det * torch.exp(self.log_det_gain.to(dt))
+        return det[..., 0::2] - det[..., 1::2]
 
 
 class FreeSpaceVMM(SimulatedDevice):
@@ -186,7 +253,6 @@ class FreeSpaceVMM(SimulatedDevice):
         geometry and detector nonlinearity, unknown rotation, shift, scale, pixel and detector
         gains at their datasheet values (identity warp, unit gains); prior scales 1 deg, 1 px,
         0.02, ``sigma`` and ``sigma / 3`` (``sigma`` 0.03 where it is 0)."""
-        from .calibration import MaskCalibrationModel
         return MaskCalibrationModel(self.out_dim, self.in_dim, self.p, self.saturation, sigma=self.sigma or SIGMA,
                                     detector_per_sigma=DETECTOR_PER_SIGMA)
 

@@ -66,6 +66,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .calibration import CalibrationModelBase
 from .base import SimulatedDevice
 
 FWHM = 0.15            # nm
@@ -122,6 +123,38 @@ class RingBankModel(torch.nn.Module):
         return x.to(theta.dtype) @ self.weights(theta).T
 
 
+class RingCalibrationModel(CalibrationModelBase):
+    """Microring weight bank with unknown per-ring offsets, heater gains, linewidths (``mrr``).
+
+    Parameters, each ``(out_dim, in_dim)``: ``offset`` nm (resonance red-shift from the
+    datasheet; datasheet 0, scale ``sigma * FWHM``), ``log_heater`` (log heater-efficiency
+    gain; 0, ``sigma / 4``), ``log_width`` (log linewidth / FWHM; 0, ``sigma / 4``). Fixed:
+    ``DETUNE0``, ``ETA * R``, ``FWHM`` and the crosstalk matrix."""
+
+    def __init__(self, out_dim: int, in_dim: int, kappa: float, sigma: float = 0.2,
+                 spread_per_sigma: float = 0.25):
+        super().__init__()
+        self.out_dim, self.in_dim = int(out_dim), int(in_dim)
+        shape = (self.out_dim, self.in_dim)
+        self._add("offset", np.zeros(shape), sigma * FWHM)
+        self._add("log_heater", np.zeros(shape), sigma * spread_per_sigma)
+        self._add("log_width", np.zeros(shape), sigma * spread_per_sigma)
+        self.register_buffer("coupling", torch.as_tensor(crosstalk_matrix(self.in_dim, kappa)))
+
+    def weights(self, thetas: torch.Tensor) -> torch.Tensor:
+        """``(S, out, in)`` signed weights for currents ``thetas (S, n_params)`` mA."""
+        dt = thetas.dtype
+        current = thetas.reshape(-1, self.out_dim, self.in_dim)
+        eff = ETA * HEATER_R * torch.exp(self.log_heater.to(dt))
+        shift = (eff * current * current) @ self.coupling.to(dt).T
+        u = 2 * (DETUNE0 - self.offset.to(dt) - shift) / (FWHM * torch.exp(self.log_width.to(dt)))
+        u2 = u * u
+        return (1 - u2) / (1 + u2)
+
+    def batched(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x.to(thetas.dtype), self.weights(thetas).transpose(1, 2))
+
+
 class MRRWeightBank(SimulatedDevice):
     """One weight-bank chip; physics, units and sources in the module docstring.
 
@@ -174,7 +207,6 @@ class MRRWeightBank(SimulatedDevice):
         """Grey-box model for calibration (:class:`~.calibration.RingCalibrationModel`): known
         datasheet ring design and crosstalk, unknown per-ring resonance offset, heater gain and
         linewidth at their datasheet values; prior scales from ``sigma`` (0.2 where it is 0)."""
-        from .calibration import RingCalibrationModel
         return RingCalibrationModel(self.out_dim, self.in_dim, self.crosstalk, sigma=self.sigma or SIGMA,
                                     spread_per_sigma=SPREAD_PER_SIGMA)
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .calibration import CalibrationModelBase
 from .base import SimulatedDevice
 
 #: Wavelength (m), silicon thermo-optic coefficient (1/K), heated length (m): see docstring.
@@ -171,6 +172,70 @@ class MeshModel(torch.nn.Module):
         return field.real ** 2 + field.imag ** 2
 
 
+class MeshCalibrationModel(CalibrationModelBase):
+    """Clements mesh with unknown coupler errors and phase offsets (``mzi``).
+
+    Parameters: ``bs_error (M, 2)`` (unitless, datasheet 0, scale ``sigma``),
+    ``phase_bias (2M,)`` rad (datasheet 0, scale ``sigma_phase``); with ``fit_crosstalk`` also
+    the scalar ``kappa`` (datasheet ``kappa``, scale ``kappa_scale``), for a design whose
+    crosstalk is not trusted. Fixed: topology (and ``kappa`` by default). Same physics as :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over
+    settings."""
+
+    def __init__(self, n_modes: int, kappa: float, sigma: float = 0.15, sigma_phase: float = 0.15,
+                 fit_crosstalk: bool = False, kappa_scale: float = 0.01):
+        super().__init__()
+        self.n_modes = n = int(n_modes)
+        layout = clements_layout(n)
+        m = len(layout)
+        self._add("bs_error", np.zeros((m, 2)), sigma)
+        self._add("phase_bias", np.zeros(2 * m), sigma_phase)
+        if fit_crosstalk:
+            self._add("kappa", float(kappa), kappa_scale)
+        else:
+            self.kappa = float(kappa)
+        up, down = _neighbours(layout)
+        idx_a, idx_b, perm = _column_maps(layout, n)
+        for name, arr in (("up", up), ("down", down), ("idx_a", idx_a), ("idx_b", idx_b), ("perm", perm)):
+            self.register_buffer(name, torch.as_tensor(arr))
+
+    def transfer_matrices(self, thetas: torch.Tensor) -> torch.Tensor:
+        """``U (S, N, N)`` complex for settings ``thetas (S, n_params)``."""
+        real = thetas.dtype
+        p = torch.remainder(thetas, _TWO_PI)
+        kappa = self.kappa
+        if isinstance(kappa, torch.Tensor) or kappa:
+            padded = torch.cat([p, p.new_zeros(p.shape[0], 1)], 1)
+            kappa = kappa.to(real) if isinstance(kappa, torch.Tensor) else kappa
+            p = p + kappa * (padded[:, self.up] + padded[:, self.down])
+        a = p + self.phase_bias.to(real)
+        m = a.shape[1] // 2
+        e = self.bs_error.to(real).clamp(-1 + 1e-9, 1 - 1e-9)
+        t, k = torch.sqrt((1 + e) / 2), torch.sqrt((1 - e) / 2)
+        t1, t2, k1, k2 = t[:, 0], t[:, 1], k[:, 0], k[:, 1]
+        e_th = torch.polar(torch.ones_like(a[:, :m]), a[:, :m])
+        e_ph = torch.polar(torch.ones_like(a[:, m:]), a[:, m:])
+        t00 = e_ph * (t1 * t2 * e_th - k1 * k2)
+        t01 = 1j * (k1 * t2 * e_th + t1 * k2)
+        t10 = 1j * e_ph * (t1 * k2 * e_th + k1 * t2)
+        t11 = t1 * t2 - k1 * k2 * e_th
+        s = thetas.shape[0]
+        one = torch.ones(s, 1, dtype=t00.dtype, device=t00.device)
+        coef = torch.cat([t00, t01, t10, t11, one, torch.zeros_like(one)], 1)    # (S, 4M + 2)
+        col_a = coef[:, self.idx_a].unsqueeze(-1).unbind(1)    # each (S, N, 1)
+        col_b = coef[:, self.idx_b].unsqueeze(-1).unbind(1)
+        u = torch.eye(self.n_modes, dtype=t00.dtype, device=t00.device).expand(s, -1, -1)
+        for a_c, b_c, p_c in zip(col_a, col_b, self.perm.unbind(0)):
+            u = a_c * u + b_c * u[:, p_c]
+        return u
+
+    def batched(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        u = self.transfer_matrices(thetas)
+        x = x.to(thetas.dtype)
+        x = x / torch.sqrt((x * x).sum(-1, keepdim=True) + _EPS_POWER)
+        field = torch.matmul(x.to(u.dtype), u.transpose(1, 2))
+        return field.real ** 2 + field.imag ** 2
+
+
 class MZIMesh(SimulatedDevice):
     """One Clements-mesh chip; see the module docstring for physics, units and sources.
 
@@ -222,7 +287,6 @@ class MZIMesh(SimulatedDevice):
         topology and crosstalk, unknown coupler errors and phase offsets at their datasheet 0;
         prior scales ``sigma`` and ``sigma_phase`` (0.15 where those are 0). ``fit_crosstalk``
         makes ``kappa`` a parameter too, started at ``crosstalk`` (default: this chip's)."""
-        from .calibration import MeshCalibrationModel
         kappa = self.crosstalk if crosstalk is None else float(crosstalk)
         return MeshCalibrationModel(self.n_modes, kappa, sigma=self.sigma or 0.15,
                                     sigma_phase=self.sigma_phase or 0.15, fit_crosstalk=fit_crosstalk)
