@@ -1,4 +1,4 @@
-"""``blackbox-sat`` command line (DESIGN.md section 3)."""
+"""``blackbox-sat`` command line."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,16 @@ from blackbox_sat.devices.contract import InvalidInput, UserError
 from blackbox_sat.devices.spec import parse_kv
 
 
+#: Shown by ``--help`` without importing torch; a test checks them against the registries.
+METHODS = ("oracle", "oracle-sat", "offline", "offline-sat", "nat", "spsa", "ng-cma", "ng-ngopt", "ng-tbpsa",
+           "blackbox-sat", "blackbox", "pat", "insitu-sat", "harmonic")
+TASKS = ("digits", "iris", "wine", "fashion-mnist")
+EPILOG = (f"methods: {', '.join(METHODS)}. tasks: {', '.join(TASKS)}, or FILE.npz with x_train, y_train, x_test, "
+          "y_test. --set takes dotted keys (--set refine.rule=spsa, --set surrogate.hyper.max_steps=3000); "
+          "a wrong key or value is refused before any setting is spent.")
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
 def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
     p.add_argument("--device", required=device_required, help="mzi | mrr | freespace | package.module:factory | tcp://host:port")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE", help="device keyword (Python literal)")
@@ -19,24 +29,27 @@ def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="blackbox-sat", description=__doc__)
+    from blackbox_sat import __version__
+
+    ap = argparse.ArgumentParser(prog="blackbox-sat", description=__doc__, epilog=EPILOG, formatter_class=Formatter)
+    ap.add_argument("--version", action="version", version=f"blackbox-sat {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one method on one device")
+    p = sub.add_parser("train", help="train one method on one device", epilog=EPILOG, formatter_class=Formatter)
     _common(p, device_required=False)
-    p.add_argument("--method", default="blackbox-sat")
+    p.add_argument("--method", default="blackbox-sat", help="one of the methods below")
     p.add_argument("--budget", type=int, default=2000, help="device settings (calls of query)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="DIR", help="continue a killed run")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("evaluate", help="accuracy of a trained run on a device instance")
+    p = sub.add_parser("evaluate", help="accuracy of a trained run on a device instance", epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--run", required=True)
     p.add_argument("--device", help="default: the training device")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="also write the result here")
 
-    p = sub.add_parser("compare", help="every method on the same device, budget and seeds")
+    p = sub.add_parser("compare", help="every method on the same device, budget and seeds", epilog=EPILOG, formatter_class=Formatter)
     _common(p)
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..K-1")
@@ -51,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", metavar="ADDR", help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("collect", help="measure a designed set of queries into a ledger")
+    p = sub.add_parser("collect", help="measure a designed set of queries into a ledger", epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--device", required=True)
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--settings", type=int, required=True)
@@ -64,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("fit-surrogate", help="fit a surrogate from logged queries, report held-out error")
+    p = sub.add_parser("fit-surrogate", help="fit a surrogate from logged queries, report held-out error", epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--ledger", required=True)
     p.add_argument("--kind", default="hyper", help="hyper | hyper-additive | mlp | interferometric | gp")
     p.add_argument("--out", required=True, help="file for the fitted surrogate")
@@ -72,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("check-device", help="validate a device adapter against the contract")
+    p = sub.add_parser("check-device", help="validate a device adapter against the contract", epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("spec")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--repeats", type=int, default=5)
 
-    p = sub.add_parser("serve-device", help="serve a device over TCP (token required; see README)")
+    p = sub.add_parser("serve-device", help="serve a device over TCP (token required; see docs/design.md)", epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--device", required=True, help="mzi | mrr | freespace | package.module:factory")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--port", type=int, default=0, help="0: pick a free port (printed)")
@@ -132,7 +145,7 @@ def _dispatch(args) -> int:
                       config=parse_kv(args.set), unseen=_parse_unseen(args.unseen), sweep=_parse_sweep(args.sweep),
                       workers=args.workers, progress=not args.quiet, backend=args.backend, address=args.address)
         print(summary_table(res["summary"]))
-        print(f"wrote {args.out}/results.csv and {args.out}/summary.md")
+        print("wrote " + ", ".join(res["files"]))
         return 0
     if args.command == "collect":
         import numpy as np

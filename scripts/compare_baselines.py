@@ -1,6 +1,6 @@
 """Every registered method on one device, same budget, minibatches and seeds.
 
-Thin wrapper over ``blackbox_sat.harness.compare`` (the protocol of BENCHMARK.md lives there):
+Thin wrapper over ``blackbox_sat.harness.compare`` (the protocol of docs/protocol.md lives there):
 
     .venv/bin/python scripts/compare_baselines.py --device mzi --seeds 3 --workers 2 --out runs/cmp-mzi
     .venv/bin/python scripts/compare_baselines.py --device mrr --methods spsa,ng-cma,oracle --seeds 1

@@ -1,7 +1,7 @@
 """The model-based tables: offline, offline-sat, nat and oracle on each built-in device.
 
 Thin wrapper over ``blackbox_sat.harness.compare``: trains on chip seed 0 and evaluates on the
-trained chip, the unseen chips 101-105 and over each device's sweep (BENCHMARK.md).
+trained chip, the unseen chips 101-105 and over each device's sweep (docs/protocol.md).
 
     .venv/bin/python scripts/model_based_tables.py --out runs/tables --seeds 1
 """

@@ -1,4 +1,4 @@
-"""Throughput of the Ray backend against the local single-process backend (issue 7).
+"""Throughput of the Ray backend against the local single-process backend.
 
 Runs the same 12-trial sweep (spsa, oracle, offline x 4 seeds on the default ``mzi``,
 ``digits``, budget 1000, default unseen chips, drift sweep and sigma evaluations) twice, in

@@ -1,4 +1,4 @@
-"""Kill and resume against a served device, scripted (issue 6).
+"""Kill and resume against a served device, scripted.
 
 1. ``blackbox-sat serve-device`` serves a simulated MRR chip on 127.0.0.1 (a subprocess);
 2. ``blackbox-sat train --method spsa`` trains against ``tcp://...`` (a subprocess);

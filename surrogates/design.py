@@ -1,6 +1,6 @@
 """Query design: which settings to measure, with which inputs.
 
-Units follow DESIGN.md: a trust-region ``radius`` is per coordinate (L-infinity), in units of
+Units follow docs/design.md: a trust-region ``radius`` is per coordinate (L-infinity), in units of
 each parameter's bound width ``high - low``. Periodic parameters wrap into ``[low, high)``
 instead of being clipped.
 

@@ -16,6 +16,7 @@ Further kinds can be added with :func:`register_surrogate`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Callable
@@ -33,7 +34,7 @@ DEFAULT_KIND = "hyper"
 
 _FACTORIES: dict[str, Callable[..., Surrogate]] = {
     # 6000 steps: at 1000 settings the fit was still improving at 3000 (mrr, oracle midway:
-    # theta-part R² / gradient cosine 0.974 / 0.890 -> 0.989 / 0.906; README).
+    # theta-part R² / gradient cosine 0.974 / 0.890 -> 0.989 / 0.906; docs/experiments.md#the-warp).
     "hyper": partial(EnsembleSurrogate, "hyper", max_steps=6000),
     "hyper-additive": partial(EnsembleSurrogate, "hyper-additive"),
     "mlp": partial(EnsembleSurrogate, "mlp"),
@@ -80,6 +81,7 @@ class FamilyOptions:
     """Base of each family's generated options class."""
 
 
+@functools.cache
 def family_options(kind: str) -> type:
     """A frozen dataclass of ``kind``'s constructor options with their defaults.
 

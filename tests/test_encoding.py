@@ -1,4 +1,4 @@
-"""The fixed encoding (BENCHMARK.md): standardize, PCA, 3-sigma scale and clip, map to bounds."""
+"""The fixed encoding (docs/protocol.md): standardize, PCA, 3-sigma scale and clip, map to bounds."""
 from __future__ import annotations
 
 import json

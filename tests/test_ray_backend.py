@@ -1,4 +1,4 @@
-"""The Ray backend of ``compare`` (issue 7): same rows as the local backend, worker death,
+"""The Ray backend of ``compare``: same rows as the local backend, worker death,
 re-runs that skip finished trials, the install message without Ray, and the device gate of
 served (``tcp://``) devices.
 

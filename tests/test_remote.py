@@ -1,4 +1,4 @@
-"""The TCP device server and client: round trip, security, journal, faults (issue 6).
+"""The TCP device server and client: round trip, security, journal, faults.
 
 Servers run in-process (threads, port 0) or as ``python -m blackbox_sat.cli serve-device``
 subprocesses on 127.0.0.1; every one is stopped by its test. Shared helpers live in

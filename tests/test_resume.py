@@ -1,4 +1,4 @@
-"""Kill and resume against a served device: no query lost, none paid twice (issue 6).
+"""Kill and resume against a served device: no query lost, none paid twice.
 
 The trainer runs as ``python -m blackbox_sat.cli train`` subprocesses against an in-process
 server whose device can hold one call (``Faulty`` in gate mode), so the kill lands exactly

@@ -1,4 +1,4 @@
-"""The fixed input encoding of BENCHMARK.md: how data reaches a device.
+"""The fixed input encoding of docs/protocol.md: how data reaches a device.
 
 Fitted on the training features only, then frozen:
 

@@ -22,7 +22,7 @@ FILE.npz       the user's ``x_train, y_train, x_test, y_test``;       user's
 arrays         ``(x_train, y_train, x_test, y_test)``: as for npz     user's
 ============== ===================================================== ===================
 
-The digits numbers are BENCHMARK.md's protocol: 1297 train and 500 test (stratified,
+The digits numbers are the benchmark protocol (docs/protocol.md): 1297 train and 500 test (stratified,
 ``random_state=0``), then 297 of the training images held out as validation.
 
 Features are kept in their raw units (digits: pixel values 0..16, Fashion-MNIST: 0..255,
@@ -55,7 +55,7 @@ TASK_NAMES: tuple[str, ...] = ("digits", "iris", "wine", "fashion-mnist")
 #: The task used when none is given.
 DEFAULT_TASK = "digits"
 
-#: BENCHMARK.md protocol for digits.
+#: the benchmark protocol (docs/protocol.md) for digits.
 DIGITS_N_TEST = 500
 DIGITS_N_VAL = 297
 #: Fractions for iris and wine: test out of all, validation out of what is left.

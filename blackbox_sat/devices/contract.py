@@ -1,4 +1,4 @@
-"""The device contract (DESIGN.md section 2): what any device object must offer.
+"""The device contract: what any device object must offer.
 
 A device is duck-typed. It needs ``n_params``, ``in_dim``, ``out_dim`` and
 ``query(theta, x) -> y``; ``bounds``, ``periodic``, ``input_bounds``, ``theta0`` and
@@ -97,7 +97,7 @@ def _int_member(device, name: str) -> int:
     if not hasattr(device, name):
         raise DeviceContractError(
             f"device {type(device).__name__} has no member '{name}'; the contract needs "
-            "n_params, in_dim, out_dim and query(theta, x) (see DESIGN.md section 2)"
+            "n_params, in_dim, out_dim and query(theta, x) (see docs/design.md)"
         )
     value = getattr(device, name)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -5,7 +5,7 @@ writer at any instant leaves every completed row readable (the half-written tran
 is rolled back on the next open). ``synchronous=NORMAL`` survives process crashes;
 pass ``durable=True`` for ``FULL``, which also survives power loss at one fsync a row.
 
-On-disk format (readable without blackbox_sat, see README): table ``queries`` with
+On-disk format (readable without blackbox_sat, see docs/design.md): table ``queries`` with
 columns ``id`` (1, 2, ... in call order), ``request_id`` (unique text), ``time`` (Unix s),
 ``purpose`` (probe/train/refine/calibrate/eval), ``ok`` (1 ok, 0 bad), ``error``,
 ``n_params``, ``batch``, ``in_dim``, ``out_dim`` and ``theta``, ``x``, ``y`` as

@@ -1,11 +1,11 @@
 """A device served over TCP: the ``tcp://host:port`` client and the wire protocol.
 
 ``RemoteDevice("tcp://host:port")`` talks to ``blackbox-sat serve-device`` (see
-:mod:`.server`) and offers the device contract (DESIGN.md section 2), so
+:mod:`.server`) and offers the device contract, so
 :class:`~.metered.MeteredDevice`, :func:`~.contract.describe` and every method use it
 unchanged. The members are fetched once, by an ``info`` request, when it is made.
 
-Wire protocol, version 1 (also in README, "Serving a device over TCP"). Standard library
+Wire protocol, version 1 (also in docs/design.md, "Wire protocol (version 1)"). Standard library
 only: a frame is a 4-byte unsigned big-endian length ``N`` then ``N`` bytes of UTF-8 JSON
 (one object, strict JSON: no NaN/Infinity literals). ``N`` is at most the server's
 ``--max-message-bytes`` (default :data:`DEFAULT_MAX_MESSAGE_BYTES`, 64 MiB); a larger

@@ -1,7 +1,7 @@
 """``blackbox-sat serve-device``: serve one device over TCP to :class:`~.remote.RemoteDevice`.
 
 Standard library only (``socketserver`` threads, ``sqlite3``); the wire protocol is in
-:mod:`.remote` and in README, "Serving a device over TCP".
+:mod:`.remote` and in docs/design.md, "Wire protocol (version 1)".
 
 - Binds ``127.0.0.1`` unless another host is given. Traffic is not encrypted: across an
   untrusted network, tunnel it (``ssh -L``).

@@ -1,4 +1,4 @@
-"""Device specs: strings that name a device (DESIGN.md section 2).
+"""Device specs: strings that name a device.
 
 - a built-in simulator name: ``mzi``, ``mrr``, ``freespace``;
 - ``package.module:factory``, called with the keyword arguments;

@@ -1,4 +1,4 @@
-"""Where the trials of a comparison run: execution backends, chosen by name (issue 7).
+"""Where the trials of a comparison run: execution backends, chosen by name.
 
 - ``local``: in this process, one trial after another (``workers <= 1``), or in a pool of
   ``workers`` spawned processes.

@@ -2,7 +2,7 @@
 
 A study is a generator of seeded trials (method x seed). Each trial trains into
 ``OUT/runs/METHOD/seedS`` and is then evaluated on the trained chip, on unseen chips
-(device seeds, BENCHMARK.md: 101-105) and over the device's sweep (drift or
+(device seeds, docs/protocol.md: 101-105) and over the device's sweep (drift or
 misalignment). Its row is written to ``OUT/trials/METHOD-seedS.json``; a trial whose
 row exists is skipped when the command is re-run. A trial that raises is recorded as
 failed and the others go on. ``results.csv`` and ``summary.md`` are rebuilt from the rows.
@@ -67,8 +67,8 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
     bar.close()
     ordered = [rows[t.key] for t in study.trials() if t.key in rows]
     summary = summarise(ordered)
-    write_results(ordered, summary, Path(out), study)
-    return {"rows": ordered, "summary": summary, "out": str(out)}
+    files = write_results(ordered, summary, Path(out), study)
+    return {"rows": ordered, "summary": summary, "out": str(out), "files": files}
 
 
 def _public(study: dict) -> dict:
@@ -123,11 +123,15 @@ def _settings_to_target(summary: dict) -> None:
         e["settings_to_target"] = reached[0] if reached else (f"> {keys[-1].split('_')[1]}" if keys else None)
 
 
-def _fmt(v, pct=True) -> str:
+def _fmt(v, pct=True, spread=True) -> str:
+    """``mean ± std``; the mean alone where there is no spread to show (one seed)."""
     if v is None:
         return "N/A"
     m, s = v
-    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.3g} ± {s:.2g}"
+    if pct:
+        return f"{100 * m:.1f} ± {100 * s:.1f}" if spread else f"{100 * m:.1f}"
+    num = f"{m:.0f}" if abs(m) >= 100 else f"{m:.3g}"  # settings and seconds as whole numbers
+    return f"{num} ± {s:.2g}" if spread else num
 
 
 def summary_table(summary: dict) -> str:
@@ -136,15 +140,18 @@ def summary_table(summary: dict) -> str:
             "settings-to-target | sharpness | wall s | failed |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, e in summary.items():
+        sp = e["n_ok"] > 1
         lines.append(
-            f"| {m} | {'model-based' if e['model_based'] else 'device'} | {_fmt(e['acc_chip'])} | "
-            f"{_fmt(e['acc_unseen_mean'])} | {_fmt(e['acc_unseen_min'])} | {_fmt(e['acc_drift_mean'])} | "
-            f"{_fmt(e['settings_used'], False)} | {e['settings_to_target'] or '-'} | "
-            f"{_fmt(e['sharpness'], False)} | {_fmt(e['wall_s'], False)} | {e['n_failed']} |")
+            f"| {m} | {'model-based' if e['model_based'] else 'device'} | {_fmt(e['acc_chip'], spread=sp)} | "
+            f"{_fmt(e['acc_unseen_mean'], spread=sp)} | {_fmt(e['acc_unseen_min'], spread=sp)} | "
+            f"{_fmt(e['acc_drift_mean'], spread=sp)} | {_fmt(e['settings_used'], False, sp)} | "
+            f"{e['settings_to_target'] or '-'} | {_fmt(e['sharpness'], False, sp)} | {_fmt(e['wall_s'], False, sp)} | "
+            f"{e['n_failed']} |")
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> None:
+def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> list[str]:
+    """Write ``results.csv``, ``summary.md`` and the plots; return the paths written."""
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "traceback"))
     tmp = out / "results.csv.tmp"
     with tmp.open("w", newline="") as fh:
@@ -165,7 +172,7 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> N
                  "|---|" + "---|" * len(curve_keys)]
         for m, e in summary.items():
             if not e["model_based"]:
-                text.append(f"| {m} | " + " | ".join(_fmt(e.get(k)) for k in curve_keys) + " |")
+                text.append(f"| {m} | " + " | ".join(_fmt(e.get(k), spread=e["n_ok"] > 1) for k in curve_keys) + " |")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         text += ["", "## Failed trials", ""] + [f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed]
@@ -175,3 +182,4 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> N
     if plots:
         text += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     (out / "summary.md").write_text("\n".join(text) + "\n")
+    return [str(out / "results.csv"), str(out / "summary.md")] + [str(out / p) for p in plots]

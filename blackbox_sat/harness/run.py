@@ -1,4 +1,4 @@
-"""``train``: one run of one method on one device, with its files (DESIGN.md section 3).
+"""``train``: one run of one method on one device, with its files.
 
 A run directory holds ``config.json`` (written first: everything needed to resume),
 ``ledger.sqlite`` (every query), and on success ``result.json``, ``model.json`` (encoding,

@@ -15,7 +15,7 @@ from .evaluate import evaluate
 from .run import train, write_json_atomic
 
 UNSEEN_SEEDS = (101, 102, 103, 104, 105)
-#: Post-deployment sweeps of the built-in simulators (BENCHMARK.md).
+#: Post-deployment sweeps of the built-in simulators (docs/protocol.md).
 DEFAULT_SWEEPS = {
     "mzi": {"drift": [-1.0, -0.5, 0.5, 1.0]},
     "mrr": {"drift": [-1.0, -0.5, 0.5, 1.0]},

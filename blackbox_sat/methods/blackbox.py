@@ -1,4 +1,4 @@
-"""Device-query methods built on physics-aware gradients (DESIGN.md section 3).
+"""Device-query methods built on physics-aware gradients.
 
 | method | what it is |
 |---|---|

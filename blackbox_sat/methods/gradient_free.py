@@ -73,7 +73,7 @@ sigma0     mrr cma / tbpsa     freespace           mzi
 0.1        .19 (seed 0) / -    -                   -
 =========  ==================  ==================  ==================
 
-(FINDINGS.md's prototype saw nevergrad's CMA stall and NGOpt choose Cobyla. With
+(an early prototype saw nevergrad's CMA stall and NGOpt choose Cobyla. With
 nevergrad 1.0.12 and the function declared noisy, ``CMA`` resolves to the non-elitist
 ``OldCMA`` and NGOpt to the chain above. The poor parts are the step size (0.15 of the range
 is about 8 times too large) and the recommendation rule.)

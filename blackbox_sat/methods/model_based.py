@@ -1,13 +1,14 @@
 """Model-based methods: they train on a simulator's model and use no device settings.
 
 - ``oracle``: exact gradients through this chip's true, noise-free model (the upper bound).
+- ``oracle-sat``: the same with SAT: what flatness buys when the model is exact.
 - ``offline``: backprop on the nominal (datasheet) model, deployed as-is.
 - ``offline-sat``: the same with SAT.
 - ``nat``: noise-aware training: each step uses a different random chip drawn from the
   datasheet's error distribution (the simulator's ``sibling`` at other seeds), so the
   result is trained for the error *distribution*, not for this chip.
 
-All share one protocol (BENCHMARK.md): Adam on minibatches of 128 from ``theta0``, learning
+All share one protocol (docs/protocol.md): Adam on minibatches of 128 from ``theta0``, learning
 rate chosen from ``lr_grid`` (in units of the bound width) by validation accuracy on the
 model the method trains on, up to ``epochs`` epochs with early stopping on that accuracy.
 Parameters are optimised in normalized coordinates ``u = theta / scale``.
@@ -122,6 +123,13 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
 def oracle(ctx: TrainContext) -> MethodResult:
     model = ctx.model("true")
     return train_on_models(ctx, [model], [model], label="oracle")
+
+
+@register("oracle-sat", ModelSatConfig, needs="true",
+          summary="SAT with exact gradients through the true chip model: what flatness buys without model error")
+def oracle_sat(ctx: TrainContext) -> MethodResult:
+    model = ctx.model("true")
+    return train_on_models(ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive, label="oracle-sat")
 
 
 @register("offline", ModelTrainingConfig, needs="nominal", summary="backprop on the nominal (datasheet) model, deployed as-is")

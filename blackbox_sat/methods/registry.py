@@ -1,4 +1,4 @@
-"""One registry of training methods, by name (DESIGN.md section 3, "Method names").
+"""One registry of training methods, by name.
 
 A method is a function ``fn(ctx: TrainContext) -> MethodResult`` registered with its
 configuration class (a frozen dataclass: its defaults are data, ``--set`` overrides them by

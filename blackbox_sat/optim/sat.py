@@ -1,10 +1,10 @@
 """Sharpness-aware training (SAT): SAM applied to a device's control parameters.
 
-One step of SAT, for parameters ``theta`` with gradient ``g`` (DESIGN.md section 1):
+One step of SAT, for parameters ``theta`` with gradient ``g``:
 
 1. ``first_step``: move to ``theta + eps``, where ``eps`` is the steepest ascent step of L2
    length ``rho`` measured in **normalized coordinates** (each parameter divided by its
-   ``scale``, the bound width; DESIGN.md section 3, "Units");
+   ``scale``, the bound width; docs/design.md, "Units");
 2. the caller recomputes the gradient at ``theta + eps``;
 3. ``second_step``: go back to ``theta``, let the wrapped base optimizer step with that
    gradient, then project onto the device's bounds (clip, or wrap periodic parameters).
@@ -191,7 +191,7 @@ class SAT(torch.optim.Optimizer):
 
     ``SAT(params, torch.optim.Adam, rho=0.05, scale=info.scale, project=projector(info), lr=1e-2)``
 
-    * ``rho``: L2 radius of the perturbation in normalized coordinates (DESIGN.md "Units").
+    * ``rho``: L2 radius of the perturbation in normalized coordinates (docs/design.md "Units").
     * ``adaptive``: ASAM instead of SAM; see :func:`sat_perturbation` for the formula; ``eta``
       is ASAM's offset.
     * ``scale``: bound width ``s`` (> 0). ``None`` (= 1), a number, an array/tensor

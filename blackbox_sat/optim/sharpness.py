@@ -1,6 +1,6 @@
 """Sharpness measures of a loss at a setting ``theta``, in normalized coordinates.
 
-Everything here is measured in the coordinates SAT works in (DESIGN.md section 3, "Units"):
+Everything here is measured in the coordinates SAT works in:
 ``u = theta / scale``, with ``scale`` the bound width (default 1). For a loss ``L(theta)`` the
 functions look at ``d -> L(theta + scale * d)`` near ``d = 0``, so
 

@@ -1,6 +1,6 @@
 """``freespace``: an optical vector-matrix multiplier whose mask can be misaligned.
 
-Physics (PHYSICS.md, section freespace)
+Physics (docs/protocol.md, "The built-in simulators")
 ---------------------------------------
 - **Mask.** An SLM/DMD displays the weights as an image of ``2 out_dim x in_dim`` blocks,
   each ``p x p`` pixels (``p = pixels_per_weight``, default 4): ``H = 2 out_dim p`` rows,
@@ -26,7 +26,7 @@ Physics (PHYSICS.md, section freespace)
   differential pair, so it can even flip a weight's sign.
 - **Fabrication** (``sigma``, default 0.03; standard normals drawn once from ``chip_rng``,
   pixels then detectors, and scaled): per-pixel response non-uniformity, gain
-  ``exp(sigma z)`` (3 % at the default, inside the 2-5 % of PHYSICS.md); detector gain per
+  ``exp(sigma z)`` (3 % at the default, inside the usual 2-5 %); detector gain per
   row ``G_r = exp(sigma / 3 z)`` (1 %: photodiode responsivity and TIA resistor tolerance of
   a balanced receiver). The pixel gains travel with the mask through the warp. A pixel's error
   averages over the ``p^2`` pixels of a block, but a detector's does not, and a gain mismatch

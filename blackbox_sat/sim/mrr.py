@@ -1,6 +1,6 @@
 """``mrr``: a microring weight bank in the broadcast-and-weight architecture (silicon).
 
-Physics (PHYSICS.md, section mrr)
+Physics (docs/protocol.md, "The built-in simulators")
 ---------------------------------
 - **Signal path.** ``in_dim`` inputs ride on separate WDM wavelengths ``lambda_i`` and are
   broadcast to ``out_dim`` buses. Bus ``j`` carries one add-drop ring per input; ring
@@ -20,7 +20,7 @@ Physics (PHYSICS.md, section mrr)
 
 Defaults (datasheet; sources)
 -----------------------------
-- ``FWHM = 0.15`` nm: loaded Q ~ 1.0e4 at 1550 nm, mid-range of PHYSICS.md (100-200 pm);
+- ``FWHM = 0.15`` nm: loaded Q ~ 1.0e4 at 1550 nm, mid-range of the usual 100-200 pm;
   weight-bank chips of this kind: Tait et al., Sci. Rep. 7, 7430 (2017).
 - ``DETUNE0 = 2 FWHM = 0.30`` nm: the cold ring sits blue of its channel by design.
 - ``R = 1`` kOhm heater (so ``P`` [mW] = ``R`` [kOhm] ``I^2`` [mA^2]), ``ETA = 0.1`` nm/mW, a
@@ -38,7 +38,7 @@ Defaults (datasheet; sources)
 - **Fabrication** (``sigma``, default 0.2; standard normals drawn once from ``chip_rng`` in the
   order offset, heater, linewidth, then scaled):
   - ``offset_ij = sigma * FWHM * z``: residual resonance offset, ``sigma`` is its std in FWHM
-    (0.2 FWHM = 30 pm: a few tenths of a FWHM, PHYSICS.md);
+    (0.2 FWHM = 30 pm: a few tenths of a FWHM);
   - heater power efficiency ``exp(sigma / 4 * z)`` (5 % at the default: resistance and heater
     placement spread);
   - linewidth ``FWHM * exp(sigma / 4 * z)`` (5 %: coupling-gap spread).

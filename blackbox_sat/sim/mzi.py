@@ -1,6 +1,6 @@
 """``mzi``: a programmable Clements interferometer mesh of N modes (silicon photonics).
 
-Physics (PHYSICS.md, section mzi)
+Physics (docs/protocol.md, "The built-in simulators")
 ---------------------------------
 - **Mesh.** Rectangular Clements layout (Clements et al., Optica 3, 1460 (2016)): N columns;
   column ``c`` holds MZIs on the mode pairs ``(m, m+1)`` with ``m = c % 2, c % 2 + 2, ...``,
@@ -15,10 +15,10 @@ Physics (PHYSICS.md, section mzi)
   (-1, 1). This is the splitting-ratio convention of neurophox (Pai et al., Phys. Rev.
   Applied 11, 064044 (2019)); the paper's sigma = 0.15 is in these units.
 - **Phase error**: a fixed ``N(0, sigma_phase)`` rad offset per shifter (default
-  ``sigma_phase = sigma``, i.e. 0.15 rad as in BENCHMARK.md).
+  ``sigma_phase = sigma``, i.e. 0.15 rad as in docs/protocol.md).
 - **Thermal crosstalk**: applied = ``C · programmed``, ``C = I + kappa`` on the heaters that
   are neighbours in the same column (internal with internal, external with external).
-  ``kappa = 0.02`` (unitless), inside the 0.01-0.05 range of PHYSICS.md for heaters at a
+  ``kappa = 0.02`` (unitless), inside the usual 0.01-0.05 range for heaters at a
   two-waveguide pitch without isolation trenches. The programmed phase is wrapped to
   [0, 2pi) first, since a heater's power (and so its leakage) is set by the wrapped value;
   the model is therefore exactly 2pi-periodic, with a jump of ``2pi·kappa`` on the
@@ -29,7 +29,7 @@ Physics (PHYSICS.md, section mzi)
   al., Appl. Phys. Lett. 101, 041905 (2012)) and L = 200 um, a typical metal-heater
   phase-shifter length in SOI (Liu et al., Front. Optoelectron. 15, 9 (2022), a review):
   ``beta ~= 0.146 rad/K``. Treating the heated section as unmatched by the other arm is the
-  worst case PHYSICS.md prescribes. It is not common-mode: it moves every internal phase
+  worst case of the benchmark protocol. It is not common-mode: it moves every internal phase
   (the splitting ratios) and every external phase on one arm only.
 - **Detection.** ``x`` is a real amplitude vector in [-1, 1]^N, normalised per sample to
   unit power (``x / sqrt(|x|^2 + 1e-12)``, so the all-zero input gives zero output).
@@ -37,7 +37,7 @@ Physics (PHYSICS.md, section mzi)
   (all the light on one detector).
 - **Query noise** (in :mod:`.noise`, applied by :meth:`SimulatedDevice.query`): 12-bit DAC
   over [0, 2pi] (1.5 mrad steps); programming noise 0.005 rad per shifter per query
-  (PHYSICS.md); read noise 0.003 of full scale. 0.003 is the std of an ideal ADC of
+ ; read noise 0.003 of full scale. 0.003 is the std of an ideal ADC of
   about 6.6 effective bits over full scale (2^-6.6 / sqrt(12)), a modest figure for a
   fast photodiode + TIA readout, and about 5 % of the mean output at N = 16.
 

@@ -65,7 +65,7 @@ def build(cls: type[T], overrides: Mapping[str, Any] | None = None, what: str = 
     """``cls()`` with ``overrides`` (dotted or nested keys) applied and coerced."""
     obj: Any = cls()
     for key, value in _renamed(cls, flatten(dict(overrides or {}))).items():
-        obj = _set(obj, key.replace("-", "_").split("."), value, key, what)
+        obj = _set(obj, key.replace("-", "_").split("."), value, key, what, "")
     return obj
 
 
@@ -83,12 +83,12 @@ def _renamed(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set(obj: Any, path: list[str], value: Any, key: str, what: str) -> Any:
+def _set(obj: Any, path: list[str], value: Any, key: str, what: str, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(obj)}
     head = path[0]
     if head not in names:
-        valid = field_names(obj)
-        close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1) or difflib.get_close_matches(head, valid, n=1)
+        valid = field_names(obj, prefix)
+        close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
         raise ConfigError(f"unknown {what} key {key!r} for {type(obj).__name__}{hint}")
     current = getattr(obj, head)
@@ -99,7 +99,7 @@ def _set(obj: Any, path: list[str], value: Any, key: str, what: str) -> Any:
                 raise ConfigError(f"{what}: {key!r} is a group of options; set one of them, e.g. "
                                   f"{key}.{dataclasses.fields(current)[0].name}=...")
             path = [head, scalar]
-        new = _set(current, path[1:], value, key, what)
+        new = _set(current, path[1:], value, key, what, f"{prefix}{head}.")
     elif len(path) > 1:
         raise ConfigError(f"{what}: {key!r}: {head!r} has no nested options")
     else:

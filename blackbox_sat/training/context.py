@@ -16,9 +16,9 @@ from blackbox_sat.devices.contract import MissingCapability
 from blackbox_sat.devices.metered import MeteredDevice
 from .pnn import PNN
 
-#: Settings at which ``curve`` snapshots are taken (BENCHMARK.md), scaled by budget / 2000.
+#: Settings at which ``curve`` snapshots are taken (docs/protocol.md), scaled by budget / 2000.
 CURVE_CHECKPOINTS = (250, 500, 1000, 2000)
-#: Most inputs measured in one training setting (BENCHMARK.md).
+#: Most inputs measured in one training setting (docs/protocol.md).
 MINIBATCH = 128
 
 

@@ -265,7 +265,7 @@ def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> t
     The score is :func:`paired_delta_r2`, the part of the output that ``theta`` changes,
     because training uses the surrogate's ``theta``-gradient only (the measured outputs give
     the rest). Ranking by plain output error picked ``mlp`` on mzi, whose gradients were the
-    worst there (README, surrogate table)."""
+    worst there (docs/experiments.md#surrogate-quality-on-mzi)."""
     theta, x, y, groups = data.arrays()
     fams = [cfg.surrogate.family] if cfg.surrogate.family != "auto" else candidate_families(ctx, cfg)
     if len(fams) == 1:

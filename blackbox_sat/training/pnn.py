@@ -1,7 +1,7 @@
 """The physical neural network around the device: fixed encoding, device, readout.
 
 - **device-only** (default): inputs reach the device through the fixed encoding of
-  BENCHMARK.md; logits are ``gain * y[:, :n_classes]``. Only ``theta`` is trained.
+  docs/protocol.md; logits are ``gain * y[:, :n_classes]``. Only ``theta`` is trained.
 - **hybrid** (``pnn=hybrid``): a trainable digital input layer maps up to 64 PCA features
   onto the device inputs (hardtanh onto ``input_bounds``), and a trainable digital readout
   maps all ``out_dim`` gained outputs to the classes. Both start as the identity of the
@@ -18,7 +18,7 @@ from torch import nn
 
 from blackbox_sat.data.encoding import FixedEncoding
 
-#: Logits at theta0 span about +-LOGIT_HALF_SPAN (BENCHMARK.md).
+#: Logits at theta0 span about +-LOGIT_HALF_SPAN (docs/protocol.md).
 LOGIT_HALF_SPAN = 5.0
 #: Training inputs measured in the one calibration setting.
 CALIBRATION_INPUTS = 32

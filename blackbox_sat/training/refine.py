@@ -1,4 +1,4 @@
-"""Zeroth-order refinement on the device (DESIGN.md section 1, step 4).
+"""Zeroth-order refinement on the device.
 
 Every loss value here is a measurement: one setting programmed on the device through
 ``ctx.device.query`` (so it is counted, charged and logged), ``ctx.f_train[idx]`` (at most
@@ -6,7 +6,7 @@ Every loss value here is a measurement: one setting programmed on the device thr
 PNN's logits against the labels computed on the host. :class:`DeviceObjective` wraps that.
 
 All step sizes live in **normalized coordinates** ``u = theta / info.scale`` (each
-parameter divided by its bound width; DESIGN.md "Units"), so the defaults below are rules
+parameter divided by its bound width; docs/design.md "Units"), so the defaults below are rules
 that hold for any device, not numbers tuned to a simulator. Iterates are kept *unwrapped*
 for periodic parameters (so averages are meaningful across the wrap) and clipped for the
 others; every setting sent to the device goes through ``info.project`` (wrap or clip).
