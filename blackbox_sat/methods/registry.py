@@ -65,7 +65,7 @@ def method_names() -> list[str]:
 
 def _load_builtin_methods() -> None:
     from . import model_based  # noqa: F401  (registers on import)
-    for optional in ("gradient_free", "blackbox"):
+    for optional in ("gradient_free", "blackbox", "harmonic"):
         try:
             __import__(f"{__package__}.{optional}")
         except ModuleNotFoundError as exc:
