@@ -29,10 +29,10 @@ def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blackbox_sat import __version__
+    from importlib.metadata import version
 
     ap = argparse.ArgumentParser(prog="blackbox-sat", description=__doc__, epilog=EPILOG, formatter_class=Formatter)
-    ap.add_argument("--version", action="version", version=f"blackbox-sat {__version__}")
+    ap.add_argument("--version", action="version", version=f"blackbox-sat {version('blackbox-sat')}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one method on one device", epilog=EPILOG, formatter_class=Formatter)
