@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.device}, digits, {args.seeds} seed(s), {args.budget} settings: {time.perf_counter() - t0:.0f} s")
     print("wrote " + ", ".join(res["files"]))
     print("next: your own device with `blackbox-sat check-device mymodule:make_device`, then "
-          f"`blackbox-sat train --device mymodule:make_device --method blackbox-sat --out runs/mine` "
+          "`blackbox-sat train --device mymodule:make_device --method blackbox-sat --out runs/mine` "
           "(README, \"Your first hour on your own device\"); more seeds: `--seeds 3`.")
 
 
