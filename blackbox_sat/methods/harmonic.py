@@ -199,7 +199,7 @@ def harmonic_sweep(ctx: TrainContext, theta: np.ndarray, coords, idx: np.ndarray
     periods = info.high - info.low
 
     def measure(th: np.ndarray, kind: str) -> np.ndarray:
-        # at most MINIBATCH inputs per setting (BENCHMARK.md): a larger batch is several settings
+        # at most MINIBATCH inputs per setting (docs/protocol.md): a larger batch is several settings
         th = info.project(th)
         parts = [dev.query(th, state.x[i:i + MINIBATCH], purpose="train") for i in range(0, len(idx), MINIBATCH)]
         state.settings[kind] += per
