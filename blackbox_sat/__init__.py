@@ -10,6 +10,7 @@ Public API (same names as the CLI)::
 Names are imported on first use, so ``import blackbox_sat`` (and ``blackbox-sat --help``) does
 not load torch.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -19,13 +20,20 @@ __version__ = "0.2.0"
 
 #: public name -> module that defines it
 _API = {
-    "train": "blackbox_sat.harness.run", "resume": "blackbox_sat.harness.run",
-    "evaluate": "blackbox_sat.harness.evaluate", "compare": "blackbox_sat.harness.compare",
-    "check_device": "blackbox_sat.devices.check", "load_device": "blackbox_sat.devices.spec",
-    "describe": "blackbox_sat.devices.contract", "DeviceContractError": "blackbox_sat.devices.contract",
-    "DeviceOutputError": "blackbox_sat.devices.contract", "UserError": "blackbox_sat.devices.contract",
-    "Ledger": "blackbox_sat.devices.ledger", "method_names": "blackbox_sat.methods",
-    "register": "blackbox_sat.methods", "ConfigError": "blackbox_sat.training.config",
+    "train": "blackbox_sat.harness.run",
+    "resume": "blackbox_sat.harness.run",
+    "evaluate": "blackbox_sat.harness.evaluate",
+    "compare": "blackbox_sat.harness.compare",
+    "check_device": "blackbox_sat.devices.check",
+    "load_device": "blackbox_sat.devices.spec",
+    "describe": "blackbox_sat.devices.contract",
+    "DeviceContractError": "blackbox_sat.devices.contract",
+    "DeviceOutputError": "blackbox_sat.devices.contract",
+    "UserError": "blackbox_sat.devices.contract",
+    "Ledger": "blackbox_sat.devices.ledger",
+    "method_names": "blackbox_sat.methods",
+    "register": "blackbox_sat.methods",
+    "ConfigError": "blackbox_sat.training.config",
 }
 __all__ = sorted(_API)
 

@@ -1,4 +1,5 @@
 """``blackbox-sat`` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,33 +10,68 @@ from pathlib import Path
 from blackbox_sat.devices.contract import InvalidInput, UserError
 from blackbox_sat.devices.spec import parse_kv
 
-
 #: Shown by ``--help`` without importing torch; a test checks them against the registries.
-METHODS = ("oracle", "oracle-sat", "offline", "offline-sat", "nat", "spsa", "ng-cma", "ng-ngopt", "ng-tbpsa",
-           "blackbox-sat", "blackbox", "pat", "insitu-sat", "harmonic")
+METHODS = (
+    "oracle",
+    "oracle-sat",
+    "offline",
+    "offline-sat",
+    "nat",
+    "spsa",
+    "ng-cma",
+    "ng-ngopt",
+    "ng-tbpsa",
+    "blackbox-sat",
+    "blackbox",
+    "pat",
+    "insitu-sat",
+    "harmonic",
+)
 TASKS = ("digits", "iris", "wine", "fashion-mnist")
-EPILOG = (f"methods: {', '.join(METHODS)}. tasks: {', '.join(TASKS)}, or FILE.npz with x_train, y_train, x_test, "
-          "y_test. --set takes dotted keys (--set refine.rule=spsa, --set surrogate.hyper.max_steps=3000); "
-          "a wrong key or value is refused before any setting is spent.")
+EPILOG = (
+    f"methods: {', '.join(METHODS)}. tasks: {', '.join(TASKS)}, or FILE.npz with x_train, y_train, x_test, "
+    "y_test. --set takes dotted keys (--set refine.rule=spsa, --set surrogate.hyper.max_steps=3000); "
+    "a wrong key or value is refused before any setting is spent."
+)
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
-    p.add_argument("--device", required=device_required, help="mzi | mrr | freespace | package.module:factory | tcp://host:port")
-    p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE", help="device keyword (Python literal)")
-    p.add_argument("--task", default="digits", help="digits | iris | wine | fashion-mnist | FILE.npz")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
+    p.add_argument(
+        "--device",
+        required=device_required,
+        help="mzi | mrr | freespace | package.module:factory | tcp://host:port",
+    )
+    p.add_argument(
+        "--device-kw",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="device keyword (Python literal)",
+    )
+    p.add_argument(
+        "--task", default="digits", help="digits | iris | wine | fashion-mnist | FILE.npz"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    ap = argparse.ArgumentParser(prog="blackbox-sat", description=__doc__, epilog=EPILOG, formatter_class=Formatter)
-    ap.add_argument("--version", action="version", version=f"blackbox-sat {version('blackbox-sat')}")
+    ap = argparse.ArgumentParser(
+        prog="blackbox-sat", description=__doc__, epilog=EPILOG, formatter_class=Formatter
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"blackbox-sat {version('blackbox-sat')}"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one method on one device", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "train", help="train one method on one device", epilog=EPILOG, formatter_class=Formatter
+    )
     _common(p, device_required=False)
     p.add_argument("--method", default="blackbox-sat", help="one of the methods below")
     p.add_argument("--budget", type=int, default=2000, help="device settings (calls of query)")
@@ -43,28 +79,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue a killed run")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("evaluate", help="accuracy of a trained run on a device instance", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy of a trained run on a device instance",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
     p.add_argument("--run", required=True)
     p.add_argument("--device", help="default: the training device")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="also write the result here")
 
-    p = sub.add_parser("compare", help="every method on the same device, budget and seeds", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "compare",
+        help="every method on the same device, budget and seeds",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
     _common(p)
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..K-1")
     p.add_argument("--budget", type=int, default=2000)
     p.add_argument("--out", required=True)
-    p.add_argument("--unseen", help="unseen chips as seed=101,102,... (default 101-105; 'none' to skip)")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="device keyword sweep")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel trial processes (local); CPUs of a locally started Ray instance (ray, when > 1)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="where trials run: this machine, or Ray tasks (pip install 'blackbox-sat[ray]')")
-    p.add_argument("--address", metavar="ADDR", help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)")
+    p.add_argument(
+        "--unseen", help="unseen chips as seed=101,102,... (default 101-105; 'none' to skip)"
+    )
+    p.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2,...", help="device keyword sweep"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel trial processes (local); CPUs of a locally started Ray instance (ray, when > 1)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="where trials run: this machine, or Ray tasks (pip install 'blackbox-sat[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)",
+    )
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("collect", help="measure a designed set of queries into a ledger", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "collect",
+        help="measure a designed set of queries into a ledger",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
     p.add_argument("--device", required=True)
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--settings", type=int, required=True)
@@ -77,27 +144,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("fit-surrogate", help="fit a surrogate from logged queries, report held-out error", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "fit-surrogate",
+        help="fit a surrogate from logged queries, report held-out error",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
     p.add_argument("--ledger", required=True)
-    p.add_argument("--kind", default="hyper", help="hyper | hyper-additive | mlp | interferometric | gp")
+    p.add_argument(
+        "--kind", default="hyper", help="hyper | hyper-additive | mlp | interferometric | gp"
+    )
     p.add_argument("--out", required=True, help="file for the fitted surrogate")
-    p.add_argument("--device", help="the simulator the ledger came from (default: the ledger's record)")
+    p.add_argument(
+        "--device", help="the simulator the ledger came from (default: the ledger's record)"
+    )
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("check-device", help="validate a device adapter against the contract", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "check-device",
+        help="validate a device adapter against the contract",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
     p.add_argument("spec")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--repeats", type=int, default=5)
 
-    p = sub.add_parser("serve-device", help="serve a device over TCP (token required; see docs/design.md)", epilog=EPILOG, formatter_class=Formatter)
+    p = sub.add_parser(
+        "serve-device",
+        help="serve a device over TCP (token required; see docs/design.md)",
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
     p.add_argument("--device", required=True, help="mzi | mrr | freespace | package.module:factory")
     p.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--port", type=int, default=0, help="0: pick a free port (printed)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--token-file", help="file holding the token (default: $BLACKBOX_SAT_TOKEN)")
-    p.add_argument("--journal", help="durable request journal (default: next to the token file, or ./)")
-    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest message (default 64 MiB)")
+    p.add_argument(
+        "--journal", help="durable request journal (default: next to the token file, or ./)"
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest message (default 64 MiB)",
+    )
     return ap
 
 
@@ -108,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every completed query is in the ledger", file=sys.stderr)
         return 130
-    except (UserError, FileNotFoundError, FileExistsError) as exc:  # bad input; a bug keeps its traceback
+    except (
+        UserError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as exc:  # bad input; a bug keeps its traceback
         print(f"blackbox-sat {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -122,10 +219,27 @@ def _dispatch(args) -> int:
         else:
             if not args.device or not args.out:
                 raise InvalidInput("train needs --device and --out (or --resume DIR)")
-            result = train(args.device, task=args.task, method=args.method, budget=args.budget, seed=args.seed,
-                           out=args.out, device_kw=parse_kv(args.device_kw), config=parse_kv(args.set),
-                           progress=not args.quiet)
-        keys = ("method", "device", "seed", "accuracy", "val_accuracy", "settings_used", "samples_used", "wall_s")
+            result = train(
+                args.device,
+                task=args.task,
+                method=args.method,
+                budget=args.budget,
+                seed=args.seed,
+                out=args.out,
+                device_kw=parse_kv(args.device_kw),
+                config=parse_kv(args.set),
+                progress=not args.quiet,
+            )
+        keys = (
+            "method",
+            "device",
+            "seed",
+            "accuracy",
+            "val_accuracy",
+            "settings_used",
+            "samples_used",
+            "wall_s",
+        )
         print(json.dumps({k: result[k] for k in keys}))
         return 0
     if args.command == "evaluate":
@@ -140,10 +254,22 @@ def _dispatch(args) -> int:
     if args.command == "compare":
         from blackbox_sat.harness.compare import compare, summary_table
 
-        res = compare(args.device, task=args.task, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                      seeds=args.seeds, budget=args.budget, out=args.out, device_kw=parse_kv(args.device_kw),
-                      config=parse_kv(args.set), unseen=_parse_unseen(args.unseen), sweep=_parse_sweep(args.sweep),
-                      workers=args.workers, progress=not args.quiet, backend=args.backend, address=args.address)
+        res = compare(
+            args.device,
+            task=args.task,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            seeds=args.seeds,
+            budget=args.budget,
+            out=args.out,
+            device_kw=parse_kv(args.device_kw),
+            config=parse_kv(args.set),
+            unseen=_parse_unseen(args.unseen),
+            sweep=_parse_sweep(args.sweep),
+            workers=args.workers,
+            progress=not args.quiet,
+            backend=args.backend,
+            address=args.address,
+        )
         print(summary_table(res["summary"]))
         print("wrote " + ", ".join(res["files"]))
         return 0
@@ -153,15 +279,30 @@ def _dispatch(args) -> int:
         from blackbox_sat.harness.collect import collect
 
         around = None if args.random else np.load(args.around)
-        res = collect(args.device, args.settings, args.out, around=around, radius=args.radius, inputs=args.inputs,
-                      task=args.task, seed=args.seed, device_kw=parse_kv(args.device_kw))
+        res = collect(
+            args.device,
+            args.settings,
+            args.out,
+            around=around,
+            radius=args.radius,
+            inputs=args.inputs,
+            task=args.task,
+            seed=args.seed,
+            device_kw=parse_kv(args.device_kw),
+        )
         print(json.dumps(res))
         return 0
     if args.command == "fit-surrogate":
         from blackbox_sat.harness.collect import fit_surrogate, write_report
 
-        rep = fit_surrogate(args.ledger, kind=args.kind, out=args.out, device=args.device,
-                            device_kw=parse_kv(args.device_kw) or None, seed=args.seed)
+        rep = fit_surrogate(
+            args.ledger,
+            kind=args.kind,
+            out=args.out,
+            device=args.device,
+            device_kw=parse_kv(args.device_kw) or None,
+            seed=args.seed,
+        )
         write_report(rep, str(args.out) + ".json")
         print(json.dumps(rep))
         return 0
@@ -169,7 +310,9 @@ def _dispatch(args) -> int:
         from blackbox_sat.devices.check import check_device
         from blackbox_sat.devices.spec import load_device
 
-        report = check_device(load_device(args.spec, **parse_kv(args.device_kw)), repeats=args.repeats)
+        report = check_device(
+            load_device(args.spec, **parse_kv(args.device_kw)), repeats=args.repeats
+        )
         for k, v in report.items():
             print(f"{k:>14}: {v}")
         print("OK: the device satisfies the contract")
@@ -177,8 +320,15 @@ def _dispatch(args) -> int:
     if args.command == "serve-device":
         from blackbox_sat.devices.server import serve
 
-        return serve(args.device, parse_kv(args.device_kw), host=args.host, port=args.port,
-                     token_file=args.token_file, journal=args.journal, max_message_bytes=args.max_message_bytes)
+        return serve(
+            args.device,
+            parse_kv(args.device_kw),
+            host=args.host,
+            port=args.port,
+            token_file=args.token_file,
+            journal=args.journal,
+            max_message_bytes=args.max_message_bytes,
+        )
     raise AssertionError(args.command)
 
 

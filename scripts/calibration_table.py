@@ -12,6 +12,7 @@ error is the rms against ``calibration_truth()``.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/calibration_table.py --device mzi --settings 5 10 20 40
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,12 @@ import time
 
 import numpy as np
 import torch
+from blackbox_sat.pnn import PNN
+from blackbox_sat.tasks import load_task
 
 from blackbox_sat.devices.contract import describe
-from blackbox_sat.pnn import PNN
 from blackbox_sat.sim import BUILTINS
 from blackbox_sat.sim.calibration import parameter_rms
-from blackbox_sat.tasks import load_task
 from surrogates import make_surrogate
 
 
@@ -42,9 +43,11 @@ def settings(dev, n: int, design: str, radius: float, rng) -> np.ndarray:
     lo, hi = (np.broadcast_to(np.asarray(b, float), (dev.n_params,)) for b in dev.bounds)
     if design == "global":
         return rng.uniform(lo, hi, (n, dev.n_params))
-    centre = describe(dev).start(0)          # the toolkit's shared working point
+    centre = describe(dev).start(0)  # the toolkit's shared working point
     th = centre + radius * (hi - lo) * rng.uniform(-1, 1, (n, dev.n_params))
-    return np.where(getattr(dev, "periodic", False), lo + np.mod(th - lo, hi - lo), np.clip(th, lo, hi))
+    return np.where(
+        getattr(dev, "periodic", False), lo + np.mod(th - lo, hi - lo), np.clip(th, lo, hi)
+    )
 
 
 def measure(dev, thetas, pool, n_inputs: int, repeats: int, rng):
@@ -63,20 +66,31 @@ def nrmse(pred, y, spread):
 def mrr_combos(model) -> dict[str, torch.Tensor]:
     """The mrr ring's identifiable combinations: cold detuning and tuning rate, in linewidths."""
     from blackbox_sat.sim.mrr import DETUNE0, ETA, FWHM, HEATER_R
+
     p = dict(model.named_parameters()) if not isinstance(model, dict) else model
     w = FWHM * torch.exp(p["log_width"].detach())
-    return {"detune_per_width": (DETUNE0 - p["offset"].detach()) / w,
-            "rate_per_width": ETA * HEATER_R * torch.exp(p["log_heater"].detach()) / w}
+    return {
+        "detune_per_width": (DETUNE0 - p["offset"].detach()) / w,
+        "rate_per_width": ETA * HEATER_R * torch.exp(p["log_heater"].detach()) / w,
+    }
 
 
 def run(device: str, n_settings: int, args, dev_kw: dict) -> dict:
     rng = np.random.default_rng([args.seed, n_settings])
     dev = BUILTINS[device](seed=args.chip, **dev_kw)
     pool = input_pool(dev, args.x, rng)
-    th, x, y, g = measure(dev, settings(dev, n_settings, args.design, args.radius, rng), pool, args.inputs,
-                          args.repeats, rng)
-    tests = {d: measure(dev, settings(dev, args.test, d, args.radius, rng), pool, args.inputs, 0, rng)
-             for d in ("global", "local")}
+    th, x, y, g = measure(
+        dev,
+        settings(dev, n_settings, args.design, args.radius, rng),
+        pool,
+        args.inputs,
+        args.repeats,
+        rng,
+    )
+    tests = {
+        d: measure(dev, settings(dev, args.test, d, args.radius, rng), pool, args.inputs, 0, rng)
+        for d in ("global", "local")
+    }
     model = dev.calibration_model()
     kind = "calibrated+residual" if args.residual else "calibrated"
     t0 = time.perf_counter()
@@ -88,29 +102,65 @@ def run(device: str, n_settings: int, args, dev_kw: dict) -> dict:
     for d, (th_t, x_t, y_t, g_t) in tests.items():
         with torch.no_grad():
             pred = sur.predict(th_t, x_t).numpy()
-            ds = torch.cat([nominal(torch.as_tensor(th_t[g_t == s][0]), torch.as_tensor(x_t[g_t == s]))
-                            for s in np.unique(g_t)]).numpy()
-            tr = torch.cat([dev.true_model()(torch.as_tensor(th_t[g_t == s][0]), torch.as_tensor(x_t[g_t == s]))
-                            for s in np.unique(g_t)]).numpy()
+            ds = torch.cat(
+                [
+                    nominal(torch.as_tensor(th_t[g_t == s][0]), torch.as_tensor(x_t[g_t == s]))
+                    for s in np.unique(g_t)
+                ]
+            ).numpy()
+            tr = torch.cat(
+                [
+                    dev.true_model()(
+                        torch.as_tensor(th_t[g_t == s][0]), torch.as_tensor(x_t[g_t == s])
+                    )
+                    for s in np.unique(g_t)
+                ]
+            ).numpy()
         y_sorted = np.concatenate([y_t[g_t == s] for s in np.unique(g_t)])
-        errors[d] = {"datasheet": nrmse(ds, y_sorted, spread), "calibrated": nrmse(pred, y_t, spread),
-                     "truth": nrmse(tr, y_sorted, spread)}
+        errors[d] = {
+            "datasheet": nrmse(ds, y_sorted, spread),
+            "calibrated": nrmse(pred, y_t, spread),
+            "truth": nrmse(tr, y_sorted, spread),
+        }
     truth = dev.calibration_truth()
     rms, rms0 = parameter_rms(sur.model, truth), parameter_rms(nominal, truth)
     rep = sur.report
-    out = {"device": device, "kw": dev_kw, "settings": n_settings, "inputs": args.inputs, "design": args.design, "x": args.x,
-           "test": errors,
-           "internal_heldout_datasheet": rep["datasheet_heldout_nrmse"], "internal_heldout": rep["heldout_nrmse"],
-           "noise_nrmse": rep["noise_nrmse"], "param_rms": rms, "param_rms_datasheet": rms0,
-           "fit_s": fit_s, "restarts": rep["restarts"],
-           "attempts": [(a["iterations"], round(a["seconds"], 1), a["train_nrmse"], a["heldout_nrmse"], a["stalled"])
-                        for a in rep["attempts"]]}
+    out = {
+        "device": device,
+        "kw": dev_kw,
+        "settings": n_settings,
+        "inputs": args.inputs,
+        "design": args.design,
+        "x": args.x,
+        "test": errors,
+        "internal_heldout_datasheet": rep["datasheet_heldout_nrmse"],
+        "internal_heldout": rep["heldout_nrmse"],
+        "noise_nrmse": rep["noise_nrmse"],
+        "param_rms": rms,
+        "param_rms_datasheet": rms0,
+        "fit_s": fit_s,
+        "restarts": rep["restarts"],
+        "attempts": [
+            (
+                a["iterations"],
+                round(a["seconds"], 1),
+                a["train_nrmse"],
+                a["heldout_nrmse"],
+                a["stalled"],
+            )
+            for a in rep["attempts"]
+        ],
+    }
     if "residual" in rep:
         out["residual"] = rep["residual"]
     if device == "mrr":
         c, c_true, c0 = mrr_combos(sur.model), mrr_combos(truth), mrr_combos(nominal)
-        out["combo_rel_rms"] = {k: float(((c[k] - c_true[k]) / c_true[k]).pow(2).mean().sqrt()) for k in c}
-        out["combo_rel_rms_datasheet"] = {k: float(((c0[k] - c_true[k]) / c_true[k]).pow(2).mean().sqrt()) for k in c}
+        out["combo_rel_rms"] = {
+            k: float(((c[k] - c_true[k]) / c_true[k]).pow(2).mean().sqrt()) for k in c
+        }
+        out["combo_rel_rms_datasheet"] = {
+            k: float(((c0[k] - c_true[k]) / c_true[k]).pow(2).mean().sqrt()) for k in c
+        }
     return out
 
 

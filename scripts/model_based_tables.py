@@ -5,6 +5,7 @@ trained chip, the unseen chips 101-105 and over each device's sweep (docs/protoc
 
     .venv/bin/python scripts/model_based_tables.py --out runs/tables --seeds 1
 """
+
 import argparse
 
 import blackbox_sat as bs
@@ -27,7 +28,14 @@ if __name__ == "__main__":
     args = ap.parse_args()
     for name in args.only:
         device, kw, cfg = PRESETS[name]
-        res = bs.compare(device, methods=["oracle", "offline", "offline-sat", "nat"], seeds=args.seeds,
-                         device_kw=kw, config=cfg, out=f"{args.out}/{name}", workers=args.workers)
+        res = bs.compare(
+            device,
+            methods=["oracle", "offline", "offline-sat", "nat"],
+            seeds=args.seeds,
+            device_kw=kw,
+            config=cfg,
+            out=f"{args.out}/{name}",
+            workers=args.workers,
+        )
         print(f"\n## {name}\n")
         print(summary_table(res["summary"]))

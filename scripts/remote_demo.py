@@ -12,6 +12,7 @@ settings re-measured after the resume (device calls beyond one per ledger row).
 
     .venv/bin/python scripts/remote_demo.py --budget 600 --kill-at 200
 """
+
 import argparse
 import os
 import re
@@ -44,9 +45,16 @@ def ledger_rows(path):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--budget", type=int, default=600)
-    ap.add_argument("--kill-at", type=int, default=200, help="SIGKILL the trainer once the ledger has this many rows")
+    ap.add_argument(
+        "--kill-at",
+        type=int,
+        default=200,
+        help="SIGKILL the trainer once the ledger has this many rows",
+    )
     ap.add_argument("--task", default="iris")
     ap.add_argument("--dir", help="work directory (default: a temporary one)")
     args = ap.parse_args()
@@ -58,15 +66,47 @@ if __name__ == "__main__":
     (work / "token").chmod(0o600)
     env = {**os.environ, "BLACKBOX_SAT_TOKEN": token}
     journal, out = work / "journal.sqlite", work / "run"
-    train_args = ["--task", args.task, "--method", "spsa", "--budget", str(args.budget), "--seed", "0", "--quiet"]
+    train_args = [
+        "--task",
+        args.task,
+        "--method",
+        "spsa",
+        "--budget",
+        str(args.budget),
+        "--seed",
+        "0",
+        "--quiet",
+    ]
 
-    server = cli("serve-device", *DEVICE, "--port", "0", "--token-file", str(work / "token"), "--journal",
-                 str(journal), stdout=subprocess.PIPE, stderr=open(work / "server.log", "wb"))
+    with open(work / "server.log", "wb") as log:  # the child keeps its own handle
+        server = cli(
+            "serve-device",
+            *DEVICE,
+            "--port",
+            "0",
+            "--token-file",
+            str(work / "token"),
+            "--journal",
+            str(journal),
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
     url = re.search(r"tcp://\S+", server.stdout.readline().decode()).group(0)
-    print(f"1. serving mrr (in_dim=4, out_dim=3) at {url}; journal {journal}; log {work / 'server.log'}")
+    print(
+        f"1. serving mrr (in_dim=4, out_dim=3) at {url}; journal {journal}; log {work / 'server.log'}"
+    )
     try:
-        trainer = cli("train", "--device", url, "--out", str(out), *train_args, env=env,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        trainer = cli(
+            "train",
+            "--device",
+            url,
+            "--out",
+            str(out),
+            *train_args,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         print(f"2. training spsa on {args.task}, budget {args.budget} settings, into {out}")
         rows = 0
         while trainer.poll() is None and rows < args.kill_at:
@@ -75,19 +115,30 @@ if __name__ == "__main__":
                 with sqlite3.connect(out / "ledger.sqlite") as db:
                     rows = db.execute("SELECT count(*) FROM queries").fetchone()[0]
         if trainer.poll() is not None:
-            sys.exit(f"the run ended before the kill (rc {trainer.returncode}); lower --kill-at or raise --budget")
+            sys.exit(
+                f"the run ended before the kill (rc {trainer.returncode}); lower --kill-at or raise --budget"
+            )
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
         at_kill = len(ledger_rows(out / "ledger.sqlite"))
         print(f"3. SIGKILLed the trainer with {at_kill} rows in the ledger")
 
         t0 = time.perf_counter()
-        resumed = cli("train", "--resume", str(out), "--quiet", env=env, stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE)
+        resumed = cli(
+            "train",
+            "--resume",
+            str(out),
+            "--quiet",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         stdout, stderr = resumed.communicate()
         if resumed.returncode != 0:
             sys.exit(f"resume failed: {stderr.decode()}")
-        print(f"4. resumed and finished in {time.perf_counter() - t0:.1f} s: {stdout.decode().strip()}")
+        print(
+            f"4. resumed and finished in {time.perf_counter() - t0:.1f} s: {stdout.decode().strip()}"
+        )
         stats = RemoteDevice(url, token=token).stats()
     finally:
         server.send_signal(signal.SIGTERM)
@@ -103,18 +154,34 @@ if __name__ == "__main__":
 
     # the same run, uninterrupted, on a fresh identical chip (in-process server)
     with DeviceServer(bs.load_device("mrr", in_dim=4, out_dim=3), token) as ref_server:
-        bs.train(ref_server.url, task=args.task, method="spsa", budget=args.budget, seed=0, out=work / "reference",
-                 progress=False, device_kw={"token": token})
+        bs.train(
+            ref_server.url,
+            task=args.task,
+            method="spsa",
+            budget=args.budget,
+            seed=0,
+            out=work / "reference",
+            progress=False,
+            device_kw={"token": token},
+        )
     ref = ledger_rows(work / "reference" / "ledger.sqlite")
     identical = len(ref) == len(rows) and all(
-        a.purpose == b.purpose and np.array_equal(a.theta, b.theta) and np.array_equal(a.x, b.x)
-        and np.array_equal(a.y, b.y) for a, b in zip(rows, ref))
+        a.purpose == b.purpose
+        and np.array_equal(a.theta, b.theta)
+        and np.array_equal(a.x, b.x)
+        and np.array_equal(a.y, b.y)
+        for a, b in zip(rows, ref)
+    )
 
     print("5. check")
-    print(f"   ledger rows {len(rows)} = settings_used {result['settings_used']} + eval {result['eval_settings']} "
-          f"(budget {args.budget}); bad rows {result['bad_queries']}")
-    print(f"   device calls on the server {stats['device_calls']}, answered from the journal {stats['journal_hits']}, "
-          f"replayed from the ledger on resume {result['replayed_settings']}")
+    print(
+        f"   ledger rows {len(rows)} = settings_used {result['settings_used']} + eval {result['eval_settings']} "
+        f"(budget {args.budget}); bad rows {result['bad_queries']}"
+    )
+    print(
+        f"   device calls on the server {stats['device_calls']}, answered from the journal {stats['journal_hits']}, "
+        f"replayed from the ledger on resume {result['replayed_settings']}"
+    )
     print(f"   queries lost: {lost}")
     print(f"   settings re-measured after resume: {re_measured}")
     print(f"   final ledger identical to an uninterrupted run (theta, x, y, purpose): {identical}")

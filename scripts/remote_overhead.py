@@ -8,6 +8,7 @@ time of each over ``--calls`` calls, their ratio and the added milliseconds.
 
     .venv/bin/python scripts/remote_overhead.py --device mrr --calls 200
 """
+
 import argparse
 import json
 import os
@@ -28,8 +29,12 @@ from blackbox_sat.devices.remote import RemoteDevice
 from blackbox_sat.devices.spec import parse_kv
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="mrr", help="a built-in simulator (default mrr: 16 inputs, 10 outputs)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--device", default="mrr", help="a built-in simulator (default mrr: 16 inputs, 10 outputs)"
+    )
     ap.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--calls", type=int, default=200)
@@ -42,11 +47,26 @@ if __name__ == "__main__":
     (work / "token").write_text(token)
     (work / "token").chmod(0o600)
     kw_args = [a for kv in args.device_kw for a in ("--device-kw", kv)]
-    server = subprocess.Popen([sys.executable, "-m", "blackbox_sat.cli", "serve-device", "--device", args.device,
-                               *kw_args, "--port", "0", "--token-file", str(work / "token"),
-                               "--journal", str(work / "journal.sqlite")],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blackbox_sat.cli",
+            "serve-device",
+            "--device",
+            args.device,
+            *kw_args,
+            "--port",
+            "0",
+            "--token-file",
+            str(work / "token"),
+            "--journal",
+            str(work / "journal.sqlite"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     torch.set_num_threads(1)
     try:
         url = re.search(r"tcp://\S+", server.stdout.readline().decode()).group(0)
@@ -55,7 +75,9 @@ if __name__ == "__main__":
         info = bs.describe(local)
         rng = np.random.default_rng(0)
         theta = info.start(0)
-        xs = rng.uniform(info.input_low, info.input_high, (args.calls + 10, args.batch, info.in_dim))
+        xs = rng.uniform(
+            info.input_low, info.input_high, (args.calls + 10, args.batch, info.in_dim)
+        )
         t_local, t_remote = [], []
         for i, x in enumerate(xs):
             t0 = time.perf_counter()
@@ -72,10 +94,17 @@ if __name__ == "__main__":
         server.wait(30)
         tmp.cleanup()
     med_local, med_remote = float(np.median(t_local)), float(np.median(t_remote))
-    figures = {"device": args.device, "batch": args.batch, "calls": len(t_local),
-               "in_process_ms": 1e3 * med_local, "remote_ms": 1e3 * med_remote,
-               "added_ms": 1e3 * (med_remote - med_local), "ratio": med_remote / med_local,
-               "remote_p90_ms": 1e3 * float(np.percentile(t_remote, 90)), "server_device_calls": stats["device_calls"]}
+    figures = {
+        "device": args.device,
+        "batch": args.batch,
+        "calls": len(t_local),
+        "in_process_ms": 1e3 * med_local,
+        "remote_ms": 1e3 * med_remote,
+        "added_ms": 1e3 * (med_remote - med_local),
+        "ratio": med_remote / med_local,
+        "remote_p90_ms": 1e3 * float(np.percentile(t_remote, 90)),
+        "server_device_calls": stats["device_calls"],
+    }
     print(f"{args.device}, batch {args.batch}, median of {len(t_local)} calls each, alternating:")
     print(f"  in-process  {figures['in_process_ms']:.3f} ms")
     print(f"  tcp://      {figures['remote_ms']:.3f} ms  (p90 {figures['remote_p90_ms']:.3f} ms)")

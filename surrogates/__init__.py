@@ -30,10 +30,17 @@ Module map: ``protocol`` (the contract), ``base`` (shapes, persistence), ``norma
 (stacked layers), ``training`` (the minibatch loop), ``structures`` (network families),
 ``neural``, ``interferometric``, ``phase_layers``, ``gp``, ``design``, ``registry``.
 """
+
 from .base import SurrogateBase
 from .calibrated import CalibratedSurrogate
-from .design import (SettingsDesign, design_settings, estimate_noise, inputs_per_setting,
-                     space_filling, trust_region)
+from .design import (
+    SettingsDesign,
+    design_settings,
+    estimate_noise,
+    inputs_per_setting,
+    space_filling,
+    trust_region,
+)
 from .gp import GPSurrogate
 from .interferometric import InterferometricSurrogate
 from .neural import EnsembleSurrogate
@@ -42,9 +49,21 @@ from .protocol import Surrogate
 from .registry import load_surrogate, make_surrogate, register_surrogate, surrogate_kinds
 
 __all__ = [
-    "Surrogate", "SurrogateBase", "EnsembleSurrogate", "InterferometricSurrogate", "PhaseLayerSurrogate",
-    "GPSurrogate", "CalibratedSurrogate",
-    "make_surrogate", "surrogate_kinds", "register_surrogate", "load_surrogate",
-    "trust_region", "space_filling", "design_settings", "SettingsDesign", "inputs_per_setting",
+    "CalibratedSurrogate",
+    "EnsembleSurrogate",
+    "GPSurrogate",
+    "InterferometricSurrogate",
+    "PhaseLayerSurrogate",
+    "SettingsDesign",
+    "Surrogate",
+    "SurrogateBase",
+    "design_settings",
     "estimate_noise",
+    "inputs_per_setting",
+    "load_surrogate",
+    "make_surrogate",
+    "register_surrogate",
+    "space_filling",
+    "surrogate_kinds",
+    "trust_region",
 ]

@@ -4,6 +4,7 @@ Persistence is one ``torch.save`` of plain data (constructor keywords, fitted di
 tensors), loadable with ``torch.load(weights_only=True)``: no pickled classes, so a saved
 surrogate can be read safely and by later versions that keep the keywords.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -31,7 +32,7 @@ class SurrogateBase(ABC):
         dtype: ``"float32"`` or ``"float64"``; predictions are returned in it.
     """
 
-    _classes: ClassVar[dict[str, type["SurrogateBase"]]] = {}
+    _classes: ClassVar[dict[str, type[SurrogateBase]]] = {}
     #: How non-periodic ``theta`` columns are normalised (:meth:`AffineNormalizer.for_theta`).
     theta_frame: ClassVar[str] = "data"
 
@@ -39,9 +40,15 @@ class SurrogateBase(ABC):
         super().__init_subclass__(**kwargs)
         SurrogateBase._classes[cls.__name__] = cls
 
-    def __init__(self, *, theta_low: ArrayLike | float | None = None,
-                 theta_high: ArrayLike | float | None = None,
-                 periodic: bool | ArrayLike | None = None, seed: int = 0, dtype: str = "float32"):
+    def __init__(
+        self,
+        *,
+        theta_low: ArrayLike | float | None = None,
+        theta_high: ArrayLike | float | None = None,
+        periodic: bool | ArrayLike | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
+    ):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.theta_low = None if theta_low is None else np.asarray(theta_low, np.float64)
@@ -66,8 +73,9 @@ class SurrogateBase(ABC):
             return np.zeros(n_params, bool)
         return np.broadcast_to(np.asarray(self.periodic, bool), (n_params,)).copy()
 
-    def _check_rows(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-                    groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _check_rows(
+        self, theta: np.ndarray, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Validated float64 rows and dense setting ids."""
         theta, x, y = (np.asarray(a, np.float64) for a in (theta, x, y))
         for name, a in (("theta", theta), ("x", x), ("y", y)):
@@ -76,13 +84,17 @@ class SurrogateBase(ABC):
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{name} has non-finite values")
         if not (len(theta) == len(x) == len(y)) or len(theta) == 0:
-            raise ValueError(f"theta, x, y need the same number n > 0 of rows, got "
-                             f"{len(theta)}, {len(x)}, {len(y)}")
+            raise ValueError(
+                f"theta, x, y need the same number n > 0 of rows, got "
+                f"{len(theta)}, {len(x)}, {len(y)}"
+            )
         if self.is_fitted:
             dims = (theta.shape[1], x.shape[1], y.shape[1])
             if dims != (self.n_params, self.in_dim, self.out_dim):
-                raise ValueError(f"(n_params, in_dim, out_dim) = {dims}, but the surrogate was "
-                                 f"fit with {(self.n_params, self.in_dim, self.out_dim)}")
+                raise ValueError(
+                    f"(n_params, in_dim, out_dim) = {dims}, but the surrogate was "
+                    f"fit with {(self.n_params, self.in_dim, self.out_dim)}"
+                )
         if groups is None:
             groups = groups_from_theta(theta)
         else:
@@ -105,9 +117,15 @@ class SurrogateBase(ABC):
             theta = theta.unsqueeze(0)
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"x must have shape (m, {self.in_dim}), got {tuple(x.shape)}")
-        if theta.ndim != 2 or theta.shape[1] != self.n_params or theta.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"theta must have shape ({self.n_params},) or ({x.shape[0]}, "
-                             f"{self.n_params}), got {tuple(theta.shape)}")
+        if (
+            theta.ndim != 2
+            or theta.shape[1] != self.n_params
+            or theta.shape[0] not in (1, x.shape[0])
+        ):
+            raise ValueError(
+                f"theta must have shape ({self.n_params},) or ({x.shape[0]}, "
+                f"{self.n_params}), got {tuple(theta.shape)}"
+            )
         return theta, x
 
     # -- the protocol ---------------------------------------------------------------------
@@ -118,7 +136,9 @@ class SurrogateBase(ABC):
     def update(self, theta, x, y, groups=None, *, steps=None, append=False, centre=None): ...
 
     @abstractmethod
-    def predict_with_uncertainty(self, theta: ArrayLike, x: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def predict_with_uncertainty(
+        self, theta: ArrayLike, x: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def predict(self, theta: ArrayLike, x: ArrayLike) -> torch.Tensor:
         """Mean prediction ``(m, out_dim)``, differentiable in ``theta`` and ``x``."""
@@ -128,8 +148,13 @@ class SurrogateBase(ABC):
     def config(self) -> dict[str, Any]:
         """Constructor keywords, as plain Python values."""
         tolist = lambda a: None if a is None else np.asarray(a).tolist()  # noqa: E731
-        return {"theta_low": tolist(self.theta_low), "theta_high": tolist(self.theta_high),
-                "periodic": tolist(self.periodic), "seed": self.seed, "dtype": self.dtype_name}
+        return {
+            "theta_low": tolist(self.theta_low),
+            "theta_high": tolist(self.theta_high),
+            "periodic": tolist(self.periodic),
+            "seed": self.seed,
+            "dtype": self.dtype_name,
+        }
 
     @abstractmethod
     def _state(self) -> dict[str, Any]:
@@ -143,11 +168,19 @@ class SurrogateBase(ABC):
         """Write configuration and fitted state (``torch.save``)."""
         if not self.is_fitted:
             raise RuntimeError("nothing to save: the surrogate is not fitted")
-        torch.save({"format": _FORMAT_VERSION, "class": type(self).__name__, "config": self.config(),
-                    "dims": [self.n_params, self.in_dim, self.out_dim], "state": self._state()}, path)
+        torch.save(
+            {
+                "format": _FORMAT_VERSION,
+                "class": type(self).__name__,
+                "config": self.config(),
+                "dims": [self.n_params, self.in_dim, self.out_dim],
+                "state": self._state(),
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path: str | PathLike) -> "SurrogateBase":
+    def load(cls, path: str | PathLike) -> SurrogateBase:
         """Rebuild a saved surrogate of whatever class saved it."""
         payload = torch.load(path, weights_only=True)
         if payload.get("format") != _FORMAT_VERSION:

@@ -65,6 +65,7 @@ Errors: a model that is not an ``nn.Module``, has no parameters, returns the wro
 returns non-finite values at its datasheet parameters raises ``TypeError``/``ValueError``
 naming the problem.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,14 +93,20 @@ DEFAULT_NOISE = 0.01
 
 def _check_model(model) -> None:
     if model is None:
-        raise TypeError("a calibrated surrogate needs model=...: a torch.nn.Module model(theta, x) -> y whose "
-                        "parameters are the unknown errors (e.g. sim.calibration_model()); a saved one is "
-                        "reloaded with CalibratedSurrogate.load(path, model=...)")
+        raise TypeError(
+            "a calibrated surrogate needs model=...: a torch.nn.Module model(theta, x) -> y whose "
+            "parameters are the unknown errors (e.g. sim.calibration_model()); a saved one is "
+            "reloaded with CalibratedSurrogate.load(path, model=...)"
+        )
     if not isinstance(model, nn.Module):
-        raise TypeError(f"the calibration model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"the calibration model must be a torch.nn.Module, got {type(model).__name__}"
+        )
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"the calibration model {type(model).__name__} has no nn.Parameter (with requires_grad): "
-                         "nothing to identify; register the unknown error parameters as nn.Parameter")
+        raise ValueError(
+            f"the calibration model {type(model).__name__} has no nn.Parameter (with requires_grad): "
+            "nothing to identify; register the unknown error parameters as nn.Parameter"
+        )
 
 
 class _Call(nn.Module):
@@ -121,7 +128,7 @@ class _Call(nn.Module):
         if self.use_vmap:
             try:
                 return torch.vmap(self.model)(thetas, x)
-            except Exception:  # noqa: BLE001 -- models vmap cannot trace: loop instead
+            except Exception:
                 self.use_vmap = False
         return torch.stack([self.model(t, xx) for t, xx in zip(thetas, x)])
 
@@ -137,14 +144,16 @@ class _Packed:
         width = int(counts.max())
         pos = np.arange(width)[None, :]
         valid = pos < counts[:, None]
-        idx = order[starts[:, None] + np.where(valid, pos, 0)]           # (S, B) row indices
+        idx = order[starts[:, None] + np.where(valid, pos, 0)]  # (S, B) row indices
         self.rows, self.mask = idx, torch.as_tensor(valid)
         first = order[starts]
         thetas = theta[first]
         diff = np.abs(theta - thetas[groups]).max(axis=1)
         if np.any(diff > 0):
             bad = int(groups[np.argmax(diff)])
-            raise ValueError(f"rows of setting (group) {bad} have different theta: each group must be one setting")
+            raise ValueError(
+                f"rows of setting (group) {bad} have different theta: each group must be one setting"
+            )
         self.thetas = torch.as_tensor(thetas, dtype=_F64)
         self.x = torch.as_tensor(x[idx], dtype=_F64)
         self.y = None if y is None else torch.as_tensor(y[idx], dtype=_F64)
@@ -159,9 +168,13 @@ class ResidualNet(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim + out_dim, hidden, dtype=_F64), nn.SiLU(),
-                                 nn.Linear(hidden, hidden, dtype=_F64), nn.SiLU(),
-                                 nn.Linear(hidden, out_dim, dtype=_F64))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim + out_dim, hidden, dtype=_F64),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden, dtype=_F64),
+            nn.SiLU(),
+            nn.Linear(hidden, out_dim, dtype=_F64),
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -196,16 +209,39 @@ class CalibratedSurrogate(SurrogateBase):
             its own physics). ``dtype`` is that of predictions; the fit is in float64.
     """
 
-    def __init__(self, model: nn.Module | None = None, *, residual: bool = False, optimizer: str = "lbfgs",
-                 max_iter: int = 400, tol: float = 1e-6, loss: str = "huber",
-                 noise: float | ArrayLike | None = None, prior_weight: float | str = "auto",
-                 holdout: float = 0.2, max_restarts: int = 3, restart_scale: float = 1.0,
-                 stall_factor: float = 2.0, stall_fraction: float = 0.1, refit_all: bool = True,
-                 residual_hidden: int = 64, residual_steps: int = 1500, residual_lr: float = 3e-3,
-                 residual_l2: float = 1e-3, residual_gate: bool = True, residual_joint: bool = True,
-                 adam_lr: float = 0.05,
-                 theta_low=None, theta_high=None, periodic=None, seed: int = 0, dtype: str = "float64"):
-        super().__init__(theta_low=theta_low, theta_high=theta_high, periodic=periodic, seed=seed, dtype=dtype)
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        residual: bool = False,
+        optimizer: str = "lbfgs",
+        max_iter: int = 400,
+        tol: float = 1e-6,
+        loss: str = "huber",
+        noise: float | ArrayLike | None = None,
+        prior_weight: float | str = "auto",
+        holdout: float = 0.2,
+        max_restarts: int = 3,
+        restart_scale: float = 1.0,
+        stall_factor: float = 2.0,
+        stall_fraction: float = 0.1,
+        refit_all: bool = True,
+        residual_hidden: int = 64,
+        residual_steps: int = 1500,
+        residual_lr: float = 3e-3,
+        residual_l2: float = 1e-3,
+        residual_gate: bool = True,
+        residual_joint: bool = True,
+        adam_lr: float = 0.05,
+        theta_low=None,
+        theta_high=None,
+        periodic=None,
+        seed: int = 0,
+        dtype: str = "float64",
+    ):
+        super().__init__(
+            theta_low=theta_low, theta_high=theta_high, periodic=periodic, seed=seed, dtype=dtype
+        )
         _check_model(model)
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
@@ -213,24 +249,49 @@ class CalibratedSurrogate(SurrogateBase):
             raise ValueError(f"loss must be 'huber', 'soft_l1' or 'mse', got {loss!r}")
         self.model = model.to(_F64)
         self._call = _Call(self.model)
-        self.residual, self.optimizer, self.max_iter, self.tol, self.loss = bool(residual), optimizer, int(max_iter), \
-            float(tol), loss
+        self.residual, self.optimizer, self.max_iter, self.tol, self.loss = (
+            bool(residual),
+            optimizer,
+            int(max_iter),
+            float(tol),
+            loss,
+        )
         self.noise = None if noise is None else np.asarray(noise, np.float64).tolist()
         self.prior_weight = prior_weight
-        self.holdout, self.max_restarts, self.restart_scale = float(holdout), int(max_restarts), float(restart_scale)
-        self.stall_factor, self.stall_fraction, self.refit_all = float(stall_factor), float(stall_fraction), \
-            bool(refit_all)
-        self.residual_hidden, self.residual_steps, self.residual_lr = int(residual_hidden), int(residual_steps), \
-            float(residual_lr)
-        self.residual_l2, self.residual_gate, self.adam_lr = float(residual_l2), bool(residual_gate), float(adam_lr)
+        self.holdout, self.max_restarts, self.restart_scale = (
+            float(holdout),
+            int(max_restarts),
+            float(restart_scale),
+        )
+        self.stall_factor, self.stall_fraction, self.refit_all = (
+            float(stall_factor),
+            float(stall_fraction),
+            bool(refit_all),
+        )
+        self.residual_hidden, self.residual_steps, self.residual_lr = (
+            int(residual_hidden),
+            int(residual_steps),
+            float(residual_lr),
+        )
+        self.residual_l2, self.residual_gate, self.adam_lr = (
+            float(residual_l2),
+            bool(residual_gate),
+            float(adam_lr),
+        )
         self.residual_joint = bool(residual_joint)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # Datasheet values and scales: fixed at construction (the model's current values).
-        self.p0 = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names}
+        self.p0 = {
+            n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.names
+        }
         scales = getattr(self.model, "parameter_scale", None)
         scales = scales() if callable(scales) else {}
-        self.scale = {n: torch.broadcast_to(torch.as_tensor(scales.get(n, 1.0), dtype=_F64), self.p0[n].shape).clone()
-                      for n in self.names}
+        self.scale = {
+            n: torch.broadcast_to(
+                torch.as_tensor(scales.get(n, 1.0), dtype=_F64), self.p0[n].shape
+            ).clone()
+            for n in self.names
+        }
         self.net: ResidualNet | None = None
         self.residual_active = False
         self.report: dict[str, Any] = {}
@@ -243,7 +304,10 @@ class CalibratedSurrogate(SurrogateBase):
         """Whitened leaves ``z = (p - p0) / scale`` for the model's current values (or ``start``)."""
         params = dict(self.model.named_parameters())
         src = start if start is not None else {n: params[n].detach() for n in self.names}
-        return {n: ((src[n] - self.p0[n]) / self.scale[n]).clone().requires_grad_(True) for n in self.names}
+        return {
+            n: ((src[n] - self.p0[n]) / self.scale[n]).clone().requires_grad_(True)
+            for n in self.names
+        }
 
     def _params(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"model.{n}": self.p0[n] + self.scale[n] * z[n] for n in self.names}
@@ -256,7 +320,11 @@ class CalibratedSurrogate(SurrogateBase):
 
     def identified(self) -> dict[str, np.ndarray]:
         """The fitted parameters, ``{name: array}`` in the model's units."""
-        return {n: p.detach().double().numpy().copy() for n, p in self.model.named_parameters() if n in self.names}
+        return {
+            n: p.detach().double().numpy().copy()
+            for n, p in self.model.named_parameters()
+            if n in self.names
+        }
 
     # -- the objective ------------------------------------------------------------------------
     def _forward(self, z, thetas, x) -> torch.Tensor:
@@ -282,7 +350,7 @@ class CalibratedSurrogate(SurrogateBase):
         if self.loss == "huber":
             a = r.abs()
             return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-        return delta * delta * (torch.sqrt(1 + (r / delta) ** 2) - 1)    # soft-L1
+        return delta * delta * (torch.sqrt(1 + (r / delta) ** 2) - 1)  # soft-L1
 
     def _objective(self, z, data: _Packed, delta: float) -> torch.Tensor:
         r, corr = self._residuals(z, data, with_correction=True)
@@ -311,20 +379,28 @@ class CalibratedSurrogate(SurrogateBase):
         b = min(4, data.x.shape[1])
         y1 = self.model(data.thetas[0], data.x[0, :b])
         if not isinstance(y1, torch.Tensor):
-            raise TypeError(f"the calibration model {name} returned {type(y1).__name__}, not a tensor")
+            raise TypeError(
+                f"the calibration model {name} returned {type(y1).__name__}, not a tensor"
+            )
         if tuple(y1.shape) != (b, out_dim):
-            raise ValueError(f"the calibration model {name} returned shape {tuple(y1.shape)} for theta "
-                             f"({data.thetas.shape[1]},) and x ({b}, {data.x.shape[2]}); expected ({b}, {out_dim}) "
-                             f"= (batch, out_dim of y)")
+            raise ValueError(
+                f"the calibration model {name} returned shape {tuple(y1.shape)} for theta "
+                f"({data.thetas.shape[1]},) and x ({b}, {data.x.shape[2]}); expected ({b}, {out_dim}) "
+                f"= (batch, out_dim of y)"
+            )
         y = self._forward(None, data.thetas, data.x)
         if tuple(y.shape) != tuple(data.y.shape):
-            raise ValueError(f"the calibration model's batched path returned shape {tuple(y.shape)}; expected "
-                             f"{tuple(data.y.shape)} = (settings, batch, out_dim)")
+            raise ValueError(
+                f"the calibration model's batched path returned shape {tuple(y.shape)}; expected "
+                f"{tuple(data.y.shape)} = (settings, batch, out_dim)"
+            )
         bad = ~torch.isfinite(y) & data.mask[..., None]
         if bad.any():
             settings = torch.nonzero(bad.any(-1).any(-1)).ravel().tolist()
-            raise ValueError(f"the calibration model {name} returned {int(bad.sum())} non-finite (NaN/inf) outputs "
-                             f"at its datasheet parameters, in settings {settings[:10]}")
+            raise ValueError(
+                f"the calibration model {name} returned {int(bad.sum())} non-finite (NaN/inf) outputs "
+                f"at its datasheet parameters, in settings {settings[:10]}"
+            )
 
     # -- fitting ------------------------------------------------------------------------------
     def _optimise(self, z, data: _Packed, delta: float, max_iter: int) -> tuple[int, bool]:
@@ -335,10 +411,19 @@ class CalibratedSurrogate(SurrogateBase):
             leaves += list(self.net.parameters())
         iters, chunk = 0, 25
         if self.optimizer == "lbfgs":
+
             def make():
-                return torch.optim.LBFGS(leaves, lr=1.0, max_iter=chunk, max_eval=4 * chunk, history_size=20,
-                                         line_search_fn="strong_wolfe", tolerance_grad=1e-12,
-                                         tolerance_change=1e-15)
+                return torch.optim.LBFGS(
+                    leaves,
+                    lr=1.0,
+                    max_iter=chunk,
+                    max_eval=4 * chunk,
+                    history_size=20,
+                    line_search_fn="strong_wolfe",
+                    tolerance_grad=1e-12,
+                    tolerance_change=1e-15,
+                )
+
             opt = make()
 
             def closure():
@@ -346,6 +431,7 @@ class CalibratedSurrogate(SurrogateBase):
                 loss = self._objective(z, data, delta)
                 loss.backward()
                 return loss
+
             with torch.no_grad():
                 prev = float(self._objective(z, data, delta))
             while iters < max_iter:
@@ -359,9 +445,11 @@ class CalibratedSurrogate(SurrogateBase):
                     cur = float(self._objective(z, data, delta))
                 if not math.isfinite(cur):
                     return iters, False
-                if prev - cur <= self.tol * abs(prev):      # no progress over this chunk
+                if prev - cur <= self.tol * abs(prev):  # no progress over this chunk
                     break
-                if done < step:   # stopped early (line search or tolerance): continue with fresh memory
+                if (
+                    done < step
+                ):  # stopped early (line search or tolerance): continue with fresh memory
                     opt = make()
                 prev = cur
             return iters, True
@@ -394,7 +482,9 @@ class CalibratedSurrogate(SurrogateBase):
         if self.holdout <= 0 or n_groups < 4:
             return np.zeros(0, np.int64)
         n_out = min(n_groups - 2, max(1, math.ceil(self.holdout * n_groups)))
-        return np.sort(np.random.default_rng([self.seed, 11]).choice(n_groups, n_out, replace=False))
+        return np.sort(
+            np.random.default_rng([self.seed, 11]).choice(n_groups, n_out, replace=False)
+        )
 
     def fit(self, theta, x, y, groups=None) -> CalibratedSurrogate:
         t_start = time.perf_counter()
@@ -420,8 +510,11 @@ class CalibratedSurrogate(SurrogateBase):
             train, test = all_data, None
         s, source = self._noise_floor(theta, x, y, groups)
         self._noise_norm = s
-        prior0 = (s if s is not None else DEFAULT_NOISE) ** 2 if self.prior_weight == "auto" \
+        prior0 = (
+            (s if s is not None else DEFAULT_NOISE) ** 2
+            if self.prior_weight == "auto"
             else float(self.prior_weight)
+        )
         delta0 = HUBER_K * s if s is not None else float("inf")
         self._prior_w, self._delta = prior0, delta0
         self.residual_active, self.net = False, None
@@ -437,43 +530,70 @@ class CalibratedSurrogate(SurrogateBase):
             if k:
                 with torch.no_grad():
                     for n in self.names:
-                        z[n].add_(self.restart_scale * torch.randn(z[n].shape, generator=gen, dtype=_F64))
+                        z[n].add_(
+                            self.restart_scale * torch.randn(z[n].shape, generator=gen, dtype=_F64)
+                        )
             iters, finite = self._optimise(z, train, self._delta, self.max_iter)
             if finite and s is None and self.loss != "mse":
                 # Robust stage: scale from the least-squares residuals' MAD.
                 r = self._residuals(z, train).detach()[train.mask]
                 s_hat = 1.4826 * max(float(torch.median(torch.abs(r - torch.median(r)))), 1e-12)
                 self._delta = HUBER_K * s_hat
-                if self.prior_weight == "auto":   # MAP weight for the residuals' own noise level
-                    self._prior_w = s_hat ** 2
+                if self.prior_weight == "auto":  # MAP weight for the residuals' own noise level
+                    self._prior_w = s_hat**2
                 more, finite = self._optimise(z, train, self._delta, max(self.max_iter // 4, 1))
                 iters += more
             tr = self._nrmse(z, train) if finite else float("nan")
             te = self._nrmse(z, test) if finite else float("nan")
             stalled = not finite or not tr <= threshold
-            attempts.append({"start": "datasheet" if k == 0 else f"perturbed {k}", "iterations": iters,
-                             "seconds": time.perf_counter() - t0, "train_nrmse": tr, "heldout_nrmse": te,
-                             "stalled": stalled})
+            attempts.append(
+                {
+                    "start": "datasheet" if k == 0 else f"perturbed {k}",
+                    "iterations": iters,
+                    "seconds": time.perf_counter() - t0,
+                    "train_nrmse": tr,
+                    "heldout_nrmse": te,
+                    "stalled": stalled,
+                }
+            )
             score = te if test is not None else tr
             if finite and (best is None or score < best[0]):
-                best = (score, {n: v.detach().clone() for n, v in z.items()}, self._delta, self._prior_w)
+                best = (
+                    score,
+                    {n: v.detach().clone() for n, v in z.items()},
+                    self._delta,
+                    self._prior_w,
+                )
             if not stalled:
                 break
         if best is None:
-            raise ValueError("every calibration attempt became non-finite (NaN/inf loss); check the model for "
-                             "singular values of its parameters")
+            raise ValueError(
+                "every calibration attempt became non-finite (NaN/inf loss); check the model for "
+                "singular values of its parameters"
+            )
         z = {n: v.clone().requires_grad_(True) for n, v in best[1].items()}
         self._delta, self._prior_w = best[2], best[3]
         self._write(z)
         self.n_params, self.in_dim, self.out_dim = theta.shape[1], x.shape[1], y.shape[1]
         fit_te = self._nrmse(z, test)
-        report = {"settings": n_groups, "train_settings": len(train), "heldout_settings": 0 if test is None else len(test),
-                  "rows": len(y), "noise_nrmse": s, "noise_source": source, "stall_threshold": threshold,
-                  "prior_weight": self._prior_w, "loss_scale": self._delta,
-                  "datasheet_train_nrmse": ds_train, "datasheet_heldout_nrmse": ds_test,
-                  "train_nrmse": self._nrmse(z, train), "heldout_nrmse": fit_te,
-                  "r2_vs_datasheet": 1 - fit_te ** 2 / ds_test ** 2 if test is not None else float("nan"),
-                  "attempts": attempts, "restarts": len(attempts) - 1}
+        report = {
+            "settings": n_groups,
+            "train_settings": len(train),
+            "heldout_settings": 0 if test is None else len(test),
+            "rows": len(y),
+            "noise_nrmse": s,
+            "noise_source": source,
+            "stall_threshold": threshold,
+            "prior_weight": self._prior_w,
+            "loss_scale": self._delta,
+            "datasheet_train_nrmse": ds_train,
+            "datasheet_heldout_nrmse": ds_test,
+            "train_nrmse": self._nrmse(z, train),
+            "heldout_nrmse": fit_te,
+            "r2_vs_datasheet": 1 - fit_te**2 / ds_test**2 if test is not None else float("nan"),
+            "attempts": attempts,
+            "restarts": len(attempts) - 1,
+        }
         if self.residual:
             report["residual"] = self._fit_residual(train, test, fit_te)
         if self.refit_all and test is not None:
@@ -481,7 +601,11 @@ class CalibratedSurrogate(SurrogateBase):
             iters, finite = self._optimise(z, all_data, self._delta, max(self.max_iter // 2, 1))
             if finite:
                 self._write(z)
-            report["refit_all"] = {"iterations": iters, "seconds": time.perf_counter() - t0, "finite": finite}
+            report["refit_all"] = {
+                "iterations": iters,
+                "seconds": time.perf_counter() - t0,
+                "finite": finite,
+            }
         report["final_train_nrmse"] = self._nrmse(None, all_data)
         report["fit_seconds"] = time.perf_counter() - t_start
         self.report = report
@@ -490,7 +614,9 @@ class CalibratedSurrogate(SurrogateBase):
     # -- residual -----------------------------------------------------------------------------
     def _correction(self, pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The residual network's output, in output spreads."""
-        return self.net((pred - self.y_loc) / self.y_spread, (x.to(_F64) - self.x_loc) / self.x_scale)
+        return self.net(
+            (pred - self.y_loc) / self.y_spread, (x.to(_F64) - self.x_loc) / self.x_scale
+        )
 
     def _with_residual(self, pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return pred + self.y_spread * self._correction(pred, x)
@@ -499,7 +625,11 @@ class CalibratedSurrogate(SurrogateBase):
         with torch.no_grad():
             base = self._forward(None, data.thetas, data.x)[data.mask]
         x, y = data.x[data.mask], data.y[data.mask]
-        yn, xn, target = (base - self.y_loc) / self.y_spread, (x - self.x_loc) / self.x_scale, (y - base) / self.y_spread
+        yn, xn, target = (
+            (base - self.y_loc) / self.y_spread,
+            (x - self.x_loc) / self.x_scale,
+            (y - base) / self.y_spread,
+        )
         opt = torch.optim.Adam(self.net.parameters(), lr=self.residual_lr)
         delta = self._delta if math.isfinite(self._delta) else float("inf")
         for _ in range(steps):
@@ -530,11 +660,19 @@ class CalibratedSurrogate(SurrogateBase):
         if not keep:
             self.residual_active = False
             self._write(before)
-        return {**joint, "heldout_nrmse": te, "heldout_nrmse_without": base_te, "kept": keep,
-                "train_nrmse": self._nrmse(None, train), "seconds": time.perf_counter() - t0}
+        return {
+            **joint,
+            "heldout_nrmse": te,
+            "heldout_nrmse_without": base_te,
+            "kept": keep,
+            "train_nrmse": self._nrmse(None, train),
+            "seconds": time.perf_counter() - t0,
+        }
 
     # -- update -------------------------------------------------------------------------------
-    def update(self, theta, x, y, groups=None, *, steps=None, append=False, centre=None) -> CalibratedSurrogate:
+    def update(
+        self, theta, x, y, groups=None, *, steps=None, append=False, centre=None
+    ) -> CalibratedSurrogate:
         """Warm refit from the current parameters on these rows (or the stored rows plus
         these), ``steps`` optimiser iterations (default ``max_iter // 4``). ``centre`` is
         ignored (the model is global)."""
@@ -544,7 +682,11 @@ class CalibratedSurrogate(SurrogateBase):
         theta, x, y, groups = self._check_rows(theta, x, y, groups)
         if append and self._rows is not None:
             th0, x0, y0, g0 = self._rows
-            theta, x, y = np.concatenate([th0, theta]), np.concatenate([x0, x]), np.concatenate([y0, y])
+            theta, x, y = (
+                np.concatenate([th0, theta]),
+                np.concatenate([x0, x]),
+                np.concatenate([y0, y]),
+            )
             groups = np.concatenate([g0, groups + g0.max() + 1])
         self._rows = (theta, x, y, groups)
         data = _Packed(theta, x, y, groups)
@@ -553,13 +695,21 @@ class CalibratedSurrogate(SurrogateBase):
         iters, finite = self._optimise(z, data, self._delta, steps)
         if finite:
             self._write(z)
-        self.report.setdefault("updates", []).append({"settings": len(data), "iterations": iters, "finite": finite,
-                                                      "train_nrmse": self._nrmse(None, data),
-                                                      "seconds": time.perf_counter() - t0})
+        self.report.setdefault("updates", []).append(
+            {
+                "settings": len(data),
+                "iterations": iters,
+                "finite": finite,
+                "train_nrmse": self._nrmse(None, data),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         return self
 
     # -- prediction ---------------------------------------------------------------------------
-    def predict_with_uncertainty(self, theta: ArrayLike, x: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_with_uncertainty(
+        self, theta: ArrayLike, x: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.predict(theta, x)
         return mean, torch.zeros_like(mean)
 
@@ -584,29 +734,52 @@ class CalibratedSurrogate(SurrogateBase):
     # -- persistence --------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         cfg = super().config()
-        cfg.update(residual=self.residual, optimizer=self.optimizer, max_iter=self.max_iter, tol=self.tol,
-                   loss=self.loss, noise=self.noise, prior_weight=self.prior_weight, holdout=self.holdout,
-                   max_restarts=self.max_restarts, restart_scale=self.restart_scale, stall_factor=self.stall_factor,
-                   stall_fraction=self.stall_fraction, refit_all=self.refit_all,
-                   residual_hidden=self.residual_hidden, residual_steps=self.residual_steps,
-                   residual_lr=self.residual_lr, residual_l2=self.residual_l2, residual_gate=self.residual_gate,
-                   residual_joint=self.residual_joint,
-                   adam_lr=self.adam_lr)
+        cfg.update(
+            residual=self.residual,
+            optimizer=self.optimizer,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            loss=self.loss,
+            noise=self.noise,
+            prior_weight=self.prior_weight,
+            holdout=self.holdout,
+            max_restarts=self.max_restarts,
+            restart_scale=self.restart_scale,
+            stall_factor=self.stall_factor,
+            stall_fraction=self.stall_fraction,
+            refit_all=self.refit_all,
+            residual_hidden=self.residual_hidden,
+            residual_steps=self.residual_steps,
+            residual_lr=self.residual_lr,
+            residual_l2=self.residual_l2,
+            residual_gate=self.residual_gate,
+            residual_joint=self.residual_joint,
+            adam_lr=self.adam_lr,
+        )
         return cfg
 
     def _state(self) -> dict[str, Any]:
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "p0": self.p0, "scale": self.scale, "y_loc": self.y_loc, "y_spread": self.y_spread,
-                "x_loc": self.x_loc, "x_scale": self.x_scale, "delta": self._delta, "prior_w": self._prior_w,
-                "residual_active": self.residual_active,
-                "net": None if self.net is None else self.net.state_dict(),
-                "report": json.dumps(self.report, default=float)}
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "p0": self.p0,
+            "scale": self.scale,
+            "y_loc": self.y_loc,
+            "y_spread": self.y_spread,
+            "x_loc": self.x_loc,
+            "x_scale": self.x_scale,
+            "delta": self._delta,
+            "prior_w": self._prior_w,
+            "residual_active": self.residual_active,
+            "net": None if self.net is None else self.net.state_dict(),
+            "report": json.dumps(self.report, default=float),
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.p0, self.scale = state["p0"], state["scale"]
-        self.y_loc, self.y_spread, self.x_loc, self.x_scale = (state[k] for k in ("y_loc", "y_spread", "x_loc",
-                                                                                  "x_scale"))
+        self.y_loc, self.y_spread, self.x_loc, self.x_scale = (
+            state[k] for k in ("y_loc", "y_spread", "x_loc", "x_scale")
+        )
         self._delta, self._prior_w = float(state["delta"]), float(state["prior_w"])
         self.residual_active = bool(state["residual_active"])
         if state["net"] is not None:
@@ -631,6 +804,7 @@ class CalibratedSurrogate(SurrogateBase):
 
 def _dense(groups: np.ndarray) -> np.ndarray:
     from .dataset import dense_groups
+
     return dense_groups(groups)
 
 

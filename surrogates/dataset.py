@@ -5,6 +5,7 @@ so a model that memorises settings would look perfect on held-out rows of seen s
 while knowing nothing about ``theta``. Each ensemble member holds out its own random subset
 of settings, so together the members still see every setting.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ def groups_from_theta(theta: np.ndarray) -> np.ndarray:
     share an id."""
     theta = np.ascontiguousarray(np.asarray(theta, dtype=np.float64))
     # One opaque bytes value per row makes np.unique a 1-d sort instead of a lexsort.
-    return dense_groups(theta.view(np.dtype((np.void, theta.dtype.itemsize * theta.shape[1]))).ravel())
+    return dense_groups(
+        theta.view(np.dtype((np.void, theta.dtype.itemsize * theta.shape[1]))).ravel()
+    )
 
 
 @dataclass
@@ -47,16 +50,20 @@ class SettingsDataset:
     def n_groups(self) -> int:
         return int(self.groups.max()) + 1 if len(self.groups) else 0
 
-    def concat(self, other: "SettingsDataset") -> "SettingsDataset":
+    def concat(self, other: SettingsDataset) -> SettingsDataset:
         """Rows of both; ``other``'s settings get new ids (they are other measurements)."""
-        return SettingsDataset(torch.cat([self.theta, other.theta]), torch.cat([self.x, other.x]),
-                               torch.cat([self.y, other.y]),
-                               np.concatenate([self.groups, other.groups + self.n_groups]))
+        return SettingsDataset(
+            torch.cat([self.theta, other.theta]),
+            torch.cat([self.x, other.x]),
+            torch.cat([self.y, other.y]),
+            np.concatenate([self.groups, other.groups + self.n_groups]),
+        )
 
-    def subset(self, rows: np.ndarray) -> "SettingsDataset":
+    def subset(self, rows: np.ndarray) -> SettingsDataset:
         rows_t = torch.as_tensor(rows, dtype=torch.long)
-        return SettingsDataset(self.theta[rows_t], self.x[rows_t], self.y[rows_t],
-                               dense_groups(self.groups[rows]))
+        return SettingsDataset(
+            self.theta[rows_t], self.x[rows_t], self.y[rows_t], dense_groups(self.groups[rows])
+        )
 
 
 @dataclass
@@ -81,9 +88,15 @@ class MemberSplit:
     val_idx: torch.Tensor | None
 
     @classmethod
-    def by_settings(cls, groups: np.ndarray, n_members: int, holdout_fraction: float,
-                    max_val_rows: int, rng: np.random.Generator,
-                    min_groups: int = 5) -> "MemberSplit":
+    def by_settings(
+        cls,
+        groups: np.ndarray,
+        n_members: int,
+        holdout_fraction: float,
+        max_val_rows: int,
+        rng: np.random.Generator,
+        min_groups: int = 5,
+    ) -> MemberSplit:
         """Each member holds out ``ceil(holdout_fraction * G)`` random settings, or none when
         there are fewer than ``min_groups`` settings (early stopping then has no signal)."""
         n_groups = int(groups.max()) + 1
@@ -116,13 +129,17 @@ class MemberSplit:
         val_idx = torch.from_numpy(np.stack(val_idx))
         return cls(train, torch.tensor([len(g) for g in train_groups]), *layout, val_idx)
 
-    def sample(self, n_settings: int, rows_per_setting: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(
+        self, n_settings: int, rows_per_setting: int, generator: torch.Generator
+    ) -> torch.Tensor:
         """Row indices ``(M, n_settings, rows_per_setting)``: each member draws settings from
         its own training settings (with replacement), then rows within each (with
         replacement)."""
         n_members = self.train_groups.shape[0]
         u = torch.rand(n_members, n_settings, generator=generator, dtype=torch.float64)
         g = self.train_groups.gather(1, (u * self.n_train[:, None]).long())
-        v = torch.rand(n_members, n_settings, rows_per_setting, generator=generator, dtype=torch.float64)
+        v = torch.rand(
+            n_members, n_settings, rows_per_setting, generator=generator, dtype=torch.float64
+        )
         within = (v * self.counts[g][..., None]).long()
         return self.order[self.starts[g][..., None] + within]

@@ -10,6 +10,7 @@ instead of being clipped.
 - :func:`inputs_per_setting`: inputs for each setting, drawn from the training inputs;
 - :func:`estimate_noise`: per-output noise standard deviation from repeated measurements.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ def _bounds(low, high, n_params: int | None = None) -> tuple[np.ndarray, np.ndar
     shape = np.broadcast_shapes(low.shape, high.shape, () if n_params is None else (n_params,))
     low, high = np.broadcast_to(low, shape).copy(), np.broadcast_to(high, shape).copy()
     if shape == () or not np.all(np.isfinite(low) & np.isfinite(high)) or np.any(high <= low):
-        raise ValueError("low and high must be finite (n_params,) arrays (or scalars with a centre) "
-                         "with high > low")
+        raise ValueError(
+            "low and high must be finite (n_params,) arrays (or scalars with a centre) "
+            "with high > low"
+        )
     return low, high
 
 
@@ -62,9 +65,17 @@ def wrap(theta: np.ndarray, low: np.ndarray, high: np.ndarray, periodic: np.ndar
     return np.where(periodic, wrapped, np.clip(theta, low, high))
 
 
-def trust_region(center: np.ndarray, radius: float, n: int, low: np.ndarray, high: np.ndarray,
-                 periodic: np.ndarray | bool | None = None, rng: SeedLike = None,
-                 method: str = "sobol", spread: str = "box") -> np.ndarray:
+def trust_region(
+    center: np.ndarray,
+    radius: float,
+    n: int,
+    low: np.ndarray,
+    high: np.ndarray,
+    periodic: np.ndarray | bool | None = None,
+    rng: SeedLike = None,
+    method: str = "sobol",
+    spread: str = "box",
+) -> np.ndarray:
     """``(n, n_params)`` settings in the L-infinity box ``center +- radius * (high - low)``.
 
     Non-periodic coordinates sample the box intersected with the bounds (so points spread
@@ -131,10 +142,18 @@ class SettingsDesign:
         return len(self.settings)
 
 
-def design_settings(center: np.ndarray, radius: float, n: int, low: np.ndarray, high: np.ndarray,
-                    global_fraction: float = 0.1, repeats: int = 0,
-                    periodic: np.ndarray | bool | None = None, seed: SeedLike = None,
-                    spread: str = "box") -> SettingsDesign:
+def design_settings(
+    center: np.ndarray,
+    radius: float,
+    n: int,
+    low: np.ndarray,
+    high: np.ndarray,
+    global_fraction: float = 0.1,
+    repeats: int = 0,
+    periodic: np.ndarray | bool | None = None,
+    seed: SeedLike = None,
+    spread: str = "box",
+) -> SettingsDesign:
     """``n`` distinct settings plus ``repeats`` repeated copies.
 
     ``round(global_fraction * n)`` settings are space-filling over the whole box, the rest
@@ -147,7 +166,7 @@ def design_settings(center: np.ndarray, radius: float, n: int, low: np.ndarray, 
     rng = _rng(seed)
     center = np.asarray(center, np.float64)
     low, high = _bounds(low, high, center.shape[-1])
-    n_global = int(round(global_fraction * n))
+    n_global = round(global_fraction * n)
     local = trust_region(center, radius, n - n_global, low, high, periodic, rng, spread=spread)
     glob = space_filling(n_global, low, high, rng)
     theta = np.concatenate([local, glob])
@@ -155,13 +174,20 @@ def design_settings(center: np.ndarray, radius: float, n: int, low: np.ndarray, 
     order = rng.permutation(n)
     theta, is_global = theta[order], is_global[order]
     copies = rng.choice(n, repeats, replace=repeats > n) if n else np.zeros(0, int)
-    return SettingsDesign(np.concatenate([theta, theta[copies]]),
-                          np.concatenate([is_global, is_global[copies]]),
-                          np.concatenate([np.full(n, -1), copies]))
+    return SettingsDesign(
+        np.concatenate([theta, theta[copies]]),
+        np.concatenate([is_global, is_global[copies]]),
+        np.concatenate([np.full(n, -1), copies]),
+    )
 
 
-def inputs_per_setting(x_pool: np.ndarray, n_settings: int, per_setting: int,
-                       rng: SeedLike = None, return_indices: bool = False):
+def inputs_per_setting(
+    x_pool: np.ndarray,
+    n_settings: int,
+    per_setting: int,
+    rng: SeedLike = None,
+    return_indices: bool = False,
+):
     """``(n_settings, per_setting, in_dim)`` inputs drawn from ``x_pool (n_pool, in_dim)``,
     without replacement within a setting (independently across settings). With
     ``return_indices`` also the ``(n_settings, per_setting)`` pool indices."""
@@ -169,8 +195,11 @@ def inputs_per_setting(x_pool: np.ndarray, n_settings: int, per_setting: int,
     if per_setting > len(x_pool):
         raise ValueError(f"per_setting={per_setting} exceeds the pool of {len(x_pool)} inputs")
     rng = _rng(rng)
-    idx = np.stack([rng.choice(len(x_pool), per_setting, replace=False) for _ in range(n_settings)]) \
-        if n_settings else np.zeros((0, per_setting), int)
+    idx = (
+        np.stack([rng.choice(len(x_pool), per_setting, replace=False) for _ in range(n_settings)])
+        if n_settings
+        else np.zeros((0, per_setting), int)
+    )
     return (x_pool[idx], idx) if return_indices else x_pool[idx]
 
 
@@ -187,10 +216,12 @@ def estimate_noise(y: np.ndarray, groups: np.ndarray | None = None) -> np.ndarra
         if y.ndim == 2:
             y = y[None]
         if y.ndim != 3:
-            raise ValueError(f"without groups, y must be (n_groups, n_repeats, out_dim), got {y.shape}")
+            raise ValueError(
+                f"without groups, y must be (n_groups, n_repeats, out_dim), got {y.shape}"
+            )
         dev = y - y.mean(axis=1, keepdims=True)
         dof = y.shape[0] * (y.shape[1] - 1)
-        ss = (dev ** 2).sum(axis=(0, 1))
+        ss = (dev**2).sum(axis=(0, 1))
     else:
         _, inv, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
         inv = inv.ravel()

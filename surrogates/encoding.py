@@ -6,6 +6,7 @@ periodic column ``z`` (normalised so that ``pi * z`` is the angle) by ``(sin(pi 
 and passes the other columns through. The MLP, hypernetwork and GP surrogates use it; the
 interferometric structure uses the angle itself (``exp(i * angle)``), which is periodic already.
 """
+
 from __future__ import annotations
 
 import math

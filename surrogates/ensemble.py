@@ -9,8 +9,10 @@ The training loop (:mod:`surrogates.training`) relies on the convention that *ev
 parameter of an ensemble structure has the member dimension first: it snapshots and
 restores members independently for early stopping.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -24,13 +26,25 @@ class EnsembleLinear(nn.Module):
     per member, which is what makes the members of a deep ensemble differ.
     """
 
-    def __init__(self, n_members: int, in_features: int, out_features: int,
-                 bias: bool = True, init_scale: float = 1.0):
+    def __init__(
+        self,
+        n_members: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init_scale: float = 1.0,
+    ):
         super().__init__()
         self.n_members, self.in_features, self.out_features = n_members, in_features, out_features
         bound = init_scale / math.sqrt(max(in_features, 1))
-        self.weight = nn.Parameter(torch.empty(n_members, in_features, out_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n_members, 1, out_features).uniform_(-bound, bound)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(n_members, in_features, out_features).uniform_(-bound, bound)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(n_members, 1, out_features).uniform_(-bound, bound))
+            if bias
+            else None
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         batch = inputs.shape[1:-1]
@@ -50,7 +64,7 @@ class EnsembleLinear(nn.Module):
     def absorb_input_shift(self, shift: torch.Tensor, start: int = 0) -> None:
         """Re-express the map for inputs ``z' = z - shift`` on input rows
         ``start .. start + len(shift)``: ``W z + b = W z' + (b + shift W)``."""
-        rows = self.weight[:, start:start + shift.shape[-1], :]
+        rows = self.weight[:, start : start + shift.shape[-1], :]
         self.bias += torch.einsum("i,mio->mo", shift.to(rows.dtype), rows).unsqueeze(1)
 
     def extra_repr(self) -> str:
@@ -64,14 +78,22 @@ class EnsembleMLP(nn.Module):
     activation gives smooth, non-piecewise-constant gradients.
     """
 
-    def __init__(self, n_members: int, in_features: int, hidden: list[int] | tuple[int, ...],
-                 out_features: int, final_init_scale: float = 1.0):
+    def __init__(
+        self,
+        n_members: int,
+        in_features: int,
+        hidden: list[int] | tuple[int, ...],
+        out_features: int,
+        final_init_scale: float = 1.0,
+    ):
         super().__init__()
         sizes = [in_features, *hidden, out_features]
         layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             last = i == len(sizes) - 2
-            layers.append(EnsembleLinear(n_members, a, b, init_scale=final_init_scale if last else 1.0))
+            layers.append(
+                EnsembleLinear(n_members, a, b, init_scale=final_init_scale if last else 1.0)
+            )
         self.layers = nn.ModuleList(layers)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -100,7 +122,9 @@ class ColumnUnits(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         n = z.dim() - 2
-        return nn.functional.silu(self.per_member(self.a, n) * z.unsqueeze(-1) + self.per_member(self.b, n))
+        return nn.functional.silu(
+            self.per_member(self.a, n) * z.unsqueeze(-1) + self.per_member(self.b, n)
+        )
 
     @torch.no_grad()
     def absorb_input_shift(self, shift: torch.Tensor) -> None:

@@ -49,6 +49,7 @@ to ``theta`` and ``x`` (gpytorch's prediction caches hold no graph: hyperparamet
 after fitting). ``predict_with_uncertainty`` returns its posterior standard deviation
 (epistemic: without the measurement noise), computed with ``fast_pred_var`` (LOVE).
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,13 @@ class BatchExactGP(gpytorch.models.ExactGP):
     Cholesky factors; the multitask form would build a dense ``nT x nT`` covariance.
     """
 
-    def __init__(self, train_z: torch.Tensor, train_y: torch.Tensor,
-                 likelihood: gpytorch.likelihoods.Likelihood, kernel: str):
+    def __init__(
+        self,
+        train_z: torch.Tensor,
+        train_y: torch.Tensor,
+        likelihood: gpytorch.likelihoods.Likelihood,
+        kernel: str,
+    ):
         super().__init__(train_z, train_y, likelihood)
         batch = torch.Size([train_y.shape[0]])
         self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch)
@@ -108,12 +114,16 @@ class BatchVariationalGP(gpytorch.models.ApproximateGP):
     def __init__(self, inducing: torch.Tensor, n_tasks: int, kernel: str, lmc: bool):
         n_latents = inducing.shape[0]
         batch = torch.Size([n_latents])
-        distribution = gpytorch.variational.CholeskyVariationalDistribution(inducing.shape[-2], batch_shape=batch)
-        strategy = gpytorch.variational.VariationalStrategy(self, inducing, distribution,
-                                                            learn_inducing_locations=True)
+        distribution = gpytorch.variational.CholeskyVariationalDistribution(
+            inducing.shape[-2], batch_shape=batch
+        )
+        strategy = gpytorch.variational.VariationalStrategy(
+            self, inducing, distribution, learn_inducing_locations=True
+        )
         if lmc:
-            strategy = gpytorch.variational.LMCVariationalStrategy(strategy, num_tasks=n_tasks,
-                                                                   num_latents=n_latents, latent_dim=-1)
+            strategy = gpytorch.variational.LMCVariationalStrategy(
+                strategy, num_tasks=n_tasks, num_latents=n_latents, latent_dim=-1
+            )
         super().__init__(strategy)
         self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch)
         self.covar_module = _kernel(kernel, inducing.shape[-1], batch)
@@ -143,17 +153,33 @@ class GPSurrogate(SurrogateBase):
             (``dtype`` defaults to ``"float64"``: Cholesky factors need it).
     """
 
-    def __init__(self, *, kernel: str = "matern52", method: str = "auto", multitask: str = "independent",
-                 n_latents: int | None = None, exact_max_rows: int = 1000, num_inducing: int = 128,
-                 fit_steps: int | None = None, update_steps: int | None = None, lr: float | None = None,
-                 batch_size: int = 256, dtype: str = "float64", **base_kw):
+    def __init__(
+        self,
+        *,
+        kernel: str = "matern52",
+        method: str = "auto",
+        multitask: str = "independent",
+        n_latents: int | None = None,
+        exact_max_rows: int = 1000,
+        num_inducing: int = 128,
+        fit_steps: int | None = None,
+        update_steps: int | None = None,
+        lr: float | None = None,
+        batch_size: int = 256,
+        dtype: str = "float64",
+        **base_kw,
+    ):
         super().__init__(dtype=dtype, **base_kw)
         if method not in ("auto", "exact", "variational"):
             raise ValueError(f"method must be 'auto', 'exact' or 'variational', got {method!r}")
         if multitask not in ("independent", "lmc"):
             raise ValueError(f"multitask must be 'independent' or 'lmc', got {multitask!r}")
         self.kernel, self.method, self.multitask = kernel, method, multitask
-        self.n_latents, self.exact_max_rows, self.num_inducing = n_latents, int(exact_max_rows), int(num_inducing)
+        self.n_latents, self.exact_max_rows, self.num_inducing = (
+            n_latents,
+            int(exact_max_rows),
+            int(num_inducing),
+        )
         self.fit_steps, self.update_steps, self.lr = fit_steps, update_steps, lr
         self.batch_size = int(batch_size)
         self.model = self.likelihood = self.mode = None
@@ -169,7 +195,9 @@ class GPSurrogate(SurrogateBase):
 
     def _training_rows(self, theta, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            z = self._features(torch.from_numpy(theta).to(self.dtype), torch.from_numpy(x).to(self.dtype))
+            z = self._features(
+                torch.from_numpy(theta).to(self.dtype), torch.from_numpy(x).to(self.dtype)
+            )
             return z, self.y_norm(torch.from_numpy(y).to(self.dtype))
 
     def _choose_mode(self, n: int) -> str:
@@ -186,16 +214,24 @@ class GPSurrogate(SurrogateBase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if self.mode == "exact":
-                self.likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size([n_tasks]))
+                self.likelihood = gpytorch.likelihoods.GaussianLikelihood(
+                    batch_shape=torch.Size([n_tasks])
+                )
                 self.model = BatchExactGP(*self._batch_rows(z, y), self.likelihood, self.kernel)
             else:
                 lmc = self._lmc
                 if lmc:
-                    self.likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=n_tasks)
+                    self.likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(
+                        num_tasks=n_tasks
+                    )
                 else:
-                    self.likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size([n_tasks]))
+                    self.likelihood = gpytorch.likelihoods.GaussianLikelihood(
+                        batch_shape=torch.Size([n_tasks])
+                    )
                 n_latents = (self.n_latents or min(n_tasks, 4)) if lmc else n_tasks
-                pick = torch.from_numpy(self._rng.choice(len(z), min(self.num_inducing, len(z)), replace=False))
+                pick = torch.from_numpy(
+                    self._rng.choice(len(z), min(self.num_inducing, len(z)), replace=False)
+                )
                 inducing = z[pick].expand(n_latents, -1, -1).clone()
                 self.model = BatchVariationalGP(inducing, n_tasks, self.kernel, lmc)
         self.model.to(self.dtype)
@@ -234,7 +270,7 @@ class GPSurrogate(SurrogateBase):
         self.model.train()
         self.likelihood.train()
         params = list(self.model.parameters()) + list(self.likelihood.parameters())
-        params = list({id(p): p for p in params}.values())   # the exact GP owns its likelihood too
+        params = list({id(p): p for p in params}.values())  # the exact GP owns its likelihood too
         optimizer = torch.optim.Adam(params, lr=lr)
         losses = []
         n = len(self.train_z)
@@ -242,7 +278,7 @@ class GPSurrogate(SurrogateBase):
             mll = gpytorch.mlls.ExactMarginalLogLikelihood(self.likelihood, self.model)
         else:
             mll = gpytorch.mlls.VariationalELBO(self.likelihood, self.model, num_data=n)
-        generator = torch.Generator().manual_seed(int(self._rng.integers(2 ** 31)))
+        generator = torch.Generator().manual_seed(int(self._rng.integers(2**31)))
         with gpytorch.settings.max_cholesky_size(_CHOLESKY_ALWAYS):
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
@@ -269,21 +305,25 @@ class GPSurrogate(SurrogateBase):
 
     def _select_rows(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "exact" and len(z) > self.exact_max_rows:
-            keep = torch.from_numpy(np.sort(self._rng.choice(len(z), self.exact_max_rows, replace=False)))
+            keep = torch.from_numpy(
+                np.sort(self._rng.choice(len(z), self.exact_max_rows, replace=False))
+            )
             return z[keep], y[keep]
         return z, y
 
     # -- the protocol ---------------------------------------------------------------------------
-    def fit(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-            groups: np.ndarray | None = None) -> "GPSurrogate":
+    def fit(
+        self, theta: np.ndarray, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
+    ) -> GPSurrogate:
         """Fit hyperparameters (and variational parameters) from scratch. ``groups`` is
         accepted for the protocol and unused: the likelihood needs no hold-out."""
         self.n_params = self.in_dim = self.out_dim = None
         theta, x, y, _ = self._check_rows(theta, x, y, groups)
         self.n_params, self.in_dim, self.out_dim = theta.shape[1], x.shape[1], y.shape[1]
         self._rng = np.random.default_rng(self.seed)
-        self.theta_norm = AffineNormalizer.for_theta(theta, self.theta_low, self.theta_high,
-                                                     self.periodic_mask(), self.theta_frame).to(self.dtype)
+        self.theta_norm = AffineNormalizer.for_theta(
+            theta, self.theta_low, self.theta_high, self.periodic_mask(), self.theta_frame
+        ).to(self.dtype)
         self.x_norm = AffineNormalizer.from_data(x).to(self.dtype)
         self.y_norm = AffineNormalizer.from_data(y).to(self.dtype)
         self.encode = PeriodicEncoding(self.periodic_mask())
@@ -296,9 +336,17 @@ class GPSurrogate(SurrogateBase):
         self.last_losses = self._train(fit_steps, lr)
         return self
 
-    def update(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
-               *, steps: int | None = None, append: bool = False,
-               centre: np.ndarray | None = None) -> "GPSurrogate":
+    def update(
+        self,
+        theta: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray | None = None,
+        *,
+        steps: int | None = None,
+        append: bool = False,
+        centre: np.ndarray | None = None,
+    ) -> GPSurrogate:
         """Warm-started refit for ``steps`` Adam steps (default ``update_steps``) on these rows
         (or the stored ones plus these with ``append=True``), keeping hyperparameters,
         normalisation and (variational) inducing points. If the row count moves the model
@@ -330,11 +378,16 @@ class GPSurrogate(SurrogateBase):
         """``(T, m)`` (batch of GPs) or ``(m, T)`` (LMC) as ``(m, T)``."""
         return values if self._lmc else values.T
 
-    def predict_with_uncertainty(self, theta: ArrayLike, x: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_with_uncertainty(
+        self, theta: ArrayLike, x: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and latent standard deviation, each ``(m, out_dim)``."""
         theta, x = self._as_query(theta, x)
         z = self._features(theta, x)
-        with gpytorch.settings.fast_pred_var(), gpytorch.settings.max_cholesky_size(_CHOLESKY_ALWAYS):
+        with (
+            gpytorch.settings.fast_pred_var(),
+            gpytorch.settings.max_cholesky_size(_CHOLESKY_ALWAYS),
+        ):
             posterior = self._posterior(z)
             mean, var = self._rows(posterior.mean), self._rows(posterior.variance)
         return self.y_norm.inverse(mean), self.y_norm.inverse_std(var.clamp_min(0).sqrt())
@@ -344,40 +397,64 @@ class GPSurrogate(SurrogateBase):
         variance computation."""
         theta, x = self._as_query(theta, x)
         z = self._features(theta, x)
-        with gpytorch.settings.skip_posterior_variances(), gpytorch.settings.max_cholesky_size(_CHOLESKY_ALWAYS):
+        with (
+            gpytorch.settings.skip_posterior_variances(),
+            gpytorch.settings.max_cholesky_size(_CHOLESKY_ALWAYS),
+        ):
             mean = self._rows(self._posterior(z).mean)
         return self.y_norm.inverse(mean)
 
     # -- persistence ------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "kernel": self.kernel, "method": self.method, "multitask": self.multitask,
-                "n_latents": self.n_latents, "exact_max_rows": self.exact_max_rows,
-                "num_inducing": self.num_inducing, "fit_steps": self.fit_steps,
-                "update_steps": self.update_steps, "lr": self.lr, "batch_size": self.batch_size}
+        return {
+            **super().config(),
+            "kernel": self.kernel,
+            "method": self.method,
+            "multitask": self.multitask,
+            "n_latents": self.n_latents,
+            "exact_max_rows": self.exact_max_rows,
+            "num_inducing": self.num_inducing,
+            "fit_steps": self.fit_steps,
+            "update_steps": self.update_steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+        }
 
     def _state(self) -> dict[str, Any]:
         # An exact GP's posterior is its training rows; a variational one needs only its
         # inducing points (in the state dict), so its rows are not saved.
         exact = self.mode == "exact"
         state = self.model.state_dict()
-        inducing = None if exact else next(v for k, v in state.items() if k.endswith("inducing_points"))
-        return {"mode": self.mode, "model": state, "likelihood": self.likelihood.state_dict(),
-                "train_z": self.train_z if exact else None, "train_y": self.train_y if exact else None,
-                "inducing_shape": None if exact else list(inducing.shape),
-                "theta_norm": self.theta_norm.state_dict(), "x_norm": self.x_norm.state_dict(),
-                "y_norm": self.y_norm.state_dict()}
+        inducing = (
+            None if exact else next(v for k, v in state.items() if k.endswith("inducing_points"))
+        )
+        return {
+            "mode": self.mode,
+            "model": state,
+            "likelihood": self.likelihood.state_dict(),
+            "train_z": self.train_z if exact else None,
+            "train_y": self.train_y if exact else None,
+            "inducing_shape": None if exact else list(inducing.shape),
+            "theta_norm": self.theta_norm.state_dict(),
+            "x_norm": self.x_norm.state_dict(),
+            "y_norm": self.y_norm.state_dict(),
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.theta_norm, self.x_norm, self.y_norm = (
-            AffineNormalizer(state[k]["loc"], state[k]["scale"]) for k in ("theta_norm", "x_norm", "y_norm"))
+            AffineNormalizer(state[k]["loc"], state[k]["scale"])
+            for k in ("theta_norm", "x_norm", "y_norm")
+        )
         self.encode = PeriodicEncoding(self.periodic_mask())
         self.mode = state["mode"]
         self.train_z, self.train_y = state["train_z"], state["train_y"]
         if self.mode == "exact":
             self._build(self.train_z, self.train_y)
-        else:   # placeholders of the right shape; the state dict overwrites them
+        else:  # placeholders of the right shape; the state dict overwrites them
             _, n_inducing, d = state["inducing_shape"]
-            self._build(torch.zeros(n_inducing, d, dtype=self.dtype), torch.zeros(n_inducing, self.out_dim))
+            self._build(
+                torch.zeros(n_inducing, d, dtype=self.dtype), torch.zeros(n_inducing, self.out_dim)
+            )
         self.model.load_state_dict(state["model"])
         self.likelihood.load_state_dict(state["likelihood"])
         self._set_trainable(False)

@@ -76,6 +76,7 @@ stale expansion point keeps large ``exp(i delta) - 1`` factors in every predicti
 given, else at the centre of the rows it is given. With ``local_radius`` set, training uses
 only rows within that L-infinity radius (bound-width units) of the centre.
 """
+
 from __future__ import annotations
 
 import math
@@ -108,11 +109,14 @@ def unit_field(x: torch.Tensor) -> torch.Tensor:
 def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
     """``(n, d) -> (n, d (d + 1) / 2 + 1)``: the products ``x_i x_j`` (``i <= j``) and a 1."""
     iu = torch.triu_indices(x.shape[1], x.shape[1])
-    return torch.cat([(x[:, :, None] * x[:, None, :])[:, iu[0], iu[1]], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return torch.cat(
+        [(x[:, :, None] * x[:, None, :])[:, iu[0], iu[1]], torch.ones(len(x), 1, dtype=x.dtype)], 1
+    )
 
 
-def quadratic_readout(x: torch.Tensor, y: torch.Tensor, unit_power: bool,
-                      holdout: float = 0.2) -> tuple[torch.Tensor, float]:
+def quadratic_readout(
+    x: torch.Tensor, y: torch.Tensor, unit_power: bool, holdout: float = 0.2
+) -> tuple[torch.Tensor, float]:
     """Least-squares ``y_k = x^T A_k x + c_k`` with ``theta`` ignored, from real
     ``x (n, in_dim)`` and ``y (n, out_dim)``: the weights ``(n_features, out_dim)`` (see
     :func:`readout_matrices`) fitted on all but the last ``holdout`` share of rows, and their
@@ -129,17 +133,19 @@ def quadratic_readout(x: torch.Tensor, y: torch.Tensor, unit_power: bool,
     if n_fit == len(x):
         return w, float("nan")
     resid, dev = feats[n_fit:] @ w - y[n_fit:], y[n_fit:] - y[n_fit:].mean(0)
-    return w, float(1 - (resid ** 2).sum() / (dev ** 2).sum())
+    return w, float(1 - (resid**2).sum() / (dev**2).sum())
 
 
-def readout_matrices(w: torch.Tensor, in_dim: int, unit_power: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def readout_matrices(
+    w: torch.Tensor, in_dim: int, unit_power: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A (out_dim, in_dim, in_dim), c (out_dim,))`` from :func:`quadratic_readout`'s weights.
     With unit power ``x^T I x = 1`` lets ``A`` and ``c`` trade a multiple of ``I``; the bulk of
     ``A``'s spectrum (all but its top two eigenvalues) is moved into ``c``."""
     iu = torch.triu_indices(in_dim, in_dim)
     a = torch.zeros(w.shape[1], in_dim, in_dim, dtype=w.dtype)
     a[:, iu[0], iu[1]] = w[:-1].T
-    a = (a + a.transpose(1, 2)) / 2            # an off-diagonal weight counts x_i x_j twice
+    a = (a + a.transpose(1, 2)) / 2  # an off-diagonal weight counts x_i x_j twice
     c = w[-1]
     if unit_power and in_dim > 2:
         bulk = torch.linalg.eigvalsh(a)[:, :-2].mean(1)
@@ -154,25 +160,44 @@ class InterferometricStructure(nn.Module):
     and the ensemble's per-member snapshots treat them like any other parameter.
     """
 
-    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
-                 periodic: np.ndarray, n_modes: int | None = None, output: str | None = None,
-                 init_scale: float = 0.3):
+    def __init__(
+        self,
+        n_members: int,
+        n_params: int,
+        in_dim: int,
+        out_dim: int,
+        periodic: np.ndarray,
+        n_modes: int | None = None,
+        output: str | None = None,
+        init_scale: float = 0.3,
+    ):
         super().__init__()
         n_modes = max(in_dim, out_dim) if n_modes is None else int(n_modes)
         output = ("gain" if out_dim <= n_modes else "linear") if output is None else output
         if output not in ("gain", "linear"):
             raise ValueError(f"output must be 'gain' or 'linear', got {output!r}")
         if output == "gain" and out_dim > n_modes:
-            raise ValueError(f"output='gain' reads one mode per output: needs out_dim <= n_modes ({n_modes})")
-        self.n_members, self.n_modes, self.output, self.out_dim = n_members, n_modes, output, out_dim
+            raise ValueError(
+                f"output='gain' reads one mode per output: needs out_dim <= n_modes ({n_modes})"
+            )
+        self.n_members, self.n_modes, self.output, self.out_dim = (
+            n_members,
+            n_modes,
+            output,
+            out_dim,
+        )
         self.register_buffer("centre", torch.zeros(n_params))
         self.register_buffer("periodic", torch.as_tensor(np.asarray(periodic, bool)))
         self.register_buffer("unit_power", torch.tensor(False))
         self.log_rate = nn.Parameter(torch.full((n_members, n_params), math.log(math.pi)))
         # With x scaled to unit mean square, entries of variance 1/in_dim give |E|^2 of mean ~1.
         self.u0 = nn.Parameter(_complex_normal((n_members, n_modes, in_dim), 1 / math.sqrt(in_dim)))
-        self.u = nn.Parameter(_complex_normal((n_members, n_params, n_modes), init_scale / math.sqrt(n_modes)))
-        self.v = nn.Parameter(_complex_normal((n_members, n_params, in_dim), init_scale / math.sqrt(in_dim)))
+        self.u = nn.Parameter(
+            _complex_normal((n_members, n_params, n_modes), init_scale / math.sqrt(n_modes))
+        )
+        self.v = nn.Parameter(
+            _complex_normal((n_members, n_params, in_dim), init_scale / math.sqrt(in_dim))
+        )
         if output == "gain":
             self.gain = nn.Parameter(torch.ones(n_members, 1, out_dim))
         else:
@@ -189,22 +214,24 @@ class InterferometricStructure(nn.Module):
 
     def rate(self) -> torch.Tensor:
         """Phase per normalised unit ``(M, n_params)``: ``pi`` for periodic parameters."""
-        return torch.where(self.periodic, torch.full_like(self.log_rate, math.pi), self.log_rate.exp())
+        return torch.where(
+            self.periodic, torch.full_like(self.log_rate, math.pi), self.log_rate.exp()
+        )
 
     def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         batch = torch.broadcast_shapes(theta.shape[1:-1], x.shape[1:-1])
         m = self.n_members
         rate = self.rate().reshape(m, *([1] * len(batch)), -1)
-        phase = rate * (theta - self.centre)                       # (M, S, 1|K, P)
+        phase = rate * (theta - self.centre)  # (M, S, 1|K, P)
         d = torch.polar(torch.ones_like(phase), phase) - 1
         d = d.expand(m, *batch, d.shape[-1]).reshape(m, -1, d.shape[-1])
         if self.unit_power:
             x = unit_field(x)
         xc = x.expand(m, *batch, x.shape[-1]).reshape(m, -1, x.shape[-1]).to(d.dtype)
         field = self.field(d, xc)
-        intensity = field.real ** 2 + field.imag ** 2
+        intensity = field.real**2 + field.imag**2
         if self.output == "gain":
-            y = self.gain * intensity[..., :self.out_dim] + self.offset
+            y = self.gain * intensity[..., : self.out_dim] + self.offset
         else:
             y = torch.baddbmm(self.offset, intensity, self.gain)
         return y.reshape(m, *batch, self.out_dim)
@@ -213,7 +240,7 @@ class InterferometricStructure(nn.Module):
         """Output field ``(M, R, n_modes)`` from ``d = exp(i delta) - 1`` ``(M, R, P)`` and the
         complex input field ``x (M, R, in_dim)``: the first-order model."""
         u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
-        vx = torch.bmm(x, v.transpose(1, 2))                        # (M, R, P): v_j . x
+        vx = torch.bmm(x, v.transpose(1, 2))  # (M, R, P): v_j . x
         return torch.bmm(x, u0.transpose(1, 2)) + torch.bmm(d * vx, u)
 
     @torch.no_grad()
@@ -227,10 +254,12 @@ class InterferometricStructure(nn.Module):
         """
         if self.output != "gain":
             return
-        evals, evecs = torch.linalg.eigh(a)        # ascending
+        evals, evecs = torch.linalg.eigh(a)  # ascending
         top = evals[:, -2:].clamp_min(0).sqrt()
-        rows = torch.stack([evecs[:, :, -1] * top[:, 1:2], evecs[:, :, -2] * top[:, 0:1]], -1)  # (out, d, 2)
-        self.u0.data[:, :self.out_dim] = rows.to(self.u0.dtype)
+        rows = torch.stack(
+            [evecs[:, :, -1] * top[:, 1:2], evecs[:, :, -2] * top[:, 0:1]], -1
+        )  # (out, d, 2)
+        self.u0.data[:, : self.out_dim] = rows.to(self.u0.dtype)
         self.gain.data.fill_(1.0)
         self.offset.data.copy_(c.to(self.offset.dtype).expand_as(self.offset))
 
@@ -238,7 +267,9 @@ class InterferometricStructure(nn.Module):
     def recentre(self, new_centre: torch.Tensor) -> None:
         """Refold every member around ``new_centre (n_params,)`` (normalised); predictions are
         unchanged up to rounding."""
-        shift = torch.polar(torch.ones_like(self.log_rate), self.rate() * (new_centre - self.centre))  # (M, P)
+        shift = torch.polar(
+            torch.ones_like(self.log_rate), self.rate() * (new_centre - self.centre)
+        )  # (M, P)
         u0, u, v = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
         u0 += torch.einsum("mp,mpn,mpi->mni", shift - 1, u, v)
         u *= shift[..., None]
@@ -270,11 +301,24 @@ class InterferometricSurrogate(EnsembleSurrogate):
     centre_inputs = False
     theta_frame = "bounds"
 
-    def __init__(self, n_members: int = 5, *, n_modes: int | None = None, output: str | None = None,
-                 init_scale: float = 0.3, local_radius: float | None = None, input_power: str = "auto",
-                 readout_init: bool = True, **kw):
-        super().__init__("interferometric", n_members,
-                         structure_kw={"n_modes": n_modes, "output": output, "init_scale": init_scale}, **kw)
+    def __init__(
+        self,
+        n_members: int = 5,
+        *,
+        n_modes: int | None = None,
+        output: str | None = None,
+        init_scale: float = 0.3,
+        local_radius: float | None = None,
+        input_power: str = "auto",
+        readout_init: bool = True,
+        **kw,
+    ):
+        super().__init__(
+            "interferometric",
+            n_members,
+            structure_kw={"n_modes": n_modes, "output": output, "init_scale": init_scale},
+            **kw,
+        )
         self.local_radius = None if local_radius is None else float(local_radius)
         if input_power not in ("auto", "free", "fixed"):
             raise ValueError(f"input_power must be 'auto', 'free' or 'fixed', got {input_power!r}")
@@ -314,8 +358,12 @@ class InterferometricSurrogate(EnsembleSurrogate):
             self.readout_r2 = {}
             self.model.unit_power.fill_(self.input_power == "fixed")
             return
-        n_rows = min(QUADRATIC_ROWS, 50_000_000 // (d * (d + 1) // 2 + 1))   # the features in at most 400 MB
-        rows = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(self.seed))[:n_rows]
+        n_rows = min(
+            QUADRATIC_ROWS, 50_000_000 // (d * (d + 1) // 2 + 1)
+        )  # the features in at most 400 MB
+        rows = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(self.seed))[
+            :n_rows
+        ]
         x, y = data.x[rows], data.y[rows]
         powers = ("free", "fixed") if self.input_power == "auto" else (self.input_power,)
         fits = {p: quadratic_readout(x, y, p == "fixed") for p in powers}
@@ -345,7 +393,9 @@ class InterferometricSurrogate(EnsembleSurrogate):
         # z spans 2 units per bound width (or per 2 std for unbounded columns).
         near = (diff.abs().amax(dim=1) <= 2 * self.local_radius).numpy()
         if near.sum() == 0:
-            raise ValueError(f"no stored rows within local_radius={self.local_radius} of the centre")
+            raise ValueError(
+                f"no stored rows within local_radius={self.local_radius} of the centre"
+            )
         return self.data.subset(np.flatnonzero(near))
 
     # -- persistence ------------------------------------------------------------------------

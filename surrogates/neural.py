@@ -27,6 +27,7 @@ A warm :meth:`~EnsembleSurrogate.update` of 100 steps took 1.0-1.1 s on 50k rows
 (``theta (160,)``, 128 inputs) 2 ms. On a shared 2-core host, two torch threads were at
 times 2-25 times slower than one (OpenMP threads spinning against other processes).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -72,22 +73,40 @@ class EnsembleSurrogate(SurrogateBase):
     #: Whether ``x`` is centred by its mean. Models linear in an input field need ``0`` kept.
     centre_inputs: bool = True
 
-    def __init__(self, structure: str = "hyper", n_members: int = 5, *,
-                 structure_kw: dict[str, Any] | None = None, lr: float = 1e-2,
-                 update_lr: float | None = None, batch_size: int = 256, rows_per_setting: int = 4,
-                 max_steps: int = 3000,
-                 update_steps: int = 100, eval_every: int = 50, patience: int = 6,
-                 holdout_fraction: float = 0.1, max_holdout_rows: int = 2048,
-                 weight_decay: float = 0.0, **base_kw):
+    def __init__(
+        self,
+        structure: str = "hyper",
+        n_members: int = 5,
+        *,
+        structure_kw: dict[str, Any] | None = None,
+        lr: float = 1e-2,
+        update_lr: float | None = None,
+        batch_size: int = 256,
+        rows_per_setting: int = 4,
+        max_steps: int = 3000,
+        update_steps: int = 100,
+        eval_every: int = 50,
+        patience: int = 6,
+        holdout_fraction: float = 0.1,
+        max_holdout_rows: int = 2048,
+        weight_decay: float = 0.0,
+        **base_kw,
+    ):
         super().__init__(**base_kw)
         self.structure_name = structure
         self.n_members = int(n_members)
         self.structure_kw = dict(structure_kw or {})
-        self.lr, self.update_lr = float(lr), (float(lr) / 3 if update_lr is None else float(update_lr))
+        self.lr, self.update_lr = (
+            float(lr),
+            (float(lr) / 3 if update_lr is None else float(update_lr)),
+        )
         self.batch_size, self.rows_per_setting = int(batch_size), int(rows_per_setting)
         self.max_steps, self.update_steps = int(max_steps), int(update_steps)
         self.eval_every, self.patience = int(eval_every), int(patience)
-        self.holdout_fraction, self.max_holdout_rows = float(holdout_fraction), int(max_holdout_rows)
+        self.holdout_fraction, self.max_holdout_rows = (
+            float(holdout_fraction),
+            int(max_holdout_rows),
+        )
         self.weight_decay = float(weight_decay)
         self.model: nn.Module | None = None
         self.theta_norm = self.x_norm = self.y_norm = None
@@ -100,20 +119,30 @@ class EnsembleSurrogate(SurrogateBase):
     # -- construction ----------------------------------------------------------------------
     def _structure_class(self) -> type[nn.Module]:
         if self.structure_name not in STRUCTURES:
-            raise ValueError(f"unknown structure {self.structure_name!r}; known: {sorted(STRUCTURES)}")
+            raise ValueError(
+                f"unknown structure {self.structure_name!r}; known: {sorted(STRUCTURES)}"
+            )
         return STRUCTURES[self.structure_name]
 
     def _build_model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = self._structure_class()(self.n_members, self.n_params, self.in_dim, self.out_dim,
-                                            self.periodic_mask(), **self.structure_kw)
+            model = self._structure_class()(
+                self.n_members,
+                self.n_params,
+                self.in_dim,
+                self.out_dim,
+                self.periodic_mask(),
+                **self.structure_kw,
+            )
         return model.to(self.dtype)
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         # The fused kernel does Adam's element-wise work in one pass: with ~10^5-10^6
         # parameters it is a sizeable share of a step on a CPU.
-        return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.weight_decay, fused=True)
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=lr, weight_decay=self.weight_decay, fused=True
+        )
 
     def _set_trainable(self, flag: bool) -> None:
         # Frozen outside training, so that predict() records no graph towards the weights and
@@ -130,18 +159,21 @@ class EnsembleSurrogate(SurrogateBase):
 
     def _split(self, data: SettingsDataset) -> MemberSplit:
         rng = np.random.default_rng([self.seed, self._n_updates])
-        return MemberSplit.by_settings(data.groups, self.n_members, self.holdout_fraction,
-                                       self.max_holdout_rows, rng)
+        return MemberSplit.by_settings(
+            data.groups, self.n_members, self.holdout_fraction, self.max_holdout_rows, rng
+        )
 
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-            groups: np.ndarray | None = None) -> "EnsembleSurrogate":
+    def fit(
+        self, theta: np.ndarray, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
+    ) -> EnsembleSurrogate:
         """Fit from scratch (new normalisation, new weights) for up to ``max_steps`` steps."""
         self.n_params = self.in_dim = self.out_dim = None
         theta, x, y, groups = self._check_rows(theta, x, y, groups)
         self.n_params, self.in_dim, self.out_dim = theta.shape[1], x.shape[1], y.shape[1]
-        self.theta_norm = AffineNormalizer.for_theta(theta, self.theta_low, self.theta_high,
-                                                     self.periodic_mask(), self.theta_frame).to(self.dtype)
+        self.theta_norm = AffineNormalizer.for_theta(
+            theta, self.theta_low, self.theta_high, self.periodic_mask(), self.theta_frame
+        ).to(self.dtype)
         self.x_norm = AffineNormalizer.from_data(x, center=self.centre_inputs).to(self.dtype)
         self.y_norm = AffineNormalizer.from_data(y).to(self.dtype)
         self._n_updates = 0
@@ -150,7 +182,9 @@ class EnsembleSurrogate(SurrogateBase):
         self.data = self._dataset(theta, x, y, groups)
         self._initialise(self.data)
         self._optimizer = self._make_optimizer(self.lr)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, self.max_steps, eta_min=self.lr / 10)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self._optimizer, self.max_steps, eta_min=self.lr / 10
+        )
         self._train(self.training_data(), self.max_steps, scheduler)
         return self
 
@@ -168,18 +202,34 @@ class EnsembleSurrogate(SurrogateBase):
         self.model.train()
         try:
             self.last_report = train_ensemble(
-                self.model, data, split, self._optimizer, steps=steps,
-                n_settings=max(1, self.batch_size // rows_per_setting), rows_per_setting=rows_per_setting,
-                eval_every=min(self.eval_every, max(steps // 2, 1)), patience=self.patience,
-                generator=self._generator, scheduler=scheduler)
+                self.model,
+                data,
+                split,
+                self._optimizer,
+                steps=steps,
+                n_settings=max(1, self.batch_size // rows_per_setting),
+                rows_per_setting=rows_per_setting,
+                eval_every=min(self.eval_every, max(steps // 2, 1)),
+                patience=self.patience,
+                generator=self._generator,
+                scheduler=scheduler,
+            )
         finally:
             self._set_trainable(False)
             self.model.eval()
         return self.last_report
 
-    def update(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
-               *, steps: int | None = None, append: bool = False,
-               centre: np.ndarray | None = None) -> "EnsembleSurrogate":
+    def update(
+        self,
+        theta: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray | None = None,
+        *,
+        steps: int | None = None,
+        append: bool = False,
+        centre: np.ndarray | None = None,
+    ) -> EnsembleSurrogate:
         """Warm-started refit for ``steps`` (default ``update_steps`` = 100) Adam steps at
         ``update_lr``, keeping weights, normalisation scale and optimizer state.
 
@@ -192,7 +242,7 @@ class EnsembleSurrogate(SurrogateBase):
             return self.fit(theta, x, y, groups)
         theta, x, y, groups = self._check_rows(theta, x, y, groups)
         if not append:
-            self.data = None        # replaced below: spares re-centring rows about to be dropped
+            self.data = None  # replaced below: spares re-centring rows about to be dropped
         self._before_update(centre)
         new = self._dataset(theta, x, y, groups)
         self.data = self.data.concat(new) if append and self.data is not None else new
@@ -239,23 +289,40 @@ class EnsembleSurrogate(SurrogateBase):
         """Ensemble mean ``(m, out_dim)``, differentiable in ``theta`` and ``x``."""
         return self.member_predictions(theta, x).mean(dim=0)
 
-    def predict_with_uncertainty(self, theta: ArrayLike, x: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_with_uncertainty(
+        self, theta: ArrayLike, x: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ensemble mean and member standard deviation, each ``(m, out_dim)``."""
         members = self.member_predictions(theta, x)
         return members.mean(dim=0), members.std(dim=0, correction=1 if self.n_members > 1 else 0)
 
     # -- persistence ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "structure": self.structure_name, "n_members": self.n_members,
-                "structure_kw": self.structure_kw, "lr": self.lr, "update_lr": self.update_lr,
-                "batch_size": self.batch_size, "rows_per_setting": self.rows_per_setting, "max_steps": self.max_steps,
-                "update_steps": self.update_steps, "eval_every": self.eval_every,
-                "patience": self.patience, "holdout_fraction": self.holdout_fraction,
-                "max_holdout_rows": self.max_holdout_rows, "weight_decay": self.weight_decay}
+        return {
+            **super().config(),
+            "structure": self.structure_name,
+            "n_members": self.n_members,
+            "structure_kw": self.structure_kw,
+            "lr": self.lr,
+            "update_lr": self.update_lr,
+            "batch_size": self.batch_size,
+            "rows_per_setting": self.rows_per_setting,
+            "max_steps": self.max_steps,
+            "update_steps": self.update_steps,
+            "eval_every": self.eval_every,
+            "patience": self.patience,
+            "holdout_fraction": self.holdout_fraction,
+            "max_holdout_rows": self.max_holdout_rows,
+            "weight_decay": self.weight_decay,
+        }
 
     def _state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "theta_norm": self.theta_norm.state_dict(),
-                "x_norm": self.x_norm.state_dict(), "y_norm": self.y_norm.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "theta_norm": self.theta_norm.state_dict(),
+            "x_norm": self.x_norm.state_dict(),
+            "y_norm": self.y_norm.state_dict(),
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         norms = []

@@ -19,6 +19,7 @@ weights: :meth:`~surrogates.neural.EnsembleSurrogate.recentre`.)
 - **other** columns, ``frame="bounds"`` (the interferometric family, whose phases are
   measured in bound widths): ``z in [-1, 1]`` over finite bounds, data statistics otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ class AffineNormalizer(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale).clone())
 
     @classmethod
-    def from_data(cls, values: np.ndarray, center: bool = True) -> "AffineNormalizer":
+    def from_data(cls, values: np.ndarray, center: bool = True) -> AffineNormalizer:
         """Mean/std of ``values (n, dim)``; with ``center=False`` only a scale, the root mean
         square over all columns together: for models linear in their input field, ``0`` stays
         ``0`` and the field's direction ``x / |x|`` is unchanged."""
@@ -51,13 +52,19 @@ class AffineNormalizer(nn.Module):
             scale = values.std(axis=0)
         else:
             loc = np.zeros(values.shape[1])
-            scale = np.full(values.shape[1], np.sqrt(np.mean(values ** 2)))
+            scale = np.full(values.shape[1], np.sqrt(np.mean(values**2)))
         scale = np.where(scale > _MIN_SCALE, scale, 1.0)
         return cls(torch.from_numpy(loc), torch.from_numpy(scale))
 
     @classmethod
-    def for_theta(cls, theta: np.ndarray, low: np.ndarray | None, high: np.ndarray | None,
-                  periodic: np.ndarray, frame: str = "data") -> "AffineNormalizer":
+    def for_theta(
+        cls,
+        theta: np.ndarray,
+        low: np.ndarray | None,
+        high: np.ndarray | None,
+        periodic: np.ndarray,
+        frame: str = "data",
+    ) -> AffineNormalizer:
         """The ``theta`` rule of the module docstring for ``theta (n, n_params)``."""
         if frame not in ("data", "bounds"):
             raise ValueError(f"frame must be 'data' or 'bounds', got {frame!r}")
@@ -68,13 +75,18 @@ class AffineNormalizer(nn.Module):
             low = np.broadcast_to(np.asarray(low, np.float64), (n_params,))
             high = np.broadcast_to(np.asarray(high, np.float64), (n_params,))
             bounded = np.isfinite(low) & np.isfinite(high) & (high > low)
-            mid, half = np.where(bounded, 0.5 * (low + high), 0.0), np.where(bounded, 0.5 * (high - low), 1.0)
+            mid, half = (
+                np.where(bounded, 0.5 * (low + high), 0.0),
+                np.where(bounded, 0.5 * (high - low), 1.0),
+            )
         else:
             bounded, mid, half = np.zeros(n_params, bool), np.zeros(n_params), np.ones(n_params)
         # Data statistics; a column that does not vary gets the bound width (or 1) as scale.
         loc = theta.mean(axis=0)
         std = theta.std(axis=0)
-        scale = np.where(std > _MIN_SCALE * np.maximum(half, 1.0), std, np.where(bounded, half, 1.0))
+        scale = np.where(
+            std > _MIN_SCALE * np.maximum(half, 1.0), std, np.where(bounded, half, 1.0)
+        )
         use_bounds = bounded if frame == "bounds" else np.zeros(n_params, bool)
         loc = np.where(use_bounds, mid, loc)
         scale = np.where(use_bounds, half, scale)

@@ -34,6 +34,7 @@ held-out Delta-R^2, ``blackbox-sat`` reached 43.3 +- 3.1 and ``blackbox`` 47.3 +
 41.6 +- 4.2 and 45.1 +- 3.5 with the first-order family, inside the seed spread, at about
 twice the wall time: the better fit has not yet become better training there.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,8 +49,16 @@ from .interferometric import InterferometricStructure, InterferometricSurrogate
 class PhaseLayerStructure(InterferometricStructure):
     """The model of the module docstring for ``M`` stacked members (``n_layers`` layers)."""
 
-    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int, periodic: np.ndarray,
-                 n_layers: int = 8, **kw):
+    def __init__(
+        self,
+        n_members: int,
+        n_params: int,
+        in_dim: int,
+        out_dim: int,
+        periodic: np.ndarray,
+        n_layers: int = 8,
+        **kw,
+    ):
         super().__init__(n_members, n_params, in_dim, out_dim, periodic, **kw)
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -60,8 +69,8 @@ class PhaseLayerStructure(InterferometricStructure):
     def field(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Output field ``(M, R, n_modes)``: ``U0 x`` passed through the layers in turn."""
         u0, u, w = (torch.view_as_complex(p) for p in (self.u0, self.u, self.v))
-        field = torch.bmm(x, u0.transpose(1, 2))                                   # (M, R, N)
-        weights = torch.softmax(self.order_logits, dim=1).to(d.dtype)             # (M, L, P)
+        field = torch.bmm(x, u0.transpose(1, 2))  # (M, R, N)
+        weights = torch.softmax(self.order_logits, dim=1).to(d.dtype)  # (M, L, P)
         w_t = w.transpose(1, 2)
         for layer in range(self.n_layers):
             field = field + torch.bmm(torch.bmm(field, w_t) * d * weights[:, layer, None, :], u)

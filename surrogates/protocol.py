@@ -11,6 +11,7 @@ Shapes used throughout the package:
 - ``groups``: ``(n,)`` integer setting ids (rows of one setting share an id). When omitted,
   rows with identical ``theta`` form one group.
 """
+
 from __future__ import annotations
 
 from os import PathLike
@@ -32,15 +33,24 @@ class Surrogate(Protocol):
     in_dim: int | None
     out_dim: int | None
 
-    def fit(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-            groups: np.ndarray | None = None) -> "Surrogate":
+    def fit(
+        self, theta: np.ndarray, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
+    ) -> Surrogate:
         """Fit from scratch on ``(n, n_params)``, ``(n, in_dim)``, ``(n, out_dim)`` rows.
         Whole settings (``groups``) are held out for early stopping."""
         ...
 
-    def update(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-               groups: np.ndarray | None = None, *, steps: int | None = None,
-               append: bool = False, centre: np.ndarray | None = None) -> "Surrogate":
+    def update(
+        self,
+        theta: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray | None = None,
+        *,
+        steps: int | None = None,
+        append: bool = False,
+        centre: np.ndarray | None = None,
+    ) -> Surrogate:
         """Refit warm-started for ``steps`` steps on these rows (``append=False``) or on the
         stored rows plus these (``append=True``). ``centre`` re-centres models that have one."""
         ...
@@ -50,8 +60,9 @@ class Surrogate(Protocol):
         ``theta`` is ``(n_params,)`` (one setting for every row of ``x``) or ``(m, n_params)``."""
         ...
 
-    def predict_with_uncertainty(self, theta: ArrayLike,
-                                 x: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_with_uncertainty(
+        self, theta: ArrayLike, x: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and epistemic standard deviation, each ``(m, out_dim)``."""
         ...
 
@@ -60,6 +71,6 @@ class Surrogate(Protocol):
         ...
 
     @classmethod
-    def load(cls, path: str | PathLike) -> "Surrogate":
+    def load(cls, path: str | PathLike) -> Surrogate:
         """Rebuild a saved surrogate; predictions are identical to the saved one's."""
         ...

@@ -13,6 +13,7 @@
 
 Further kinds can be added with :func:`register_surrogate`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,6 +70,7 @@ def make_surrogate(kind: str = DEFAULT_KIND, **kw) -> Surrogate:
 def load_surrogate(path) -> Surrogate:
     """Any saved surrogate of this package, whatever its kind."""
     from .base import SurrogateBase
+
     return SurrogateBase.load(path)
 
 
@@ -102,14 +104,21 @@ def family_options(kind: str) -> type:
         hints = typing.get_type_hints(init)
         params = inspect.signature(init).parameters
         for name, p in params.items():
-            if name in _CONTEXT_KEYWORDS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in fields:
+            if (
+                name in _CONTEXT_KEYWORDS
+                or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                or name in fields
+            ):
                 continue
             if p.default is p.empty and name not in fixed:
                 continue
             fields[name] = (hints.get(name, Any), fixed.get(name, p.default))
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
-    spec = [(n, t, dataclasses.field(default_factory=partial(dict, d)) if isinstance(d, dict) else d)
-            for n, (t, d) in fields.items()]
-    return dataclasses.make_dataclass(f"{kind.title().replace('-', '')}Options", spec, bases=(FamilyOptions,),
-                                      frozen=True)
+    spec = [
+        (n, t, dataclasses.field(default_factory=partial(dict, d)) if isinstance(d, dict) else d)
+        for n, (t, d) in fields.items()
+    ]
+    return dataclasses.make_dataclass(
+        f"{kind.title().replace('-', '')}Options", spec, bases=(FamilyOptions,), frozen=True
+    )

@@ -25,6 +25,7 @@ held-out R^2 of the ``theta``-dependent output was, for 250 / 500 / 1000 setting
 
 The interferometric family lives in :mod:`surrogates.interferometric`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -109,12 +110,26 @@ class HyperStructure(nn.Module):
     MLP on ``[h, x]`` adds the saturations (detector nonlinearities, warp blending).
     """
 
-    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
-                 periodic: np.ndarray, rank: int = 256, coef_hidden: int = 128, width: int = 64,
-                 head_hidden: int = 64, quadratic: bool = False, param_features: int = 0,
-                 param_warp: int = 4, l1: float = 2.5e-5):
+    def __init__(
+        self,
+        n_members: int,
+        n_params: int,
+        in_dim: int,
+        out_dim: int,
+        periodic: np.ndarray,
+        rank: int = 256,
+        coef_hidden: int = 128,
+        width: int = 64,
+        head_hidden: int = 64,
+        quadratic: bool = False,
+        param_features: int = 0,
+        param_warp: int = 4,
+        l1: float = 2.5e-5,
+    ):
         if param_features < 0 or param_warp < 0:
-            raise ValueError(f"param_features and param_warp must be >= 0, got {param_features}, {param_warp}")
+            raise ValueError(
+                f"param_features and param_warp must be >= 0, got {param_features}, {param_warp}"
+            )
         super().__init__()
         self.encode = PeriodicEncoding(periodic)
         p = self.encode.out_dim
@@ -134,11 +149,15 @@ class HyperStructure(nn.Module):
         if n_plain and param_features:
             # Each plain column's own response: K SiLU units of that column alone.
             self.feat = ColumnUnits(n_members, n_plain, param_features)
-            self.coef_sep = EnsembleLinear(n_members, n_plain * param_features, rank, bias=False, init_scale=0.0)
-        self.x_proj = EnsembleLinear(n_members, in_dim, rank)          # V [x, 1]
+            self.coef_sep = EnsembleLinear(
+                n_members, n_plain * param_features, rank, bias=False, init_scale=0.0
+            )
+        self.x_proj = EnsembleLinear(n_members, in_dim, rank)  # V [x, 1]
         self.mix = EnsembleLinear(n_members, rank, width, bias=False)  # P
-        self.readout = EnsembleLinear(n_members, width, out_dim)        # Q
-        self.head = EnsembleMLP(n_members, width + in_dim, [head_hidden], out_dim, final_init_scale=0.1)
+        self.readout = EnsembleLinear(n_members, width, out_dim)  # Q
+        self.head = EnsembleMLP(
+            n_members, width + in_dim, [head_hidden], out_dim, final_init_scale=0.1
+        )
         self.n_members = n_members
         self.l1 = float(l1)
 
@@ -148,7 +167,7 @@ class HyperStructure(nn.Module):
         if not self.l1 or not self.n_plain:
             return 0.0
         # PeriodicEncoding puts the plain columns first.
-        per_member = self.coef_linear.weight[:, :self.n_plain].abs().sum(dim=(1, 2))
+        per_member = self.coef_linear.weight[:, : self.n_plain].abs().sum(dim=(1, 2))
         return self.l1 * (per_member if scale is None else per_member * scale).sum()
 
     @torch.no_grad()
@@ -163,10 +182,10 @@ class HyperStructure(nn.Module):
         if self.n_squares:
             # z^2 = z'^2 + 2 shift z' + shift^2: the squares feed the linear rows and the bias.
             p = self.encode.out_dim
-            squares = lin.weight[:, p:p + self.n_squares, :]
-            lin.bias += torch.einsum("i,mio->mo", shift ** 2, squares).unsqueeze(1)
+            squares = lin.weight[:, p : p + self.n_squares, :]
+            lin.bias += torch.einsum("i,mio->mo", shift**2, squares).unsqueeze(1)
             lin.absorb_input_shift(shift)
-            lin.weight[:, :self.n_squares, :] += 2 * shift[None, :, None] * squares
+            lin.weight[:, : self.n_squares, :] += 2 * shift[None, :, None] * squares
         else:
             lin.absorb_input_shift(shift)
 
@@ -174,15 +193,17 @@ class HyperStructure(nn.Module):
         phi = self.encode(theta)
         # PeriodicEncoding puts the plain columns first.
         if self.warp is not None:
-            z = phi[..., :self.n_plain]
+            z = phi[..., : self.n_plain]
             warped = z + (self.warp.per_member(self.warp_alpha, z.dim() - 2) * self.warp(z)).sum(-1)
-            rest = phi[..., self.n_plain:]
+            rest = phi[..., self.n_plain :]
             phi = torch.cat([warped, rest.expand(*warped.shape[:-1], rest.shape[-1])], dim=-1)
-        linear_in = torch.cat([phi, phi[..., :self.n_squares] ** 2], dim=-1) if self.n_squares else phi
-        coef = self.coef_linear(linear_in) + self.coef_mlp(phi)   # (M, S, 1|K, rank)
+        linear_in = (
+            torch.cat([phi, phi[..., : self.n_squares] ** 2], dim=-1) if self.n_squares else phi
+        )
+        coef = self.coef_linear(linear_in) + self.coef_mlp(phi)  # (M, S, 1|K, rank)
         if self.feat is not None:
-            coef = coef + self.coef_sep(self.feat(phi[..., :self.n_plain]).flatten(-2))
-        h = self.mix(coef * self.x_proj(x))                  # (M, S, K, width)
+            coef = coef + self.coef_sep(self.feat(phi[..., : self.n_plain]).flatten(-2))
+        h = self.mix(coef * self.x_proj(x))  # (M, S, K, width)
         x_m = x.expand(self.n_members, *h.shape[1:-1], x.shape[-1])
         return self.readout(h) + self.head(torch.cat([h, x_m], dim=-1))
 
@@ -194,8 +215,16 @@ class MLPStructure(nn.Module):
     the concatenation) so that a shared setting is multiplied once, not once per row.
     """
 
-    def __init__(self, n_members: int, n_params: int, in_dim: int, out_dim: int,
-                 periodic: np.ndarray, hidden: int = 256, depth: int = 3):
+    def __init__(
+        self,
+        n_members: int,
+        n_params: int,
+        in_dim: int,
+        out_dim: int,
+        periodic: np.ndarray,
+        hidden: int = 256,
+        depth: int = 3,
+    ):
         super().__init__()
         self.encode = PeriodicEncoding(periodic)
         self.first_theta = EnsembleLinear(n_members, self.encode.out_dim, hidden)
@@ -215,4 +244,5 @@ class MLPStructure(nn.Module):
 STRUCTURES: dict[str, Callable[..., nn.Module]] = {
     "hyper": HyperStructure,
     "hyper-additive": partial(HyperStructure, param_features=4, param_warp=0, l1=0.0),
-    "mlp": MLPStructure}
+    "mlp": MLPStructure,
+}

@@ -7,6 +7,7 @@ per-element scaling then keeps members independent. Early stopping keeps, for ev
 the parameters of its best validation score; the state before the first step is scored too,
 so a warm-started update never leaves a member worse on held-out settings than it found it.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,7 +25,7 @@ class TrainReport:
 
     steps: int
     seconds: float
-    best_val_mse: list[float] = field(default_factory=list)   # per member, normalised units
+    best_val_mse: list[float] = field(default_factory=list)  # per member, normalised units
     stopped_early: bool = False
 
 
@@ -35,24 +36,35 @@ def _member_mse(structure: nn.Module, data: SettingsDataset, rows: torch.Tensor)
     return ((pred - data.y[rows]) ** 2).mean(dim=tuple(range(1, rows.ndim + 1)))
 
 
-def validation_mse(structure: nn.Module, data: SettingsDataset, split: MemberSplit,
-                   chunk: int = 1024) -> torch.Tensor:
+def validation_mse(
+    structure: nn.Module, data: SettingsDataset, split: MemberSplit, chunk: int = 1024
+) -> torch.Tensor:
     """Per-member MSE ``(M,)`` on each member's held-out rows ``(M, S, K)``, about ``chunk``
     rows at a time."""
     per = max(1, chunk // split.val_idx.shape[2])
     total = None
     with torch.no_grad():
         for start in range(0, split.val_idx.shape[1], per):
-            rows = split.val_idx[:, start:start + per]
+            rows = split.val_idx[:, start : start + per]
             part = _member_mse(structure, data, rows) * rows.shape[1]
             total = part if total is None else total + part
     return total / split.val_idx.shape[1]
 
 
-def train_ensemble(structure: nn.Module, data: SettingsDataset, split: MemberSplit,
-                   optimizer: torch.optim.Optimizer, *, steps: int, n_settings: int, rows_per_setting: int,
-                   eval_every: int, patience: int, generator: torch.Generator,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> TrainReport:
+def train_ensemble(
+    structure: nn.Module,
+    data: SettingsDataset,
+    split: MemberSplit,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    n_settings: int,
+    rows_per_setting: int,
+    eval_every: int,
+    patience: int,
+    generator: torch.Generator,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> TrainReport:
     """Run up to ``steps`` Adam steps; stop once no member improved for ``patience``
     evaluations; restore each member's best parameters. Every parameter of ``structure``
     must have the member dimension first."""

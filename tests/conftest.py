@@ -1,5 +1,6 @@
 """Shared test settings: one torch thread, as every trial runs (a 2-core CI box is easily
 oversubscribed, and tiny simulator matmuls then take milliseconds instead of microseconds)."""
+
 import os
 import re
 import subprocess
@@ -43,7 +44,16 @@ class Faulty:
 
     def __init__(self, device, mode=None, after=0, delay=0.0):
         self.device, self.mode, self.after, self.delay = device, mode, after, delay
-        for name in ("n_params", "in_dim", "out_dim", "bounds", "periodic", "input_bounds", "theta0", "max_batch"):
+        for name in (
+            "n_params",
+            "in_dim",
+            "out_dim",
+            "bounds",
+            "periodic",
+            "input_bounds",
+            "theta0",
+            "max_batch",
+        ):
             if hasattr(device, name):
                 setattr(self, name, getattr(device, name))
         self.calls = self.active = self.max_active = 0
@@ -79,28 +89,50 @@ class Faulty:
         return y
 
 
-def start_server_process(tmp_path: Path, device=("mrr", "in_dim=4", "out_dim=3"), port: int = 0,
-                         journal: Path | None = None, extra=(), name="server"):
+def start_server_process(
+    tmp_path: Path,
+    device=("mrr", "in_dim=4", "out_dim=3"),
+    port: int = 0,
+    journal: Path | None = None,
+    extra=(),
+    name="server",
+):
     """``blackbox-sat serve-device`` as a subprocess; returns ``(proc, url)``."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     spec, *kws = device
-    cmd = [sys.executable, "-m", "blackbox_sat.cli", "serve-device", "--device", spec, "--port", str(port),
-           "--token-file", str(token_file), "--journal", str(journal or tmp_path / "journal.sqlite"), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blackbox_sat.cli",
+        "serve-device",
+        "--device",
+        spec,
+        "--port",
+        str(port),
+        "--token-file",
+        str(token_file),
+        "--journal",
+        str(journal or tmp_path / "journal.sqlite"),
+        *extra,
+    ]
     for kw in kws:
         cmd += ["--device-kw", kw]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("BLACKBOX_SAT_TOKEN", None)
-    log = open(tmp_path / f"{name}.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, env=env)
-    log.close()
-    line = proc.stdout.readline().decode()  # "listening on tcp://127.0.0.1:PORT", printed once bound
+    with open(tmp_path / f"{name}.log", "ab") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, env=env)
+    line = (
+        proc.stdout.readline().decode()
+    )  # "listening on tcp://127.0.0.1:PORT", printed once bound
     m = re.search(r"listening on (tcp://\S+)", line)
     if not m:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"server did not start: {line!r}\n{(tmp_path / f'{name}.log').read_text()}")
+        raise RuntimeError(
+            f"server did not start: {line!r}\n{(tmp_path / f'{name}.log').read_text()}"
+        )
     return proc, m.group(1)
 
 
@@ -127,10 +159,24 @@ def make_ctx(device, task="iris", budget=400, seed=0, config=None, method="spsa"
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)
     x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).numpy()
-    pnn.gain.fill_(calibrate_gain(metered.query(theta0, x_cal, purpose="calibrate"), data.n_classes))
-    return TrainContext(metered, device, pnn, f_train, data.y_train, pnn.features(data.x_val), data.y_val,
-                        pnn.features(data.x_test), data.y_test, theta0, seed,
-                        build(get_method(method).config, config), budget)
+    pnn.gain.fill_(
+        calibrate_gain(metered.query(theta0, x_cal, purpose="calibrate"), data.n_classes)
+    )
+    return TrainContext(
+        metered,
+        device,
+        pnn,
+        f_train,
+        data.y_train,
+        pnn.features(data.x_val),
+        data.y_val,
+        pnn.features(data.x_test),
+        data.y_test,
+        theta0,
+        seed,
+        build(get_method(method).config, config),
+        budget,
+    )
 
 
 def fail_after(ctx: TrainContext, monkeypatch, n: int) -> dict:

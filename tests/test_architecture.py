@@ -1,5 +1,6 @@
 """The package's import graph: no cycles (function-level imports included) and every import
 between layers points down, so the folder tree is the architecture."""
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,9 @@ def import_graph() -> nx.DiGraph:
                     up = up[: len(up) - (node.level - 1)]
                     base = ".".join(up + ([base] if base else []))
                 # ``from pkg import mod`` imports the module ``pkg.mod``; otherwise ``pkg`` itself.
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+                ]
             for t in targets:
                 while t and t not in mods:  # ``import a.b.c`` of a non-module attribute path
                     t = t.rpartition(".")[0]
@@ -66,22 +69,34 @@ def test_the_import_graph_has_no_cycles():
 
 
 def test_imports_point_down_the_layers():
-    wrong = [(a, b) for a, b in import_graph().edges
-             if layer(a) is not None and layer(b) is not None and layer(b) > layer(a)]
+    wrong = [
+        (a, b)
+        for a, b in import_graph().edges
+        if layer(a) is not None and layer(b) is not None and layer(b) > layer(a)
+    ]
     assert not wrong, f"imports that point up a layer: {wrong}"
 
 
 def test_surrogates_know_nothing_of_devices_or_training():
-    wrong = [(a, b) for a, b in import_graph().edges if a.startswith("surrogates") and b.startswith("blackbox_sat")]
+    wrong = [
+        (a, b)
+        for a, b in import_graph().edges
+        if a.startswith("surrogates") and b.startswith("blackbox_sat")
+    ]
     assert not wrong, wrong
 
 
 def test_the_graph_sees_function_level_imports(tmp_path, monkeypatch):
     """The walker finds an import inside a function body: a cycle hidden there cannot pass."""
     graph = import_graph()
-    assert graph.has_edge("blackbox_sat.cli", "blackbox_sat.harness.run")  # lazily imported in main()
+    assert graph.has_edge(
+        "blackbox_sat.cli", "blackbox_sat.harness.run"
+    )  # lazily imported in main()
 
 
-@pytest.mark.parametrize("folder", [p.name for p in (ROOT / "blackbox_sat").iterdir() if p.is_dir() and p.name != "__pycache__"])
+@pytest.mark.parametrize(
+    "folder",
+    [p.name for p in (ROOT / "blackbox_sat").iterdir() if p.is_dir() and p.name != "__pycache__"],
+)
 def test_every_folder_is_a_known_layer(folder):
     assert folder in LAYERS

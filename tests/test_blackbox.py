@@ -1,26 +1,44 @@
 """The black-box methods: budgets, accept/reject, and training a device nobody models."""
+
 import json
 
 import numpy as np
 import pytest
 
 import blackbox_sat as bs
-from blackbox_sat.training import physics_aware
 from blackbox_sat.cli import main
 from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.training import physics_aware
 
 FAST_FIT = {"surrogate": "hyper", "surrogate_kw": {"hyper": {"n_members": 2, "max_steps": 300}}}
-SMALL = {"steps_per_round": 10, "probes_per_round": 4, "refit_steps": 30, "init_fraction": 0.25, **FAST_FIT}
+SMALL = {
+    "steps_per_round": 10,
+    "probes_per_round": 4,
+    "refit_steps": 30,
+    "init_fraction": 0.25,
+    **FAST_FIT,
+}
 OPAQUE = "tests.toy_devices:opaque"
 
 
-@pytest.mark.parametrize("method,cfg", [
-    ("pat", FAST_FIT),
-    ("blackbox", SMALL),
-    ("blackbox-sat", {**SMALL, "ascent": "device"}),
-])
+@pytest.mark.parametrize(
+    "method,cfg",
+    [
+        ("pat", FAST_FIT),
+        ("blackbox", SMALL),
+        ("blackbox-sat", {**SMALL, "ascent": "device"}),
+    ],
+)
 def test_budget_never_exceeded_and_ledger_holds_every_query(tmp_path, method, cfg):
-    r = bs.train(OPAQUE, task="iris", method=method, budget=120, out=tmp_path / method, config=cfg, progress=False)
+    r = bs.train(
+        OPAQUE,
+        task="iris",
+        method=method,
+        budget=120,
+        out=tmp_path / method,
+        config=cfg,
+        progress=False,
+    )
     with Ledger(tmp_path / method / "ledger.sqlite") as led:
         counts = led.counts()
         rows = list(led.rows())
@@ -31,7 +49,13 @@ def test_budget_never_exceeded_and_ledger_holds_every_query(tmp_path, method, cf
 
 
 def test_insitu_sat_uses_two_settings_per_step_and_stays_in_budget(tmp_path):
-    common = dict(task="iris", method="insitu-sat", budget=61, device_kw={"in_dim": 4, "out_dim": 3}, progress=False)
+    common = dict(
+        task="iris",
+        method="insitu-sat",
+        budget=61,
+        device_kw={"in_dim": 4, "out_dim": 3},
+        progress=False,
+    )
     r = bs.train("mrr", out=tmp_path / "i", config={"ascent": "device"}, **common)
     assert r["settings_used"] <= 61 and r["extra"]["steps"] == 30  # 1 calibration + 30 x 2
     r = bs.train("mrr", out=tmp_path / "j", **common)  # default: the ascent pass on the model
@@ -40,7 +64,9 @@ def test_insitu_sat_uses_two_settings_per_step_and_stays_in_budget(tmp_path):
 
 def test_insitu_sat_refuses_a_device_without_model(tmp_path):
     with pytest.raises(TypeError, match="approximate model"):
-        bs.train(OPAQUE, task="iris", method="insitu-sat", budget=20, out=tmp_path / "x", progress=False)
+        bs.train(
+            OPAQUE, task="iris", method="insitu-sat", budget=20, out=tmp_path / "x", progress=False
+        )
 
 
 def test_a_move_that_raises_the_device_loss_is_rejected(tmp_path, monkeypatch):
@@ -53,17 +79,47 @@ def test_a_move_that_raises_the_device_loss_is_rejected(tmp_path, monkeypatch):
 
     monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", uphill)
     cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0}
-    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=100, out=tmp_path / "u", config=cfg, progress=False)
+    r = bs.train(
+        OPAQUE,
+        task="iris",
+        method="blackbox",
+        budget=100,
+        out=tmp_path / "u",
+        config=cfg,
+        progress=False,
+    )
     assert r["extra"]["rounds"] >= 2 and r["extra"]["accepted_rounds"] < r["extra"]["rounds"]
     assert r["extra"]["final_radius"] < 0.2  # rejected rounds shrink the trust region
 
 
 def test_own_device_trains_well_above_chance_through_the_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["train", "--device", OPAQUE, "--task", "iris", "--method", "blackbox-sat", "--budget", "300",
-                 "--set", "steps_per_round=20", "--set", "probes_per_round=5", "--set", "refit_steps=50", "--set", "surrogate=hyper",
-                 "--set", "surrogate_kw={'hyper': {'n_members': 3, 'max_steps': 600}}",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--device",
+            OPAQUE,
+            "--task",
+            "iris",
+            "--method",
+            "blackbox-sat",
+            "--budget",
+            "300",
+            "--set",
+            "steps_per_round=20",
+            "--set",
+            "probes_per_round=5",
+            "--set",
+            "refit_steps=50",
+            "--set",
+            "surrogate=hyper",
+            "--set",
+            "surrogate_kw={'hyper': {'n_members': 3, 'max_steps': 600}}",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["accuracy"] > 0.75  # chance is 1/3
@@ -72,21 +128,43 @@ def test_own_device_trains_well_above_chance_through_the_cli(tmp_path, capsys):
 
 
 def test_hybrid_pnn_trains_its_digital_layers_through_the_device_methods(tmp_path):
-    r = bs.train("mrr", task="iris", method="insitu-sat", budget=200, out=tmp_path / "h", progress=False,
-                 device_kw={"in_dim": 4, "out_dim": 3}, config={"pnn": "hybrid"})
+    r = bs.train(
+        "mrr",
+        task="iris",
+        method="insitu-sat",
+        budget=200,
+        out=tmp_path / "h",
+        progress=False,
+        device_kw={"in_dim": 4, "out_dim": 3},
+        config={"pnn": "hybrid"},
+    )
     model = json.loads((tmp_path / "h" / "model.json").read_text())
     readout = np.asarray(model["digital"]["readout.weight"])
-    assert not np.allclose(readout, np.eye(*readout.shape))  # the readout moved from its identity start
-    assert r["accuracy"] > 0.7 and bs.evaluate(r)["accuracy"] > 0.7  # chance is 1/3; 45 noisy test rows
+    assert not np.allclose(
+        readout, np.eye(*readout.shape)
+    )  # the readout moved from its identity start
+    assert (
+        r["accuracy"] > 0.7 and bs.evaluate(r)["accuracy"] > 0.7
+    )  # chance is 1/3; 45 noisy test rows
 
 
 def test_a_refinement_that_raises_the_device_loss_is_dropped(tmp_path, monkeypatch):
     def wild(ctx, theta, n, **kw):  # a refinement that lands far away, at the bounds
-        return ctx.info.project(np.where(theta > ctx.info.low + ctx.info.scale / 2, ctx.info.low, ctx.info.high)), []
+        return ctx.info.project(
+            np.where(theta > ctx.info.low + ctx.info.scale / 2, ctx.info.low, ctx.info.high)
+        ), []
 
     monkeypatch.setattr("blackbox_sat.training.pipeline.refine", wild)
     cfg = {**SMALL, "refine_fraction": 0.1}
-    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=100, out=tmp_path / "w", config=cfg, progress=False)
+    r = bs.train(
+        OPAQUE,
+        task="iris",
+        method="blackbox",
+        budget=100,
+        out=tmp_path / "w",
+        config=cfg,
+        progress=False,
+    )
     ref = r["extra"]["refine"]
     assert ref["check_loss_after"] > ref["check_loss_before"] and ref["kept"] is False
     theta = np.load(tmp_path / "w" / "theta.npy")
@@ -103,13 +181,28 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
 
     monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", record)
     cfg = {**SMALL, "refine_fraction": 0.0, "rho": 0.04}
-    bs.train(OPAQUE, task="iris", method="blackbox-sat", budget=100, out=tmp_path / "r", config=cfg, progress=False)
-    used, rho = np.array(seen).T
+    bs.train(
+        OPAQUE,
+        task="iris",
+        method="blackbox-sat",
+        budget=100,
+        out=tmp_path / "r",
+        config=cfg,
+        progress=False,
+    )
+    _used, rho = np.array(seen).T
     assert rho.max() <= 0.04 and rho[0] < 0.015 and rho[-1] > 0.03  # small early, near rho late
     assert np.all(np.diff(rho) >= 0)  # never decreases
     seen.clear()
-    bs.train(OPAQUE, task="iris", method="blackbox-sat", budget=60, out=tmp_path / "c",
-             config={**cfg, "rho_ramp": 0}, progress=False)
+    bs.train(
+        OPAQUE,
+        task="iris",
+        method="blackbox-sat",
+        budget=60,
+        out=tmp_path / "c",
+        config={**cfg, "rho_ramp": 0},
+        progress=False,
+    )
     assert {r for _, r in seen} == {0.04}  # no ramp: the full radius from the first step
 
 
@@ -127,16 +220,41 @@ def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monke
     common = dict(task="iris", budget=90, progress=False)
     small = {k: v for k, v in SMALL.items() if k != "refit_steps"}
     fast = {"n_members": 2, "max_steps": 200}
-    interf = {**small, "surrogate": "interferometric", "refine_fraction": 0.0,
-              "surrogate_kw": {"interferometric": fast}}
-    bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "i", config=interf, **common)
-    bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "h",
-             config={**small, "refine_fraction": 0.0}, **common)
-    assert {s for f, s, _ in seen if f == "interferometric"} == {REFIT_BY_FAMILY["interferometric"]["refit_steps"]}
+    interf = {
+        **small,
+        "surrogate": "interferometric",
+        "refine_fraction": 0.0,
+        "surrogate_kw": {"interferometric": fast},
+    }
+    bs.train(
+        "mzi",
+        device_kw={"n_modes": 4},
+        method="blackbox",
+        out=tmp_path / "i",
+        config=interf,
+        **common,
+    )
+    bs.train(
+        "mzi",
+        device_kw={"n_modes": 4},
+        method="blackbox",
+        out=tmp_path / "h",
+        config={**small, "refine_fraction": 0.0},
+        **common,
+    )
+    assert {s for f, s, _ in seen if f == "interferometric"} == {
+        REFIT_BY_FAMILY["interferometric"]["refit_steps"]
+    }
     assert {s for f, s, _ in seen if f == "hyper"} == {REFIT_BY_FAMILY["default"]["refit_steps"]}
     seen.clear()
-    bs.train("mzi", device_kw={"n_modes": 4}, method="blackbox", out=tmp_path / "u",
-             config={**interf, "refit_steps": 7, "refit_window": 12}, **common)
+    bs.train(
+        "mzi",
+        device_kw={"n_modes": 4},
+        method="blackbox",
+        out=tmp_path / "u",
+        config={**interf, "refit_steps": 7, "refit_window": 12},
+        **common,
+    )
     assert seen and all(s == 7 and n <= 12 for _, s, n in seen)  # the user's numbers win
 
 
@@ -156,13 +274,37 @@ def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, mon
 
     monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", uphill)
     monkeypatch.setattr(EnsembleSurrogate, "fit", count)
-    cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0, "refit_window": 20,
-           "refresh_after": 2}
-    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=120, out=tmp_path / "a", config=cfg, progress=False)
-    assert r["extra"]["rounds"] - r["extra"]["accepted_rounds"] >= 2 and r["extra"]["refreshes"] >= 1
-    assert len(fits) == 1 + r["extra"]["refreshes"]        # the initial fit, then one per refresh
-    assert all(n <= fits[0] for n in fits[1:])             # on the refit window, not all data
+    cfg = {
+        **SMALL,
+        "refine_fraction": 0.0,
+        "lr_factor": 1.0,
+        "radius": 0.2,
+        "inner_steps": 0,
+        "refit_window": 20,
+        "refresh_after": 2,
+    }
+    r = bs.train(
+        OPAQUE,
+        task="iris",
+        method="blackbox",
+        budget=120,
+        out=tmp_path / "a",
+        config=cfg,
+        progress=False,
+    )
+    assert (
+        r["extra"]["rounds"] - r["extra"]["accepted_rounds"] >= 2 and r["extra"]["refreshes"] >= 1
+    )
+    assert len(fits) == 1 + r["extra"]["refreshes"]  # the initial fit, then one per refresh
+    assert all(n <= fits[0] for n in fits[1:])  # on the refit window, not all data
     fits.clear()
-    r = bs.train(OPAQUE, task="iris", method="blackbox", budget=120, out=tmp_path / "b",
-                 config={**cfg, "refresh_after": 0}, progress=False)
+    r = bs.train(
+        OPAQUE,
+        task="iris",
+        method="blackbox",
+        budget=120,
+        out=tmp_path / "b",
+        config={**cfg, "refresh_after": 0},
+        progress=False,
+    )
     assert r["extra"]["refreshes"] == 0 and len(fits) == 1

@@ -4,6 +4,7 @@ family (surrogates/calibrated.py).
 Identification is checked on noise-free data (``noise=0``, no programming noise, no DAC), so
 the fit should reach rounding-level errors; thresholds are loose against that but far below
 the datasheet's errors (which are 0.1-0.5 output spreads and 0.15 in the mzi parameters)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,14 @@ def _rows(dev, n_settings, batch=32, seed=0, transform=None):
         th = rng.uniform(lo, hi, dev.n_params)
         x = rng.uniform(*dev.input_bounds, (batch, dev.in_dim))
         y = dev.query(th, x)
-        out.append((np.repeat(th[None], batch, 0), x, y if transform is None else transform(y), np.full(batch, s)))
+        out.append(
+            (
+                np.repeat(th[None], batch, 0),
+                x,
+                y if transform is None else transform(y),
+                np.full(batch, s),
+            )
+        )
     return tuple(np.concatenate(c) for c in zip(*out))
 
 
@@ -36,10 +44,17 @@ def _nrmse(pred, y, spread):
     return float(np.sqrt(np.mean(((np.asarray(pred) - y) / spread) ** 2)))
 
 
-@pytest.mark.parametrize("dev", [mzi(n_modes=5, drift=0.7), mrr(in_dim=5, out_dim=3, drift=0.4),
-                                 freespace(in_dim=4, out_dim=3, rotation=0.7, shift=(0.3, -0.4), scale=1.01,
-                                           nonlinearity=True)],
-                         ids=["mzi", "mrr", "freespace"])
+@pytest.mark.parametrize(
+    "dev",
+    [
+        mzi(n_modes=5, drift=0.7),
+        mrr(in_dim=5, out_dim=3, drift=0.4),
+        freespace(
+            in_dim=4, out_dim=3, rotation=0.7, shift=(0.3, -0.4), scale=1.01, nonlinearity=True
+        ),
+    ],
+    ids=["mzi", "mrr", "freespace"],
+)
 def test_truth_reproduces_true_model_and_datasheet_the_nominal(dev):
     rng = np.random.default_rng(1)
     th = torch.as_tensor(rng.uniform(*dev.bounds, (3, dev.n_params)))
@@ -49,7 +64,7 @@ def test_truth_reproduces_true_model_and_datasheet_the_nominal(dev):
         nominal = torch.stack([dev.nominal_model()(t, xx) for t, xx in zip(th, x)])
         true = torch.stack([dev.true_model()(t, xx) for t, xx in zip(th, x)])
         assert torch.allclose(model.batched(th, x), nominal, atol=1e-12)
-        assert (true - nominal).abs().max() > 0.05            # the chip really differs
+        assert (true - nominal).abs().max() > 0.05  # the chip really differs
         model.load_truth(dev.calibration_truth())
         assert torch.allclose(model.batched(th, x), true, atol=1e-12)
         assert torch.allclose(model(th[0], x[0]), true[0], atol=1e-12)
@@ -84,7 +99,9 @@ def test_mrr_calibration_lowers_heldout_error():
     sur = make_surrogate("calibrated", model=dev.calibration_model()).fit(theta, x, y, g)
     rep = sur.report
     assert rep["datasheet_heldout_nrmse"] > 0.2
-    assert rep["heldout_nrmse"] < 0.01 and rep["heldout_nrmse"] < 0.05 * rep["datasheet_heldout_nrmse"]
+    assert (
+        rep["heldout_nrmse"] < 0.01 and rep["heldout_nrmse"] < 0.05 * rep["datasheet_heldout_nrmse"]
+    )
 
 
 def test_freespace_calibration_recovers_misalignment():
@@ -93,7 +110,9 @@ def test_freespace_calibration_recovers_misalignment():
     sur = make_surrogate("calibrated", model=dev.calibration_model()).fit(theta, x, y, g)
     rep = sur.report
     assert rep["datasheet_heldout_nrmse"] > 0.05
-    assert rep["heldout_nrmse"] < 0.01 and rep["heldout_nrmse"] < 0.05 * rep["datasheet_heldout_nrmse"]
+    assert (
+        rep["heldout_nrmse"] < 0.01 and rep["heldout_nrmse"] < 0.05 * rep["datasheet_heldout_nrmse"]
+    )
     rms = parameter_rms(sur.model, dev.calibration_truth())
     # Datasheet is 0.6 deg, 0.28 px, 0.01 off.
     assert rms["rotation"] < 0.05 and rms["shift"] < 0.05 and rms["scale"] < 2e-3, rms
@@ -104,12 +123,17 @@ def test_residual_corrects_an_effect_the_model_lacks():
     stays near the datasheet's error (~0.9 spreads); the residual network brings it to ~0.04
     (development run), and the joint refinement pulls the parameters back towards the truth."""
     dev = mzi(n_modes=4, **QUIET)
-    sat = lambda y: y / (1 + y)
+
+    def sat(y):
+        return y / (1 + y)
+
     theta, x, y, g = _rows(dev, 16, transform=sat)
     th_t, x_t, y_t, _ = _rows(dev, 6, seed=9, transform=sat)
     errors, params = {}, {}
     for kind in ("calibrated", "calibrated+residual"):
-        sur = make_surrogate(kind, model=dev.calibration_model(), max_restarts=0, seed=0).fit(theta, x, y, g)
+        sur = make_surrogate(kind, model=dev.calibration_model(), max_restarts=0, seed=0).fit(
+            theta, x, y, g
+        )
         with torch.no_grad():
             errors[kind] = _nrmse(sur.predict(th_t, x_t).numpy(), y_t, y.std(0))
         params[kind] = parameter_rms(sur.model, dev.calibration_truth())["all"]
@@ -122,8 +146,9 @@ def test_residual_corrects_an_effect_the_model_lacks():
 def test_residual_stays_off_when_the_model_is_right():
     dev = mzi(n_modes=4, **QUIET)
     theta, x, y, g = _rows(dev, 10)
-    sur = make_surrogate("calibrated+residual", model=dev.calibration_model(), residual_steps=300).fit(
-        theta, x, y, g)
+    sur = make_surrogate(
+        "calibrated+residual", model=dev.calibration_model(), residual_steps=300
+    ).fit(theta, x, y, g)
     res = sur.report["residual"]
     assert res["heldout_nrmse_without"] < 1e-3
     # Either dropped by the held-out gate, or kept while no worse.
@@ -138,7 +163,7 @@ class _GainModel(nn.Module):
         self.gain = nn.Parameter(torch.ones(out_dim, dtype=torch.float64))
 
     def forward(self, theta, x):
-        a = torch.stack([torch.cos(theta), torch.sin(theta), theta ** 2], 1)   # (in, out)
+        a = torch.stack([torch.cos(theta), torch.sin(theta), theta**2], 1)  # (in, out)
         return self.gain * (x.to(theta.dtype) @ a)
 
 
@@ -163,12 +188,14 @@ def test_generic_model_is_vectorised_with_vmap_and_identified():
 def test_protocol_predict_grouping_gradients_and_save_load(tmp_path):
     dev = mzi(n_modes=4, **QUIET)
     theta, x, y, g = _rows(dev, 8)
-    sur = make_surrogate("calibrated", model=dev.calibration_model(), max_iter=100).fit(theta, x, y, g)
+    sur = make_surrogate("calibrated", model=dev.calibration_model(), max_iter=100).fit(
+        theta, x, y, g
+    )
     assert isinstance(sur, Surrogate)
     # Rows of mixed settings equal per-setting predictions.
     rows = np.array([0, 40, 1, 200, 41, 2])
     mixed = sur.predict(theta[rows], x[rows])
-    single = torch.cat([sur.predict(theta[r], x[r:r + 1]) for r in rows])
+    single = torch.cat([sur.predict(theta[r], x[r : r + 1]) for r in rows])
     assert torch.allclose(mixed, single, atol=1e-12)
     # Differentiable in theta, and close to the chip's own gradient.
     th = torch.as_tensor(theta[0], dtype=torch.float64).requires_grad_(True)
@@ -235,13 +262,13 @@ def test_stalled_fit_restarts_from_perturbed_datasheet():
     """Free-space geometry has local minima: from the identity warp this chip's fit stalls at
     about 3x the noise floor (estimated from repeated inputs). The stall is recorded and a
     restart from a perturbed datasheet reaches the floor and the true misalignment."""
-    dev = freespace(in_dim=16, out_dim=5, rotation=1.0, shift=0.5, scale=1.01)   # default read noise
+    dev = freespace(in_dim=16, out_dim=5, rotation=1.0, shift=0.5, scale=1.01)  # default read noise
     rng = np.random.default_rng(0)
     rows = []
     for s in range(10):
         th = rng.uniform(*dev.bounds, dev.n_params)
         x = rng.uniform(0, 1, (64, dev.in_dim))
-        x = np.concatenate([x, x[:8]])                          # 8 repeats: the noise floor
+        x = np.concatenate([x, x[:8]])  # 8 repeats: the noise floor
         rows.append((np.repeat(th[None], len(x), 0), x, dev.query(th, x), np.full(len(x), s)))
     theta, x, y, g = (np.concatenate(c) for c in zip(*rows))
     sur = make_surrogate("calibrated", model=dev.calibration_model()).fit(theta, x, y, g)
@@ -260,14 +287,20 @@ def test_mzi_crosstalk_can_be_a_parameter():
     """A design whose crosstalk is not trusted: the datasheet says 0.02, the chip has 0.04."""
     dev = mzi(n_modes=5, crosstalk=0.04, **QUIET)
     model = dev.calibration_model(fit_crosstalk=True)
-    th, x = torch.rand(2, dev.n_params, dtype=torch.float64) * 6, torch.rand(2, 4, 5, dtype=torch.float64)
+    th, x = (
+        torch.rand(2, dev.n_params, dtype=torch.float64) * 6,
+        torch.rand(2, 4, 5, dtype=torch.float64),
+    )
     with torch.no_grad():
         model.load_truth(dev.calibration_truth(fit_crosstalk=True))
         true = torch.stack([dev.true_model()(t, xx) for t, xx in zip(th, x)])
         assert torch.allclose(model.batched(th, x), true, atol=1e-12)
     theta, x, y, g = _rows(dev, 10)
-    fixed = make_surrogate("calibrated", model=dev.calibration_model(crosstalk=0.02), max_restarts=0).fit(theta, x, y, g)
-    free = make_surrogate("calibrated", model=dev.calibration_model(fit_crosstalk=True, crosstalk=0.02)).fit(
-        theta, x, y, g)
+    fixed = make_surrogate(
+        "calibrated", model=dev.calibration_model(crosstalk=0.02), max_restarts=0
+    ).fit(theta, x, y, g)
+    free = make_surrogate(
+        "calibrated", model=dev.calibration_model(fit_crosstalk=True, crosstalk=0.02)
+    ).fit(theta, x, y, g)
     assert abs(float(free.model.kappa.detach()) - 0.04) < 1e-3
     assert free.report["heldout_nrmse"] < 0.01 < fixed.report["heldout_nrmse"]

@@ -1,18 +1,25 @@
 """The comparison harness on the local backend: skipping, failures, summary and plots."""
+
 import csv
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from dataclasses import dataclass
-
-from blackbox_sat.training.config import RunConfig
 
 import blackbox_sat as bs
 from blackbox_sat.harness.compare import summarise
 from blackbox_sat.methods.registry import METHODS, MethodResult, register
+from blackbox_sat.training.config import RunConfig
 
-TINY = dict(task="iris", seeds=2, budget=60, device_kw={"n_modes": 4}, unseen=(101,), sweep={"drift": [0.5]},
-            progress=False)
+TINY = dict(
+    task="iris",
+    seeds=2,
+    budget=60,
+    device_kw={"n_modes": 4},
+    unseen=(101,),
+    sweep={"drift": [0.5]},
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,22 +62,35 @@ def test_rerun_into_the_same_folder_skips_finished_trials(tmp_path):
 def test_a_method_failing_on_one_seed_is_recorded_and_the_others_kept(tmp_path):
     res = bs.compare("mzi", methods=["test-flaky", "spsa"], out=tmp_path, **TINY)
     status = {(r["method"], r["seed"]): r["status"] for r in res["rows"]}
-    assert status == {("test-flaky", 0): "ok", ("test-flaky", 1): "failed", ("spsa", 0): "ok", ("spsa", 1): "ok"}
+    assert status == {
+        ("test-flaky", 0): "ok",
+        ("test-flaky", 1): "failed",
+        ("spsa", 0): "ok",
+        ("spsa", 1): "ok",
+    }
     failed = next(r for r in res["rows"] if r["status"] == "failed")
     assert "instrument fell over" in failed["error"]
     with open(tmp_path / "results.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
     summary = (tmp_path / "summary.md").read_text()
     assert "## Failed trials" in summary and "instrument fell over" in summary
-    assert res["summary"]["test-flaky"]["n_failed"] == 1 and res["summary"]["test-flaky"]["n_ok"] == 1
+    assert (
+        res["summary"]["test-flaky"]["n_failed"] == 1 and res["summary"]["test-flaky"]["n_ok"] == 1
+    )
     assert res["summary"]["spsa"]["settings_used"][0] <= 60
 
 
 def test_settings_to_target_reads_the_curves():
-    rows = [{"method": m, "seed": s, "status": "ok", "acc_chip": a, "curve_250": c1, "curve_500": c2}
-            for m, s, a, c1, c2 in [("spsa", 0, 0.5, 0.3, 0.5), ("spsa", 1, 0.5, 0.3, 0.5),
-                                    ("blackbox-sat", 0, 0.8, 0.6, 0.8), ("blackbox-sat", 1, 0.8, 0.6, 0.8),
-                                    ("ng-cma", 0, 0.2, 0.1, 0.2)]]
+    rows = [
+        {"method": m, "seed": s, "status": "ok", "acc_chip": a, "curve_250": c1, "curve_500": c2}
+        for m, s, a, c1, c2 in [
+            ("spsa", 0, 0.5, 0.3, 0.5),
+            ("spsa", 1, 0.5, 0.3, 0.5),
+            ("blackbox-sat", 0, 0.8, 0.6, 0.8),
+            ("blackbox-sat", 1, 0.8, 0.6, 0.8),
+            ("ng-cma", 0, 0.2, 0.1, 0.2),
+        ]
+    ]
     s = summarise(rows)
     assert s["spsa"]["target"] == 0.5
     assert s["blackbox-sat"]["settings_to_target"] == 250 and s["spsa"]["settings_to_target"] == 500

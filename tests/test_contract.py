@@ -1,4 +1,5 @@
 """The device contract: validation of members, queries and outputs; metering and replay."""
+
 import numpy as np
 import pytest
 
@@ -30,7 +31,9 @@ class Toy:
 
 def test_describe_defaults_and_start():
     info = describe(Toy())
-    assert info.in_dim == 2 and info.max_batch == 5 and info.periodic.tolist() == [False, False, True]
+    assert (
+        info.in_dim == 2 and info.max_batch == 5 and info.periodic.tolist() == [False, False, True]
+    )
     assert np.allclose(info.scale, [1, 1, 2 * np.pi])
     t0 = info.start(0)
     assert np.allclose(t0, [0.5, 0.5, np.pi], atol=0.1) and np.array_equal(t0, info.start(0))
@@ -49,12 +52,15 @@ def test_missing_member_named():
         describe(NoOut())
 
 
-@pytest.mark.parametrize("theta,msg", [
-    (np.zeros(4), r"shape \(n_params,\) = \(3,\)"),
-    (np.array([0.1, np.nan, 0.1]), "non-finite"),
-    (np.array([0.1, 1.5, 0.1]), "outside bounds"),
-    (np.array(["a", "b", "c"]), "dtype"),
-])
+@pytest.mark.parametrize(
+    "theta,msg",
+    [
+        (np.zeros(4), r"shape \(n_params,\) = \(3,\)"),
+        (np.array([0.1, np.nan, 0.1]), "non-finite"),
+        (np.array([0.1, 1.5, 0.1]), "outside bounds"),
+        (np.array(["a", "b", "c"]), "dtype"),
+    ],
+)
 def test_bad_theta_rejected_before_device(theta, msg):
     dev = Toy()
     with pytest.raises(DeviceContractError, match=msg):
@@ -62,8 +68,15 @@ def test_bad_theta_rejected_before_device(theta, msg):
     assert dev.calls == 0
 
 
-@pytest.mark.parametrize("x,msg", [(np.zeros((2, 3)), r"\(batch, in_dim\)"), (np.full((2, 2), np.inf), "non-finite"),
-                                   (np.full((2, 2), 3.0), "input_bounds"), (np.zeros(2), "batch")])
+@pytest.mark.parametrize(
+    "x,msg",
+    [
+        (np.zeros((2, 3)), r"\(batch, in_dim\)"),
+        (np.full((2, 2), np.inf), "non-finite"),
+        (np.full((2, 2), 3.0), "input_bounds"),
+        (np.zeros(2), "batch"),
+    ],
+)
 def test_bad_inputs_rejected(x, msg):
     dev = Toy()
     with pytest.raises(DeviceContractError, match=msg):
@@ -71,7 +84,10 @@ def test_bad_inputs_rejected(x, msg):
     assert dev.calls == 0
 
 
-@pytest.mark.parametrize("bad,msg", [("nan", "non-finite"), ("shape", r"shape \(2, 3\)"), ("raise", "instrument timeout")])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [("nan", "non-finite"), ("shape", r"shape \(2, 3\)"), ("raise", "instrument timeout")],
+)
 def test_bad_device_output_reported_and_logged(tmp_path, bad, msg):
     with Ledger(tmp_path / "l.sqlite") as led:
         meter = MeteredDevice(Toy(bad), led)
@@ -85,7 +101,12 @@ def test_batches_split_and_budget(tmp_path):
     dev = Toy()
     meter = MeteredDevice(dev, budget=4)
     y = meter.query(np.full(3, 0.5), np.zeros((12, 2)))  # max_batch 5 -> 3 settings
-    assert y.shape == (12, 4) and dev.calls == 3 and meter.settings_used == 3 and meter.samples_used == 12
+    assert (
+        y.shape == (12, 4)
+        and dev.calls == 3
+        and meter.settings_used == 3
+        and meter.samples_used == 12
+    )
     meter.query(np.full(3, 0.5), np.zeros((20, 2)), purpose="eval")  # eval is not charged
     assert meter.settings_used == 3 and meter.eval_settings == 4
     with pytest.raises(BudgetExhausted):

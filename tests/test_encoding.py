@@ -1,4 +1,5 @@
 """The fixed encoding (docs/protocol.md): standardize, PCA, 3-sigma scale and clip, map to bounds."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """The ``harmonic`` method (blackbox_sat.methods.harmonic): exact harmonic reconstruction on a
 noise-free mesh, order detection on a push-pull device, reuse of the current point, budget,
 non-periodic parameters, training above chance and the public ``train`` API."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.harness.run import train
 from blackbox_sat.methods import harmonic as hm
 from blackbox_sat.methods.registry import get_method
 from blackbox_sat.sim.mzi import mzi
-from blackbox_sat.harness.run import train
 
 from .conftest import fail_after, make_ctx
 from .toy_devices import Opaque
@@ -52,7 +53,11 @@ class HalfPeriodic:
 
     def __init__(self, **kw):
         self.dev = mzi(seed=0, n_modes=4, **kw)
-        self.n_params, self.in_dim, self.out_dim = self.dev.n_params, self.dev.in_dim, self.dev.out_dim
+        self.n_params, self.in_dim, self.out_dim = (
+            self.dev.n_params,
+            self.dev.in_dim,
+            self.dev.out_dim,
+        )
         self.bounds, self.input_bounds = self.dev.bounds, self.dev.input_bounds
         self.periodic = np.arange(self.n_params) < self.n_params // 2
 
@@ -77,13 +82,13 @@ def test_first_harmonic_from_three_settings_is_exact_on_a_noise_free_mesh(n_mode
     rng = np.random.default_rng(1)
     theta, x = rng.uniform(0, TWO_PI, dev.n_params), rng.uniform(-1, 1, (16, n_modes))
     held = np.array([0.3, 1.1, 2.5, 3.9, 5.6])
-    for j in (0, dev.n_params // 2 - 1, dev.n_params - 1):   # internal and external phases
+    for j in (0, dev.n_params // 2 - 1, dev.n_params - 1):  # internal and external phases
         phi = theta[j] + hm.offsets(1)
         coef, resid = hm.fit_harmonic(phi, _scan(dev, theta, j, phi, x), 1)
         want = _scan(dev, theta, j, held, x)
         assert coef.shape == (3, 16, n_modes) and resid == 0.0
         assert np.abs(hm.predict(coef, held) - want).max() < 1e-6 * np.abs(want).max()
-        assert np.ptp(want, axis=0).max() > 0.05   # the phase does move the outputs
+        assert np.ptp(want, axis=0).max() > 0.05  # the phase does move the outputs
 
 
 def test_push_pull_needs_the_second_harmonic_and_five_settings_fit_it_exactly():
@@ -94,7 +99,7 @@ def test_push_pull_needs_the_second_harmonic_and_five_settings_fit_it_exactly():
     want = _scan(dev, theta, 2, held, x)
     phi1 = theta[2] + hm.offsets(1)
     first, _ = hm.fit_harmonic(phi1, _scan(dev, theta, 2, phi1, x), 1)
-    assert np.abs(hm.predict(first, held) - want).max() > 0.05 * np.abs(want).max()   # order 1 fails
+    assert np.abs(hm.predict(first, held) - want).max() > 0.05 * np.abs(want).max()  # order 1 fails
     phi2 = theta[2] + hm.offsets(2)
     second, _ = hm.fit_harmonic(phi2, _scan(dev, theta, 2, phi2, x), 2)
     assert np.abs(hm.predict(second, held) - want).max() < 1e-9 * np.abs(want).max()
@@ -104,10 +109,10 @@ def test_sweep_detects_order_two_on_push_pull_and_keeps_order_one_on_a_mesh():
     ctx = make_ctx(PushPull(), task="iris", budget=400, method="harmonic")
     _, out = hm.harmonic_sweep(ctx, ctx.theta0, range(6), np.arange(40), checks_first=6)
     state = out["state"]
-    assert out["steps"] == 6 and [j for _, j, _ in state.raised] == list(range(3))   # then default 2
+    assert out["steps"] == 6 and [j for _, j, _ in state.raised] == list(range(3))  # then default 2
     assert list(state.order[:6]) == [2] * 6 and state.default_order == 2 and not state.rough
     assert state.settings["refit"] == 6 and state.settings["fit"] == 3 * 2 + 3 * 4
-    assert max(c[3] for c in state.checks if c[2] == 2) < 1e-6   # order-2 predictions exact
+    assert max(c[3] for c in state.checks if c[2] == 2) < 1e-6  # order-2 predictions exact
 
     ctx = make_ctx(mzi(seed=0, n_modes=4, **EXACT), task="iris", budget=400, method="harmonic")
     _, out = hm.harmonic_sweep(ctx, ctx.theta0, range(8), np.arange(40), checks_first=8)
@@ -122,37 +127,58 @@ def test_sweep_reuses_the_current_point_and_steps_downhill():
     theta, out = hm.harmonic_sweep(ctx, ctx.theta0, [0, 3, 5, 7, 9], idx, check_every=0)
     state = out["state"]
     # current point once, its repeat once (noise scale), then 2 new settings per step
-    assert state.settings == {"current": 1, "noise": 1, "fit": 10, "check": 0, "refit": 0, "guard": 0}
+    assert state.settings == {
+        "current": 1,
+        "noise": 1,
+        "fit": 10,
+        "check": 0,
+        "refit": 0,
+        "guard": 0,
+    }
     y = ctx.device.query(theta, state.x, purpose="eval")
-    np.testing.assert_allclose(state.y, y, atol=1e-9)   # the rebuilt outputs are the device's
+    np.testing.assert_allclose(state.y, y, atol=1e-9)  # the rebuilt outputs are the device's
     assert state.loss_trace == sorted(state.loss_trace, reverse=True)
-    measured = torch.nn.functional.cross_entropy(ctx.pnn(torch.as_tensor(y)), torch.as_tensor(ctx.y_train[idx]))
-    assert float(measured) == pytest.approx(state.loss_trace[-1], abs=1e-5)   # the predicted loss is real
+    measured = torch.nn.functional.cross_entropy(
+        ctx.pnn(torch.as_tensor(y)), torch.as_tensor(ctx.y_train[idx])
+    )
+    assert float(measured) == pytest.approx(
+        state.loss_trace[-1], abs=1e-5
+    )  # the predicted loss is real
     moved = np.flatnonzero(theta != ctx.theta0)
     assert set(moved) <= {0, 3, 5, 7, 9} and len(moved) >= 3
     _, out = hm.harmonic_sweep(ctx, theta, [1], idx, state, check_every=0)
-    assert state.settings["current"] == 1 and state.settings["fit"] == 12   # same minibatch: no re-measure
+    assert (
+        state.settings["current"] == 1 and state.settings["fit"] == 12
+    )  # same minibatch: no re-measure
 
 
 # --- the method -----------------------------------------------------------------------------
 def test_registered_as_a_device_method():
     spec = get_method("harmonic")
-    assert spec.needs == "device" and not spec.model_based and {k: spec.defaults[k] for k in hm.HARMONIC_DEFAULTS} == hm.HARMONIC_DEFAULTS
+    assert (
+        spec.needs == "device"
+        and not spec.model_based
+        and {k: spec.defaults[k] for k in hm.HARMONIC_DEFAULTS} == hm.HARMONIC_DEFAULTS
+    )
 
 
 def test_method_trains_a_small_mesh_well_above_chance_within_budget():
     ctx = make_ctx(mzi(seed=0, n_modes=6), task="iris", budget=300, method="harmonic")
 
-    def train_loss(theta):   # on the whole training set, measured uncharged
+    def train_loss(theta):  # on the whole training set, measured uncharged
         y = ctx.device.query(theta, ctx.device_inputs(ctx.f_train), purpose="eval")
-        return float(torch.nn.functional.cross_entropy(ctx.pnn(torch.as_tensor(y)), torch.as_tensor(ctx.y_train)))
+        return float(
+            torch.nn.functional.cross_entropy(
+                ctx.pnn(torch.as_tensor(y)), torch.as_tensor(ctx.y_train)
+            )
+        )
 
     loss0 = train_loss(ctx.theta0)
     res = get_method("harmonic").fn(ctx)
     acc = ctx.device_accuracy(res.theta, "test", "eval")
     assert ctx.device.settings_used <= 300 and ctx.device.remaining < 5
     assert train_loss(res.theta) < loss0 - 0.3, loss0
-    assert acc > 0.65   # chance is 1/3
+    assert acc > 0.65  # chance is 1/3
     trace = res.extra["loss_trace"]
     assert np.mean(trace[-20:]) < np.mean(trace[:20]) - 0.2
     assert res.extra["default_order"] == 1 and not res.extra["raised"] and res.extra["checks"]
@@ -164,7 +190,9 @@ def test_non_periodic_parameters_are_left_alone_and_none_periodic_is_an_error():
     res = get_method("harmonic").fn(ctx)
     half = ctx.info.n_params // 2
     np.testing.assert_array_equal(res.theta[half:], ctx.theta0[half:])
-    assert set(res.extra["visited"]) <= set(range(half)) and res.extra["skipped_non_periodic"] == half
+    assert (
+        set(res.extra["visited"]) <= set(range(half)) and res.extra["skipped_non_periodic"] == half
+    )
     assert np.all((res.theta >= 0) & (res.theta < TWO_PI))
     with pytest.raises(ValueError, match="needs periodic parameters"):
         get_method("harmonic").fn(make_ctx(Opaque(), task="iris", budget=60, method="harmonic"))
@@ -178,8 +206,17 @@ def test_stops_cleanly_when_someone_else_spends_the_budget(monkeypatch):
 
 
 def test_public_train_api(tmp_path):
-    result = train("mzi", task="iris", method="harmonic", budget=120, seed=0, out=tmp_path, progress=False,
-                   device_kw={"n_modes": 6}, config={"damping": 1.0, "damping_end": None, "refresh": 4})
+    result = train(
+        "mzi",
+        task="iris",
+        method="harmonic",
+        budget=120,
+        seed=0,
+        out=tmp_path,
+        progress=False,
+        device_kw={"n_modes": 6},
+        config={"damping": 1.0, "damping_end": None, "refresh": 4},
+    )
     ledger = Ledger(tmp_path / "ledger.sqlite")
     assert ledger.counts()["settings"] == result["settings_used"] <= 120
     ledger.close()
@@ -187,5 +224,11 @@ def test_public_train_api(tmp_path):
     extra = result["extra"]
     assert extra["settings"]["fit"] == 2 * extra["steps"] and extra["periodic"] == 30
     with pytest.raises(ValueError, match="needs periodic"):
-        train("tests.toy_devices:opaque", task="iris", method="harmonic", budget=30,
-              out=tmp_path / "opaque", progress=False)
+        train(
+            "tests.toy_devices:opaque",
+            task="iris",
+            method="harmonic",
+            budget=30,
+            out=tmp_path / "opaque",
+            progress=False,
+        )

@@ -1,4 +1,5 @@
 """The ledger keeps every completed row through a SIGKILL of its writer."""
+
 import os
 import signal
 import subprocess
@@ -29,11 +30,23 @@ def test_roundtrip_and_counts(tmp_path):
         led.append(np.arange(3.0), np.ones((3, 4)), None, "probe", ok=False, error="NaN")
         led.append(np.arange(3.0), np.ones((5, 4)), np.ones((5, 5)), "eval")
         c = led.counts()
-        assert (c["settings"], c["samples"], c["eval_settings"], c["bad"], c["rows"]) == (2, 5, 1, 1, 3)
-        theta, x, y, ids = led.samples()
-        assert theta.shape == (2, 3) and x.shape == (2, 4) and y.shape == (2, 5)  # the bad row is skipped
+        assert (c["settings"], c["samples"], c["eval_settings"], c["bad"], c["rows"]) == (
+            2,
+            5,
+            1,
+            1,
+            3,
+        )
+        theta, x, y, _ids = led.samples()
+        assert (
+            theta.shape == (2, 3) and x.shape == (2, 4) and y.shape == (2, 5)
+        )  # the bad row is skipped
         rows = list(led.rows())
-        assert [r.purpose for r in rows] == ["train", "probe", "eval"] and rows[1].y is None and not rows[1].ok
+        assert (
+            [r.purpose for r in rows] == ["train", "probe", "eval"]
+            and rows[1].y is None
+            and not rows[1].ok
+        )
 
 
 def test_bad_purpose_rejected(tmp_path):
@@ -51,7 +64,9 @@ def test_corrupt_file_gives_clear_error(tmp_path):
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.45])
 def test_sigkill_keeps_every_completed_row(tmp_path, delay):
     path = tmp_path / "ledger.sqlite"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
     acked = -1
     t_end = time.time() + 20
     while acked < 20 and time.time() < t_end:  # let it get going
@@ -64,8 +79,8 @@ def test_sigkill_keeps_every_completed_row(tmp_path, delay):
     with Ledger(path) as led:
         rows = list(led.rows())
     ids = [int(r.request_id[1:]) for r in rows]
-    assert ids == list(range(len(ids)))          # complete, in order, no gaps
-    assert len(ids) >= acked + 1                 # every acknowledged write is there
-    for r in rows:                               # and every row is whole
+    assert ids == list(range(len(ids)))  # complete, in order, no gaps
+    assert len(ids) >= acked + 1  # every acknowledged write is there
+    for r in rows:  # and every row is whole
         i = float(r.request_id[1:])
         assert np.all(r.theta == i) and r.x.shape == (3, 2) and np.all(r.y == i)

@@ -7,9 +7,11 @@ get the repository on ``PYTHONPATH`` so that ``tests.toy_devices`` specs import 
 Trials are tiny: model-based ``offline``/``oracle``, 3 epochs, on a 4-mode ``mzi`` with
 ``iris``, one unseen chip and a one-point drift sweep.
 """
+
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sqlite3
 import sys
@@ -20,13 +22,22 @@ from pathlib import Path
 import pytest
 import ray
 
-from blackbox_sat.harness import backends
 from blackbox_sat.cli import main
+from blackbox_sat.harness import backends
 from blackbox_sat.harness.compare import Trial, compare
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(task="iris", methods=["offline", "oracle"], seeds=2, budget=100, device_kw={"n_modes": 4},
-            config={"epochs": 3, "lr_grid": [0.1]}, unseen=(101,), sweep={"drift": [0.5]}, progress=False)
+TINY = dict(
+    task="iris",
+    methods=["offline", "oracle"],
+    seeds=2,
+    budget=100,
+    device_kw={"n_modes": 4},
+    config={"epochs": 3, "lr_grid": [0.1]},
+    unseen=(101,),
+    sweep={"drift": [0.5]},
+    progress=False,
+)
 TOKEN = "ray-backend-test-token-0123456789"
 
 
@@ -34,8 +45,12 @@ TOKEN = "ray-backend-test-token-0123456789"
 def local_ray():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
     yield ray
     if started:
         ray.shutdown()
@@ -51,7 +66,10 @@ def untimed(rows: list[dict]) -> list[dict]:
 
 
 def result_mtimes(out: Path) -> dict:
-    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/result.json"))}
+    return {
+        str(p.relative_to(out)): p.stat().st_mtime_ns
+        for p in sorted(out.glob("runs/*/*/result.json"))
+    }
 
 
 def test_ray_gives_the_local_rows_and_reruns_skip(local_ray, tmp_path):
@@ -63,7 +81,9 @@ def test_ray_gives_the_local_rows_and_reruns_skip(local_ray, tmp_path):
     assert "wall_s" in a[0] and "train_wall_s" in a[0]
     assert untimed(a) == untimed(b)  # every accuracy, count and sharpness, to the last digit
     assert (tmp_path / "ray" / "summary.md").read_text().count("| offline |") == 1
-    compare("mzi", out=tmp_path / "pool", workers=2, **TINY)  # the local process pool, moved into backends.py
+    compare(
+        "mzi", out=tmp_path / "pool", workers=2, **TINY
+    )  # the local process pool, moved into backends.py
     assert untimed(read_rows(tmp_path / "pool")) == untimed(a)
 
     before = result_mtimes(tmp_path / "ray")
@@ -94,7 +114,9 @@ def test_a_killed_worker_is_a_failed_row_and_the_sweep_goes_on(local_ray, tmp_pa
     assert [r["status"] for r in res["rows"]] == ["ok"] * 4
     after = result_mtimes(out)
     assert {k: v for k, v in after.items() if k in before} == before
-    assert set(after) - set(before) == {f"runs/{failed[0]['method']}/seed{failed[0]['seed']}/result.json"}
+    assert set(after) - set(before) == {
+        f"runs/{failed[0]['method']}/seed{failed[0]['seed']}/result.json"
+    }
 
 
 def test_without_ray_the_backend_says_how_to_install_it(tmp_path, monkeypatch, capsys):
@@ -102,9 +124,30 @@ def test_without_ray_the_backend_says_how_to_install_it(tmp_path, monkeypatch, c
     with pytest.raises(backends.BackendUnavailable, match=r"pip install 'blackbox-sat\[ray\]'"):
         compare("mzi", out=tmp_path / "x", backend="ray", **TINY)
     assert not (tmp_path / "x" / "trials").exists()  # nothing ran
-    rc = main(["compare", "--device", "mzi", "--device-kw", "n_modes=4", "--task", "iris", "--methods", "offline",
-               "--seeds", "1", "--out", str(tmp_path / "y"), "--set", "epochs=3", "--set", "lr_grid=[0.1]",
-               "--backend", "ray", "--quiet"])
+    rc = main(
+        [
+            "compare",
+            "--device",
+            "mzi",
+            "--device-kw",
+            "n_modes=4",
+            "--task",
+            "iris",
+            "--methods",
+            "offline",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "y"),
+            "--set",
+            "epochs=3",
+            "--set",
+            "lr_grid=[0.1]",
+            "--backend",
+            "ray",
+            "--quiet",
+        ]
+    )
     assert rc == 2
     assert "pip install 'blackbox-sat[ray]'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown backend"):
@@ -149,12 +192,23 @@ def query_windows(out: Path) -> list[tuple[float, float]]:
 
 
 def test_trials_on_a_served_device_are_serialised_on_it(local_ray, served_mzi, tmp_path):
-    res = compare(served_mzi, task="iris", methods=["spsa"], seeds=3, budget=30, out=tmp_path / "tcp",
-                  device_kw={"token": TOKEN}, progress=False, backend="ray")
+    res = compare(
+        served_mzi,
+        task="iris",
+        methods=["spsa"],
+        seeds=3,
+        budget=30,
+        out=tmp_path / "tcp",
+        device_kw={"token": TOKEN},
+        progress=False,
+        backend="ray",
+    )
     assert [r["status"] for r in res["rows"]] == ["ok"] * 3, res["rows"]
     spans = query_windows(tmp_path / "tcp")
     assert len(spans) == 3
-    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans  # no two trials on the device at once
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans)), (
+        spans
+    )  # no two trials on the device at once
 
 
 def test_the_gate_is_taken_at_the_first_query_and_held_to_the_end(served_mzi):
@@ -189,12 +243,22 @@ def test_the_gate_is_taken_at_the_first_query_and_held_to_the_end(served_mzi):
 
 def test_dispatch_keeps_one_device_query_trial_per_served_device_in_flight():
     trial = lambda m, s, dev: Trial(m, s, dev, {}, "iris", 10, {}, (), {}, "out")  # noqa: E731
-    todo = [trial("offline", 0, "tcp://h:1"), trial("spsa", 0, "tcp://h:1"), trial("spsa", 1, "tcp://h:1"),
-            trial("spsa", 0, "tcp://h:2"), trial("spsa", 0, "mzi"), trial("oracle", 1, "tcp://h:1")]
+    todo = [
+        trial("offline", 0, "tcp://h:1"),
+        trial("spsa", 0, "tcp://h:1"),
+        trial("spsa", 1, "tcp://h:1"),
+        trial("spsa", 0, "tcp://h:2"),
+        trial("spsa", 0, "mzi"),
+        trial("oracle", 1, "tcp://h:1"),
+    ]
     now, later = backends._dispatch_order(todo)
     assert [(t.method, t.seed, t.device) for t in now] == [
-        ("spsa", 0, "tcp://h:1"), ("spsa", 0, "tcp://h:2"),  # the device-query ones first, one per device
-        ("offline", 0, "tcp://h:1"), ("spsa", 0, "mzi"), ("oracle", 1, "tcp://h:1")]
+        ("spsa", 0, "tcp://h:1"),
+        ("spsa", 0, "tcp://h:2"),  # the device-query ones first, one per device
+        ("offline", 0, "tcp://h:1"),
+        ("spsa", 0, "mzi"),
+        ("oracle", 1, "tcp://h:1"),
+    ]
     assert [(t.method, t.seed) for t in later] == [("spsa", 1)]
     assert backends._next_for("tcp://h:2", later) is None
     assert backends._next_for("tcp://h:1", later).seed == 1 and not later

@@ -1,6 +1,7 @@
 """Zeroth-order refinement (blackbox_sat.training.refine): it lowers the device loss on a noisy
 device, never spends more than it is given, blocking rejects a move that raises the loss,
 sa-spsa perturbs at exactly rho, gain calibration hits its target step."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blackbox_sat.training.config import ConfigError
-from blackbox_sat.training.refine import RULES, DeviceObjective, RefineConfig, refine, refine_options
-from blackbox_sat.sim.mzi import mzi
 from blackbox_sat.harness.run import train
+from blackbox_sat.sim.mzi import mzi
+from blackbox_sat.training.config import ConfigError
+from blackbox_sat.training.refine import (
+    RULES,
+    DeviceObjective,
+    RefineConfig,
+    refine,
+    refine_options,
+)
 
 from .conftest import fail_after, make_ctx, record_refine_queries, small_mrr, true_loss
 
@@ -41,7 +48,7 @@ def test_objective_counts_one_setting_per_loss_and_matches_true_model():
 def test_objective_wraps_periodic_parameters():
     ctx = make_ctx(mzi(n_modes=4, seed=0))
     obj = DeviceObjective(ctx)
-    u = obj.to_u(ctx.theta0) + 1.25          # past the period on every coordinate
+    u = obj.to_u(ctx.theta0) + 1.25  # past the period on every coordinate
     theta = obj.to_theta(u)
     np.testing.assert_allclose(theta, ctx.info.project(ctx.theta0 + 1.25 * ctx.info.scale))
     assert np.all((theta >= ctx.info.low) & (theta < ctx.info.high))
@@ -60,8 +67,15 @@ def test_options_are_checked():
 
 
 # --- the behavioural claim: refinement lowers the measured device loss ------------------
-@pytest.mark.parametrize("rule,extra", [("spsa", {}), ("rdsa", {"resamples": 2}), ("sa-spsa", {"rho": 0.1}),
-                                        ("spsa", {"normalize": None})])
+@pytest.mark.parametrize(
+    "rule,extra",
+    [
+        ("spsa", {}),
+        ("rdsa", {"resamples": 2}),
+        ("sa-spsa", {"rho": 0.1}),
+        ("spsa", {"normalize": None}),
+    ],
+)
 def test_refinement_lowers_device_loss_on_noisy_device(rule, extra):
     ctx = make_ctx(small_mrr(), budget=500)
     before = true_loss(ctx, ctx.theta0)
@@ -78,9 +92,17 @@ def test_refinement_lowers_device_loss_on_noisy_device(rule, extra):
 
 
 # --- budget -------------------------------------------------------------------------
-@pytest.mark.parametrize("opts", [
-    {}, {"blocking": True}, {"resamples": 3}, {"select": "val"}, {"normalize": None, "select": "val"},
-    {"calibration": 7, "blocking": True, "resamples": 2}])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"blocking": True},
+        {"resamples": 3},
+        {"select": "val"},
+        {"normalize": None, "select": "val"},
+        {"calibration": 7, "blocking": True, "resamples": 2},
+    ],
+)
 @pytest.mark.parametrize("rule", RULES)
 def test_refine_never_spends_more_than_given(rule, opts):
     ctx = make_ctx(small_mrr(), budget=1000)
@@ -115,14 +137,14 @@ def test_refine_plans_with_the_cost_of_split_batches():
     obj = DeviceObjective(ctx)
     assert obj.cost(84) == 3
     left = ctx.device.remaining
-    theta, history = refine(ctx, ctx.theta0, 10_000, rule="spsa", blocking=True, select="val")
+    _theta, history = refine(ctx, ctx.theta0, 10_000, rule="spsa", blocking=True, select="val")
     assert ctx.device.settings_used <= ctx.budget
     assert history.summary["steps"] >= 1 and ctx.device.remaining < left
 
 
 def test_refine_stops_gracefully_when_the_device_budget_runs_out():
     ctx = make_ctx(small_mrr(), budget=200)
-    theta, history = refine(ctx, ctx.theta0, 10_000)  # more than the device has left
+    _theta, history = refine(ctx, ctx.theta0, 10_000)  # more than the device has left
     assert ctx.device.settings_used <= 200
     assert history.summary["steps"] > 0
 
@@ -137,8 +159,16 @@ def test_refine_survives_budget_exhausted_from_the_device(monkeypatch):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_train_through_registry_respects_budget_for_every_rule(rule, tmp_path):
-    result = train(small_mrr(), task="iris", method="spsa", budget=120, seed=0, out=tmp_path / rule,
-                   config={"rule": rule, "blocking": rule == "rdsa"}, progress=False)
+    result = train(
+        small_mrr(),
+        task="iris",
+        method="spsa",
+        budget=120,
+        seed=0,
+        out=tmp_path / rule,
+        config={"rule": rule, "blocking": rule == "rdsa"},
+        progress=False,
+    )
     assert result["settings_used"] <= 120
     assert result["extra"]["refine"]["steps"] > 10
     assert [c["settings"] for c in result["curve"]][:3] == [15, 30, 60]
@@ -183,10 +213,13 @@ def test_blocking_accepts_moves_that_lower_the_loss(monkeypatch):
     ctx = make_ctx(small_mrr(), budget=400)
     u0 = ctx.theta0 / ctx.info.scale
     _quadratic_objective(monkeypatch, np.clip(u0 + 0.2, 0, 1))
-    theta, hist = refine(ctx, ctx.theta0, 150, blocking=True, normalize=None, step=0.02, select="last", average=0.0)
+    theta, hist = refine(
+        ctx, ctx.theta0, 150, blocking=True, normalize=None, step=0.02, select="last", average=0.0
+    )
     assert hist.summary["rejected"] < hist.summary["steps"] / 2
     assert np.sum((theta / ctx.info.scale - np.clip(u0 + 0.2, 0, 1)) ** 2) < 0.9 * np.sum(
-        (u0 - np.clip(u0 + 0.2, 0, 1)) ** 2)
+        (u0 - np.clip(u0 + 0.2, 0, 1)) ** 2
+    )
 
 
 # --- sharpness-aware ZO ---------------------------------------------------------------
@@ -197,7 +230,9 @@ def test_sa_spsa_perturbs_at_radius_rho(sa, monkeypatch):
     queried = record_refine_queries(ctx, monkeypatch)
     rho, c = 0.3, 0.02
     # a = 0: the iterate stays at theta0, so every pair is centred at u0 + xi
-    theta, hist = refine(ctx, ctx.theta0, 60, rule="sa-spsa", rho=rho, c=c, a=0.0, sa=sa, select="last")
+    _theta, hist = refine(
+        ctx, ctx.theta0, 60, rule="sa-spsa", rho=rho, c=c, a=0.0, sa=sa, select="last"
+    )
     u0 = ctx.theta0 / info.scale
     pairs = np.asarray(queried).reshape(-1, 2, info.n_params) / info.scale
     xi = pairs.mean(axis=1) - u0
@@ -211,7 +246,7 @@ def test_sa_spsa_perturbs_at_radius_rho(sa, monkeypatch):
     assert np.all(ck <= c + 1e-12) and np.all(ck > 0.5 * c)
     assert all(h["xi_norm"] == pytest.approx(rho) for h in hist)
     # perturbations differ between steps (random), or follow the running gradient (ascent)
-    cos = (xi[1:] * xi[:-1]).sum(1) / rho ** 2
+    cos = (xi[1:] * xi[:-1]).sum(1) / rho**2
     if sa == "random":
         assert np.max(np.abs(cos)) < 0.9
     else:
@@ -241,7 +276,7 @@ def test_gain_calibration_sets_the_first_step_size(target, monkeypatch):
         return float(w @ self.to_u(theta))
 
     monkeypatch.setattr(DeviceObjective, "loss", linear)
-    theta, hist = refine(ctx, ctx.theta0, 500, step=target, normalize=None, select="last")
+    _theta, hist = refine(ctx, ctx.theta0, 500, step=target, normalize=None, select="last")
     steps, summary = list(hist), hist.summary
     alpha, big_a = RefineConfig().alpha, 0.1 * summary["planned_steps"]
     # a_0 * calibrated RMS is the target exactly ...
@@ -256,6 +291,6 @@ def test_gain_calibration_sets_the_first_step_size(target, monkeypatch):
 def test_adam_normalised_first_step_is_exactly_step_per_coordinate():
     ctx = make_ctx(small_mrr(), budget=200)
     used = ctx.device.settings_used
-    theta, hist = refine(ctx, ctx.theta0, 40, step=0.004, select="last")  # adam is the default
+    _theta, hist = refine(ctx, ctx.theta0, 40, step=0.004, select="last")  # adam is the default
     assert ctx.device.settings_used - used == 40  # no calibration settings with adam
     assert hist[0]["step_rms"] == pytest.approx(0.004, rel=1e-9)

@@ -4,8 +4,10 @@ Servers run in-process (threads, port 0) or as ``python -m blackbox_sat.cli serv
 subprocesses on 127.0.0.1; every one is stopped by its test. Shared helpers live in
 ``conftest.py``.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,12 +27,21 @@ from blackbox_sat.cli import main
 from blackbox_sat.devices.contract import DeviceContractError, DeviceOutputError, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
-from blackbox_sat.devices.remote import (DeviceConnectionError, DeviceTimeoutError, RemoteAuthError,
-                                         RemoteDevice, RemoteDeviceError, encode_array, loads, pack)
+from blackbox_sat.devices.remote import (
+    DeviceConnectionError,
+    DeviceTimeoutError,
+    RemoteAuthError,
+    RemoteDevice,
+    RemoteDeviceError,
+    encode_array,
+    loads,
+    pack,
+)
 from blackbox_sat.devices.server import DeviceServer
 from blackbox_sat.sim import BUILTINS
 
 from .conftest import QUIET, TOKEN, Faulty, mrr4, start_server_process, stop
+
 
 def raw_exchange(url_or_addr, payload: bytes, read_reply: bool = True, timeout: float = 5.0):
     """Send raw bytes on a fresh connection and return the decoded reply (None on EOF)."""
@@ -87,7 +98,9 @@ def served(tmp_path):
 # --------------------------------------------------------------------------------------
 # round trip
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec,kw", [("mrr", QUIET), ("mzi", {"n_modes": 4, "noise": 0.0, "programming_noise": 0.0})])
+@pytest.mark.parametrize(
+    "spec,kw", [("mrr", QUIET), ("mzi", {"n_modes": 4, "noise": 0.0, "programming_noise": 0.0})]
+)
 def test_info_and_query_round_trip_equal_in_process(spec, kw):
     local, served_dev = BUILTINS[spec](**kw), BUILTINS[spec](**kw)
     with DeviceServer(served_dev, TOKEN) as srv:
@@ -124,12 +137,21 @@ def test_validation_errors_name_the_member_and_are_not_retried(served):
     with pytest.raises(DeviceContractError, match=r"theta must have shape \(n_params,\) = \(12,\)"):
         remote.query(np.zeros(5), np.zeros((2, 4)))  # caught by the client before sending
     # the server validates too (a client in another language may not): bypass the client's check
-    for theta, x, msg in [(np.zeros(5), np.zeros((2, 4)), r"theta must have shape"),
-                          (info.start(0), np.full((2, 4), 7.0), "outside input_bounds"),
-                          (np.full(12, 1e3), np.zeros((2, 4)), r"theta\[0\].*outside bounds"),
-                          (info.start(0), np.zeros((2, 5)), r"x must have shape \(batch, in_dim\)")]:
+    for theta, x, msg in [
+        (np.zeros(5), np.zeros((2, 4)), r"theta must have shape"),
+        (info.start(0), np.full((2, 4), 7.0), "outside input_bounds"),
+        (np.full(12, 1e3), np.zeros((2, 4)), r"theta\[0\].*outside bounds"),
+        (info.start(0), np.zeros((2, 5)), r"x must have shape \(batch, in_dim\)"),
+    ]:
         with pytest.raises(DeviceContractError, match=msg):
-            remote._call({"kind": "query", "id": f"v{len(msg)}", "theta": encode_array(theta), "x": encode_array(x)})
+            remote._call(
+                {
+                    "kind": "query",
+                    "id": f"v{len(msg)}",
+                    "theta": encode_array(theta),
+                    "x": encode_array(x),
+                }
+            )
     assert dev.calls == 0 and remote.reconnects == 0
     reply = request(srv.url, kind="query", id="lists", theta=[[1.0, True]], x="no")
     assert reply["status"] == "error" and reply["error"]["type"] == "contract"
@@ -147,7 +169,7 @@ def server_process(tmp_path_factory):
 
 
 def test_wrong_or_missing_token_refused(server_process):
-    proc, url, tmp = server_process
+    _proc, url, tmp = server_process
     for token in ("wrong-token", "", None, 12345, TOKEN[:-1], TOKEN + "x"):
         fields = {"kind": "info"} if token is None else {"kind": "info", "token": token}
         reply = raw_exchange(url, pack({"v": 1, **fields}))
@@ -158,7 +180,7 @@ def test_wrong_or_missing_token_refused(server_process):
 
 
 def test_garbage_oversized_and_truncated_messages(server_process):
-    proc, url, tmp = server_process
+    proc, url, _tmp = server_process
     # an HTTP request: its first 4 bytes read as a ~1.2 GB length -> refused before reading
     reply = raw_exchange(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply["error"]["type"] == "too_large" and "65536" in reply["error"]["message"]
@@ -171,7 +193,10 @@ def test_garbage_oversized_and_truncated_messages(server_process):
     for body in (b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'{"token": NaN}', b"", b"{" * 5000):
         reply = raw_exchange(url, struct.pack(">I", len(body)) + body)
         if body:
-            assert reply["status"] == "error" and reply["error"]["type"] in ("bad_request", "auth"), body[:20]
+            assert reply["status"] == "error" and reply["error"]["type"] in (
+                "bad_request",
+                "auth",
+            ), body[:20]
         assert healthy(url)
     # truncated frame, then the peer disappears
     raw_exchange(url, struct.pack(">I", 1000) + b"x" * 10, read_reply=False)
@@ -185,7 +210,7 @@ def test_garbage_oversized_and_truncated_messages(server_process):
 
 
 def test_stalled_connection_does_not_block_others(server_process):
-    proc, url, _ = server_process
+    _proc, url, _ = server_process
     with socket.create_connection(_addr(url)) as stalled:
         stalled.sendall(struct.pack(">I", 500) + b'{"tok')  # a slow client, mid-frame
         assert healthy(url)
@@ -193,19 +218,37 @@ def test_stalled_connection_does_not_block_others(server_process):
         assert remote.query(describe(remote).start(0), np.full((2, 4), 0.5)).shape == (2, 3)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-                    | st.text(max_size=20),
-                    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
-                    max_leaves=30)
-ARRAYISH = st.one_of(JSON, st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=14),
-                     st.lists(st.lists(st.floats(-2, 2), min_size=4, max_size=4), max_size=3),
-                     st.fixed_dictionaries({"dtype": st.sampled_from(["<f8", "float64", "int8", 3]),
-                                            "shape": st.lists(st.integers(-1, 14), max_size=3),
-                                            "b64": st.text(max_size=40)}))
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
+    max_leaves=30,
+)
+ARRAYISH = st.one_of(
+    JSON,
+    st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=14),
+    st.lists(st.lists(st.floats(-2, 2), min_size=4, max_size=4), max_size=3),
+    st.fixed_dictionaries(
+        {
+            "dtype": st.sampled_from(["<f8", "float64", "int8", 3]),
+            "shape": st.lists(st.integers(-1, 14), max_size=3),
+            "b64": st.text(max_size=40),
+        }
+    ),
+)
 MESSAGES = st.fixed_dictionaries(
     {"kind": st.sampled_from(["info", "query", "stats", "nope"]) | JSON},
-    optional={"token": st.sampled_from([TOKEN, "bad"]) | JSON, "v": st.sampled_from([1, 2]) | JSON,
-              "id": st.sampled_from(["a:1", "a:2"]) | JSON, "theta": ARRAYISH, "x": ARRAYISH})
+    optional={
+        "token": st.sampled_from([TOKEN, "bad"]) | JSON,
+        "v": st.sampled_from([1, 2]) | JSON,
+        "id": st.sampled_from(["a:1", "a:2"]) | JSON,
+        "theta": ARRAYISH,
+        "x": ARRAYISH,
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -215,24 +258,35 @@ def fuzz_server():
     srv.close()
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.binary(max_size=300))
 def test_random_bytes_leave_server_up(fuzz_server, data):
-    try:
-        raw_exchange(fuzz_server.url, data, read_reply=bool(data) and len(data) >= 4 and
-                     struct.unpack(">I", data[:4])[0] <= len(data) - 4, timeout=2.0)
-    except socket.timeout:
-        pass
+    with contextlib.suppress(TimeoutError):
+        raw_exchange(
+            fuzz_server.url,
+            data,
+            read_reply=bool(data)
+            and len(data) >= 4
+            and struct.unpack(">I", data[:4])[0] <= len(data) - 4,
+            timeout=2.0,
+        )
     assert healthy(fuzz_server.url) and fuzz_server.stats["internal_errors"] == 0
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(msg=MESSAGES)
 def test_random_messages_leave_server_up(fuzz_server, msg):
     reply = raw_exchange(fuzz_server.url, pack(msg))
     assert reply is not None and reply["status"] in ("ok", "error")
     if reply["status"] == "error":
-        assert reply["error"]["type"] in ("auth", "bad_request", "contract") and reply["error"]["message"]
+        assert (
+            reply["error"]["type"] in ("auth", "bad_request", "contract")
+            and reply["error"]["message"]
+        )
     assert healthy(fuzz_server.url) and fuzz_server.stats["internal_errors"] == 0
 
 
@@ -241,7 +295,10 @@ def test_random_messages_leave_server_up(fuzz_server, msg):
 # --------------------------------------------------------------------------------------
 def _query_fields(info, i=0, batch=3):
     rng = np.random.default_rng(i)
-    return {"theta": encode_array(info.start(i)), "x": encode_array(rng.uniform(0, 1, (batch, info.in_dim)))}
+    return {
+        "theta": encode_array(info.start(i)),
+        "x": encode_array(rng.uniform(0, 1, (batch, info.in_dim))),
+    }
 
 
 def test_retried_id_answered_from_journal(served):
@@ -266,9 +323,11 @@ def test_concurrent_clients_are_served_one_device_call_at_a_time(served):
         try:
             remote = RemoteDevice(srv.url, token=TOKEN)
             for i in range(8):
-                assert remote.query(remote._info.start(k), np.full((2, 4), 0.1 * (i + 1))).shape == (2, 3)
+                assert remote.query(
+                    remote._info.start(k), np.full((2, 4), 0.1 * (i + 1))
+                ).shape == (2, 3)
             remote.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
@@ -284,10 +343,14 @@ def test_retry_while_first_attempt_in_flight_waits_for_it(served):
     dev.mode, dev.after = "gate", 0
     q = _query_fields(srv.info)
     replies = []
-    t = threading.Thread(target=lambda: replies.append(request(srv.url, kind="query", id="g:1", **q)))
+    t = threading.Thread(
+        target=lambda: replies.append(request(srv.url, kind="query", id="g:1", **q))
+    )
     t.start()
     assert dev.reached.wait(10)
-    t2 = threading.Thread(target=lambda: replies.append(request(srv.url, kind="query", id="g:1", **q)))
+    t2 = threading.Thread(
+        target=lambda: replies.append(request(srv.url, kind="query", id="g:1", **q))
+    )
     t2.start()
     time.sleep(0.2)
     assert healthy(srv.url)  # info does not wait for the busy device
@@ -314,7 +377,9 @@ def test_journal_survives_server_kill_and_restart(tmp_path):
         again = request(url, kind="query", id="run:7:abc", **q)
         assert again["journal"] is True and again["y"] == first["y"]
         stats = request(url, kind="stats")["stats"]
-        assert stats["device_calls"] == 0 and stats["journal_hits"] == 1 and stats["journal_rows"] == 1
+        assert (
+            stats["device_calls"] == 0 and stats["journal_hits"] == 1 and stats["journal_rows"] == 1
+        )
     finally:
         stop(proc)
 
@@ -332,7 +397,9 @@ def test_client_reconnects_across_restart_and_reports_a_dead_server(tmp_path):
 
     def restart():
         time.sleep(0.3)
-        box["srv"] = DeviceServer(mrr4(**QUIET), TOKEN, host=host, port=port, journal=journal).start()
+        box["srv"] = DeviceServer(
+            mrr4(**QUIET), TOKEN, host=host, port=port, journal=journal
+        ).start()
 
     threading.Thread(target=restart).start()
     try:
@@ -345,7 +412,9 @@ def test_client_reconnects_across_restart_and_reports_a_dead_server(tmp_path):
         box["srv"].close()
     remote.retries = 2
     t0 = time.perf_counter()
-    with pytest.raises(DeviceConnectionError, match=r"(?s)cannot reach the device server.*serve-device.*--resume"):
+    with pytest.raises(
+        DeviceConnectionError, match=r"(?s)cannot reach the device server.*serve-device.*--resume"
+    ):
         remote.query(theta, x)
     assert time.perf_counter() - t0 < 5 and isinstance(DeviceConnectionError("x"), ConnectionError)
 
@@ -353,12 +422,15 @@ def test_client_reconnects_across_restart_and_reports_a_dead_server(tmp_path):
 # --------------------------------------------------------------------------------------
 # faults through the metered device and through training
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode,msg", [
-    ("raise", "device.query raised OSError: instrument timeout on channel 3"),
-    ("nan", "non-finite"),
-    ("shape", r"returned shape \(5, 2\)"),
-    ("hang", r"no reply to query .* within 0.5 s"),
-])
+@pytest.mark.parametrize(
+    "mode,msg",
+    [
+        ("raise", "device.query raised OSError: instrument timeout on channel 3"),
+        ("nan", "non-finite"),
+        ("shape", r"returned shape \(5, 2\)"),
+        ("hang", r"no reply to query .* within 0.5 s"),
+    ],
+)
 def test_faulty_served_device_gives_clear_error_and_bad_ledger_row(served, tmp_path, mode, msg):
     srv, dev = served
     dev.mode, dev.after = mode, 1
@@ -374,7 +446,11 @@ def test_faulty_served_device_gives_clear_error_and_bad_ledger_row(served, tmp_p
         assert time.perf_counter() - t0 < 5
         assert isinstance(err.value, DeviceTimeoutError) == (mode == "hang")
         rows = list(ledger.rows())
-        assert [r.ok for r in rows] == [True, False] and re.search(msg, rows[1].error) and rows[1].y is None
+        assert (
+            [r.ok for r in rows] == [True, False]
+            and re.search(msg, rows[1].error)
+            and rows[1].y is None
+        )
         assert ledger.counts()["settings"] == 2
     dev.release.set()
     assert healthy(srv.url)
@@ -386,13 +462,30 @@ def test_training_on_faulty_device_fails_clearly_and_resumes(served, tmp_path, m
     dev.mode, dev.after = "nan", 6
     out = tmp_path / "run"
     with pytest.raises(DeviceOutputError, match="non-finite"):
-        bs.train(srv.url, task="iris", method="spsa", budget=40, out=out, progress=False, device_kw={"timeout": 5.0})
+        bs.train(
+            srv.url,
+            task="iris",
+            method="spsa",
+            budget=40,
+            out=out,
+            progress=False,
+            device_kw={"timeout": 5.0},
+        )
     with Ledger(out / "ledger.sqlite") as ledger:
         rows = list(ledger.rows())
-    assert len(rows) == 7 and all(r.ok for r in rows[:6]) and not rows[6].ok and "non-finite" in rows[6].error
+    assert (
+        len(rows) == 7
+        and all(r.ok for r in rows[:6])
+        and not rows[6].ok
+        and "non-finite" in rows[6].error
+    )
     dev.mode = None  # the instrument is fixed
     result = bs.resume(out, progress=False)
-    assert result["replayed_settings"] == 6 and result["bad_queries"] == 1 and result["settings_used"] <= 40
+    assert (
+        result["replayed_settings"] == 6
+        and result["bad_queries"] == 1
+        and result["settings_used"] <= 40
+    )
     with Ledger(out / "ledger.sqlite") as ledger:
         assert ledger.counts()["rows"] == result["settings_used"] + result["eval_settings"]
 
@@ -401,8 +494,15 @@ def test_token_is_never_written_to_the_run(served, tmp_path, monkeypatch):
     srv, _ = served
     monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
     out = tmp_path / "run"
-    result = bs.train(srv.url, task="iris", method="spsa", budget=12, out=out, progress=False,
-                      device_kw={"token": TOKEN, "timeout": 5.0})
+    result = bs.train(
+        srv.url,
+        task="iris",
+        method="spsa",
+        budget=12,
+        out=out,
+        progress=False,
+        device_kw={"token": TOKEN, "timeout": 5.0},
+    )
     assert result["settings_used"] <= 12
     for path in out.iterdir():
         assert TOKEN.encode() not in path.read_bytes(), path.name
@@ -412,16 +512,23 @@ def test_token_is_never_written_to_the_run(served, tmp_path, monkeypatch):
 def test_device_object_reusable_after_a_run(served, tmp_path):
     srv, dev = served
     remote = RemoteDevice(srv.url, token=TOKEN, timeout=5.0)
-    result = bs.train(remote, task="iris", method="spsa", budget=12, out=tmp_path / "run", progress=False)
+    result = bs.train(
+        remote, task="iris", method="spsa", budget=12, out=tmp_path / "run", progress=False
+    )
     assert result["settings_used"] <= 12
     calls = dev.calls
-    assert bs.evaluate(result, remote)["accuracy"] >= 0  # the run's ledger is closed: ids fall back to the client's
+    assert (
+        bs.evaluate(result, remote)["accuracy"] >= 0
+    )  # the run's ledger is closed: ids fall back to the client's
     assert dev.calls > calls and remote.last_request_id.count(":") == 1
 
 
 def test_cli_serve_device_requires_a_token(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
-    assert main(["serve-device", "--device", "mrr", "--port", "0", "--journal", str(tmp_path / "j")]) == 2
+    assert (
+        main(["serve-device", "--device", "mrr", "--port", "0", "--journal", str(tmp_path / "j")])
+        == 2
+    )
     assert "needs a token" in capsys.readouterr().err
 
 
@@ -440,4 +547,6 @@ def test_idle_and_unauthenticated_connections_are_closed(monkeypatch):
         time.sleep(1.0)  # past the idle timeout: the server drops the kept-alive connection
         t0 = time.perf_counter()
         remote.query(theta, x)
-        assert remote.reconnects == 1 and time.perf_counter() - t0 < 0.5  # reconnected at once, no backoff
+        assert (
+            remote.reconnects == 1 and time.perf_counter() - t0 < 0.5
+        )  # reconnected at once, no backoff

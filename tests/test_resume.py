@@ -7,6 +7,7 @@ the trainer never received. Each run is compared, row by row, with an uninterrup
 run on a fresh, identical chip: with read noise on, identical outputs mean the device was
 called in exactly the same sequence, so nothing was re-measured or lost.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ TRAIN = ["--task", "iris", "--method", "spsa", "--budget", str(BUDGET), "--seed"
 
 def trainer(args, **popen):
     env = {**os.environ, "BLACKBOX_SAT_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "blackbox_sat.cli", "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "blackbox_sat.cli", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
 
 
 def finish(proc, timeout=120):
@@ -55,15 +62,28 @@ def reference_run(tmp_path, device_kw=None):
     """The same training, uninterrupted, on a fresh identical chip; returns (rows, device calls)."""
     dev = Faulty(mrr4(**(device_kw or {})))
     with DeviceServer(dev, TOKEN) as srv:
-        bs.train(srv.url, task="iris", method="spsa", budget=BUDGET, seed=0, out=tmp_path / "ref", progress=False,
-                 device_kw={"token": TOKEN})
+        bs.train(
+            srv.url,
+            task="iris",
+            method="spsa",
+            budget=BUDGET,
+            seed=0,
+            out=tmp_path / "ref",
+            progress=False,
+            device_kw={"token": TOKEN},
+        )
     return ledger_rows(tmp_path / "ref" / "ledger.sqlite"), dev.calls
 
 
 def assert_same_queries(rows, ref, compare_y=True):
     assert len(rows) == len(ref)
     for a, b in zip(rows, ref):
-        assert a.ok and a.purpose == b.purpose and np.array_equal(a.theta, b.theta) and np.array_equal(a.x, b.x)
+        assert (
+            a.ok
+            and a.purpose == b.purpose
+            and np.array_equal(a.theta, b.theta)
+            and np.array_equal(a.x, b.x)
+        )
         if compare_y:
             assert np.array_equal(a.y, b.y)
 
@@ -100,7 +120,9 @@ def test_sigkill_trainer_mid_query_then_resume(tmp_path, monkeypatch, capsys):
     dev = Faulty(mrr4(), mode="gate", after=60)
     out = tmp_path / "run"
     with DeviceServer(dev, TOKEN, journal=journal) as srv:
-        proc = trainer(["--device", srv.url, "--device-kw", "timeout=60", "--out", str(out), *TRAIN])
+        proc = trainer(
+            ["--device", srv.url, "--device-kw", "timeout=60", "--out", str(out), *TRAIN]
+        )
         try:
             assert dev.reached.wait(90), finish(proc, 1)
             os.kill(proc.pid, signal.SIGKILL)
@@ -111,7 +133,9 @@ def test_sigkill_trainer_mid_query_then_resume(tmp_path, monkeypatch, capsys):
         rows_at_kill = len(ledger_rows(out / "ledger.sqlite"))
         assert rows_at_kill == 60 and not (out / "result.json").exists()
         calls_before = dev.calls
-        monkeypatch.setenv("BLACKBOX_SAT_TOKEN", TOKEN)  # the token is read from the environment on resume
+        monkeypatch.setenv(
+            "BLACKBOX_SAT_TOKEN", TOKEN
+        )  # the token is read from the environment on resume
         assert main(["train", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
         stats = dict(srv.stats)
     result = bs.resume(out)  # finished: just reads result.json
@@ -124,8 +148,10 @@ def test_sigkill_trainer_mid_query_then_resume(tmp_path, monkeypatch, capsys):
     assert lost == 0 and re_measured == 0 and stats["journal_hits"] == 1
     assert result["replayed_settings"] == 60 and result["settings_used"] <= BUDGET
     assert len(rows) == result["settings_used"] + result["eval_settings"]
-    print(f"\nkill/resume: rows at kill {rows_at_kill}, device calls before resume {calls_before}, queries lost {lost}, "
-          f"settings re-measured after resume {re_measured}, in-flight query from journal {stats['journal_hits']}")
+    print(
+        f"\nkill/resume: rows at kill {rows_at_kill}, device calls before resume {calls_before}, queries lost {lost}, "
+        f"settings re-measured after resume {re_measured}, in-flight query from journal {stats['journal_hits']}"
+    )
 
 
 def test_server_restart_mid_run_is_ridden_out(tmp_path):
@@ -136,8 +162,21 @@ def test_server_restart_mid_run_is_ridden_out(tmp_path):
     srv_a = DeviceServer(dev_a, TOKEN, journal=journal).start()
     host, port = srv_a.address
     out = tmp_path / "run"
-    proc = trainer(["--device", srv_a.url, "--device-kw", "retries=30", "--device-kw", "backoff=0.05",
-                    "--device-kw", "max_backoff=0.2", "--out", str(out), *TRAIN])
+    proc = trainer(
+        [
+            "--device",
+            srv_a.url,
+            "--device-kw",
+            "retries=30",
+            "--device-kw",
+            "backoff=0.05",
+            "--device-kw",
+            "max_backoff=0.2",
+            "--out",
+            str(out),
+            *TRAIN,
+        ]
+    )
     srv_b = None
     try:
         assert dev_a.reached.wait(90), finish(proc, 1)
@@ -147,7 +186,7 @@ def test_server_restart_mid_run_is_ridden_out(tmp_path):
         wait_for(lambda: len(srv_a.journal) == 41)
         dev_b = Faulty(mrr4(**QUIET))
         srv_b = DeviceServer(dev_b, TOKEN, host=host, port=port, journal=journal).start()
-        rc, stdout, stderr = finish(proc)
+        rc, _stdout, stderr = finish(proc)
         assert rc == 0, stderr
     finally:
         dev_a.release.set()
@@ -169,17 +208,30 @@ def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, 
     srv_a = DeviceServer(dev_a, TOKEN, journal=journal).start()
     host, port = srv_a.address
     out = tmp_path / "run"
-    proc = trainer(["--device", srv_a.url, "--device-kw", "retries=2", "--device-kw", "backoff=0.05",
-                    "--out", str(out), *TRAIN])
+    proc = trainer(
+        [
+            "--device",
+            srv_a.url,
+            "--device-kw",
+            "retries=2",
+            "--device-kw",
+            "backoff=0.05",
+            "--out",
+            str(out),
+            *TRAIN,
+        ]
+    )
     try:
         assert dev_a.reached.wait(90), finish(proc, 1)
         srv_a.close()
         dev_a.release.set()
-        rc, stdout, stderr = finish(proc)
+        rc, _stdout, stderr = finish(proc)
     finally:
         dev_a.release.set()
         stop(proc)
-    assert rc == 2 and "cannot reach the device server" in stderr and f"train --resume {out}" in stderr, stderr
+    assert (
+        rc == 2 and "cannot reach the device server" in stderr and f"train --resume {out}" in stderr
+    ), stderr
     rows = ledger_rows(out / "ledger.sqlite")
     assert len(rows) == 31 and all(r.ok for r in rows[:30]) and not rows[30].ok
     assert "DeviceConnectionError" in rows[30].error
@@ -208,13 +260,33 @@ def test_sigkill_server_process_mid_run(tmp_path):
     server, url = start_server_process(tmp_path, device=device, journal=journal)
     port = url.rsplit(":", 1)[1]
     out = tmp_path / "run"
-    proc = trainer(["--device", url, "--device-kw", "retries=40", "--device-kw", "backoff=0.1",
-                    "--device-kw", "max_backoff=0.5", "--out", str(out), *TRAIN])
+    proc = trainer(
+        [
+            "--device",
+            url,
+            "--device-kw",
+            "retries=40",
+            "--device-kw",
+            "backoff=0.1",
+            "--device-kw",
+            "max_backoff=0.5",
+            "--out",
+            str(out),
+            *TRAIN,
+        ]
+    )
     try:
-        wait_for(lambda: (out / "ledger.sqlite").exists() and len(ledger_rows(out / "ledger.sqlite")) >= 50, 90)
+        wait_for(
+            lambda: (
+                (out / "ledger.sqlite").exists() and len(ledger_rows(out / "ledger.sqlite")) >= 50
+            ),
+            90,
+        )
         os.kill(server.pid, signal.SIGKILL)
         stop(server)
-        server, _ = start_server_process(tmp_path, device=device, journal=journal, port=int(port), name="server2")
+        server, _ = start_server_process(
+            tmp_path, device=device, journal=journal, port=int(port), name="server2"
+        )
         rc, _, stderr = finish(proc)
         assert rc == 0, stderr
     finally:

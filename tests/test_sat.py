@@ -1,5 +1,6 @@
 """SAT optimizer: exact perturbation formula, base step at the perturbed gradient, projection,
 and the behavioural claim (SAT ends in a flat minimum where Adam ends in a sharp one)."""
+
 from __future__ import annotations
 
 import math
@@ -66,10 +67,17 @@ def test_first_step_perturbation_matches_formula(adaptive):
     reported = np.concatenate([e.numpy().ravel() for e in opt.perturbation()])
     np.testing.assert_allclose(reported, s * eps_u, rtol=1e-12, atol=1e-15)
     # The pure function gives the same (structure preserved).
-    eps = sat_perturbation([p1.grad, p2.grad], rho, list(SCALES), adaptive,
-                           theta=[torch.tensor(theta[:3]), torch.tensor(theta[3:]).reshape(2, 2)])
+    eps = sat_perturbation(
+        [p1.grad, p2.grad],
+        rho,
+        list(SCALES),
+        adaptive,
+        theta=[torch.tensor(theta[:3]), torch.tensor(theta[3:]).reshape(2, 2)],
+    )
     assert [e.shape for e in eps] == [p1.shape, p2.shape]
-    np.testing.assert_allclose(np.concatenate([e.numpy().ravel() for e in eps]), s * eps_u, rtol=1e-12)
+    np.testing.assert_allclose(
+        np.concatenate([e.numpy().ravel() for e in eps]), s * eps_u, rtol=1e-12
+    )
 
 
 def test_scale_is_not_ignored():

@@ -1,4 +1,5 @@
 """Sharpness measures against analytic values on quadratics and linear losses."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,9 @@ def test_top_eigenvalue_in_normalized_coordinates():
     sas = np.diag(SCALE) @ a @ np.diag(SCALE)
     want = np.linalg.eigvalsh(sas)[-1]
     assert abs(want - np.linalg.eigvalsh(a)[-1]) > 0.1 * want  # the scale matters here
-    lam = top_hessian_eigenvalue(_quad(a), torch.zeros(6, dtype=DT), scale=SCALE, iters=50, tol=1e-6)
+    lam = top_hessian_eigenvalue(
+        _quad(a), torch.zeros(6, dtype=DT), scale=SCALE, iters=50, tol=1e-6
+    )
     assert lam == pytest.approx(want, rel=0.01)
 
 
@@ -72,7 +75,9 @@ def test_worst_case_loss_of_linear_loss_is_exact():
     theta = torch.tensor([0.1, 0.2, 0.3], dtype=DT)
     f = lambda x: w @ x  # noqa: E731
     got = worst_case_loss(f, theta, 0.2, scale=s, n_random=0)
-    assert got == pytest.approx(float(f(theta)) + 0.2 * float(torch.linalg.vector_norm(w * s)), rel=1e-12)
+    assert got == pytest.approx(
+        float(f(theta)) + 0.2 * float(torch.linalg.vector_norm(w * s)), rel=1e-12
+    )
     gap = sharpness_gap(f, theta, 0.2, scale=s)
     assert gap == pytest.approx(0.2 * float(torch.linalg.vector_norm(w * s)), rel=1e-10)
     assert worst_case_loss(f, theta, 0.0) == pytest.approx(float(f(theta)))

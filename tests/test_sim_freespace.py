@@ -1,4 +1,5 @@
 """The ``freespace`` simulator: contract, chip identity, views, misalignment and gradients."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,14 +43,18 @@ def test_contract_members_and_shapes():
     assert info.theta0.shape == (30,) and np.all((info.theta0 >= 0) & (info.theta0 <= 1))
     y = dev.query(_theta(dev), _x(dev, 7))
     assert y.shape == (7, 3) and y.dtype == np.float64
-    out = dev.true_model()(torch.zeros(30, dtype=torch.float32), torch.ones(2, 5, dtype=torch.float64))
+    out = dev.true_model()(
+        torch.zeros(30, dtype=torch.float32), torch.ones(2, 5, dtype=torch.float64)
+    )
     assert out.dtype == torch.float32 and out.shape == (2, 3)
 
 
 def test_query_equals_true_model_without_noise():
     dev = freespace(rotation=1.0, shift=0.5, scale=1.02, **EXACT)
     theta, x = _theta(dev), _x(dev)
-    np.testing.assert_allclose(dev.query(theta, x), _run(dev.true_model(), theta, x), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(
+        dev.query(theta, x), _run(dev.true_model(), theta, x), rtol=0, atol=1e-10
+    )
 
 
 def test_default_read_noise_level_and_display_range():
@@ -60,7 +65,7 @@ def test_default_read_noise_level_and_display_range():
     assert abs(residual.std() / (0.003 * dev.in_dim) - 1) < 0.05
     noisy = freespace(noise=0.0, programming_noise=0.05)
     applied = noisy.applied_setting(np.ones(noisy.n_params))
-    assert applied.max() <= 1.0 and applied.min() < 1.0     # programming noise, clipped to the display
+    assert applied.max() <= 1.0 and applied.min() < 1.0  # programming noise, clipped to the display
 
 
 def test_same_seed_same_chip_and_sigma_rescales_the_draw():
@@ -68,9 +73,16 @@ def test_same_seed_same_chip_and_sigma_rescales_the_draw():
     theta, x = _theta(a), _x(a)
     np.testing.assert_array_equal(_run(a.true_model(), theta, x), _run(b.true_model(), theta, x))
     assert np.abs(_run(a.true_model(), theta, x) - _run(c.true_model(), theta, x)).max() > 1e-3
-    small, big = freespace(seed=3, sigma=0.01), freespace(seed=3, sigma=0.05, rotation=2.0, shift=1.0)
-    np.testing.assert_allclose(np.log(big.pixel_gain), 5 * np.log(small.pixel_gain), rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(np.log(big.detector_gain), 5 * np.log(small.detector_gain), rtol=1e-9, atol=1e-14)
+    small, big = (
+        freespace(seed=3, sigma=0.01),
+        freespace(seed=3, sigma=0.05, rotation=2.0, shift=1.0),
+    )
+    np.testing.assert_allclose(
+        np.log(big.pixel_gain), 5 * np.log(small.pixel_gain), rtol=1e-9, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        np.log(big.detector_gain), 5 * np.log(small.detector_gain), rtol=1e-9, atol=1e-14
+    )
     assert 0.025 < np.log(freespace().pixel_gain).std() < 0.035
 
 
@@ -95,7 +107,12 @@ def test_perturbations_act_on_the_true_model_only():
     ref = freespace()
     theta, x = _theta(ref), _x(ref)
     nominal = _run(ref.nominal_model(), theta, x)
-    for kw in (dict(), dict(sigma=0.0, rotation=1.0), dict(sigma=0.0, shift=1.0), dict(sigma=0.0, scale=1.05)):
+    for kw in (
+        dict(),
+        dict(sigma=0.0, rotation=1.0),
+        dict(sigma=0.0, shift=1.0),
+        dict(sigma=0.0, scale=1.05),
+    ):
         dev = freespace(**kw)
         np.testing.assert_array_equal(_run(dev.nominal_model(), theta, x), nominal)
         assert np.abs(_run(dev.true_model(), theta, x) - nominal).max() > 1e-3, kw
@@ -105,7 +122,7 @@ def test_identity_warp_is_exact():
     dev = freespace(pixels_per_weight=3)
     image = np.random.default_rng(0).uniform(size=(dev.height, dev.width))
     np.testing.assert_array_equal(dev.warp(image), image)
-    index, weight = bilinear_taps(dev.height, dev.width)
+    _index, weight = bilinear_taps(dev.height, dev.width)
     np.testing.assert_array_equal(weight.sum(1), 1.0)
 
 
@@ -118,9 +135,11 @@ def test_one_pixel_shift_moves_a_bright_block_by_one_pixel():
     # seen by the detectors: a quarter of the block's light moves into each neighbouring cell
     cells = dev.cells(_one_block(dev, 5, 7))
     p = dev.p
-    assert cells[5, 7] == pytest.approx((p - 1) ** 2 / p ** 2)
-    assert cells[6, 7] == pytest.approx((p - 1) / p ** 2) and cells[5, 8] == pytest.approx((p - 1) / p ** 2)
-    assert cells[6, 8] == pytest.approx(1 / p ** 2) and cells.sum() == pytest.approx(1.0)
+    assert cells[5, 7] == pytest.approx((p - 1) ** 2 / p**2)
+    assert cells[6, 7] == pytest.approx((p - 1) / p**2) and cells[5, 8] == pytest.approx(
+        (p - 1) / p**2
+    )
+    assert cells[6, 8] == pytest.approx(1 / p**2) and cells.sum() == pytest.approx(1.0)
     # a shift along x only
     only_x = freespace(sigma=0.0, shift=(1.0, 0.0))
     cells = only_x.cells(_one_block(only_x, 5, 7))
@@ -131,7 +150,13 @@ def test_rotation_and_scale_blend_neighbours_and_change_outputs():
     base = freespace()
     theta, x = _theta(base), _x(base)
     y = _run(base.true_model(), theta, x)
-    for kw in (dict(rotation=0.5), dict(rotation=2.0), dict(scale=1.025), dict(scale=1.1), dict(shift=0.5)):
+    for kw in (
+        dict(rotation=0.5),
+        dict(rotation=2.0),
+        dict(scale=1.025),
+        dict(scale=1.1),
+        dict(shift=0.5),
+    ):
         dev = base.sibling(**kw)
         assert np.abs(_run(dev.true_model(), theta, x) - y).mean() > 1e-3, kw
     # rotation about the centre: a block at the centre barely moves, a corner block moves more
@@ -163,7 +188,7 @@ def test_theta0_is_the_datasheet_start_pattern():
 def test_nonlinearity_saturates_both_views():
     lin, sat = freespace(sigma=0.0), freespace(sigma=0.0, nonlinearity=True)
     theta = np.zeros(lin.n_params)
-    theta[: lin.in_dim] = 1.0                               # positive row of output 0 fully open
+    theta[: lin.in_dim] = 1.0  # positive row of output 0 fully open
     x = np.ones((1, lin.in_dim))
     assert _run(lin.true_model(), theta, x)[0, 0] == pytest.approx(16.0)
     assert _run(sat.true_model(), theta, x)[0, 0] == pytest.approx(4 * (1 - np.exp(-4)))

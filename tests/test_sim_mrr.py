@@ -1,4 +1,5 @@
 """The ``mrr`` simulator: contract, chip identity, views, drift physics and gradients."""
+
 import numpy as np
 import torch
 
@@ -18,7 +19,9 @@ def _x(dev, n=64, seed=1):
 
 def _true(dev, theta, x, dtype=torch.float64):
     with torch.no_grad():
-        return dev.true_model()(torch.as_tensor(theta, dtype=dtype), torch.as_tensor(x, dtype=dtype)).numpy()
+        return dev.true_model()(
+            torch.as_tensor(theta, dtype=dtype), torch.as_tensor(x, dtype=dtype)
+        ).numpy()
 
 
 def test_contract_members_and_shapes():
@@ -35,7 +38,9 @@ def test_contract_members_and_shapes():
     y = dev.query(_theta(dev), _x(dev, 7))
     assert y.shape == (7, 3) and y.dtype == np.float64
     # the model is computed in theta's dtype
-    out = dev.true_model()(torch.zeros(15, dtype=torch.float32), torch.ones(2, 5, dtype=torch.float64))
+    out = dev.true_model()(
+        torch.zeros(15, dtype=torch.float32), torch.ones(2, 5, dtype=torch.float64)
+    )
     assert out.dtype == torch.float32 and out.shape == (2, 3)
 
 
@@ -46,7 +51,7 @@ def test_query_equals_true_model_without_noise():
 
 
 def test_default_read_noise_level():
-    dev = mrr(programming_noise=0.0, dac_bits=None)   # read noise at its default only
+    dev = mrr(programming_noise=0.0, dac_bits=None)  # read noise at its default only
     theta, x = _theta(dev), _x(dev, 2000)
     residual = dev.query(theta, x) - _true(dev, theta, x)
     assert dev.full_scale == dev.in_dim
@@ -63,8 +68,12 @@ def test_same_seed_same_chip_and_sigma_rescales_the_draw():
     assert np.abs(_true(a, theta, x) - _true(c, theta, x)).max() > 0.1
     small, big = mrr(seed=3, sigma=0.1), mrr(seed=3, sigma=0.6, drift=0.5, crosstalk=0.0)
     np.testing.assert_allclose(big.resonance_offset, 6 * small.resonance_offset, rtol=1e-12)
-    np.testing.assert_allclose(np.log(big.heater_gain), 6 * np.log(small.heater_gain), rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(np.log(big.linewidth / FWHM), 6 * np.log(small.linewidth / FWHM), rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(
+        np.log(big.heater_gain), 6 * np.log(small.heater_gain), rtol=1e-9, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        np.log(big.linewidth / FWHM), 6 * np.log(small.linewidth / FWHM), rtol=1e-9, atol=1e-14
+    )
     assert np.all(small.resonance_offset != 0)
 
 
@@ -86,9 +95,10 @@ def test_nominal_equals_true_only_without_errors():
         np.testing.assert_allclose(_true(clean, theta, x), nominal, rtol=0, atol=1e-12)
         for kw in (dict(), dict(sigma=0.0, drift=0.1), dict(sigma=0.1)):
             dev = mrr(crosstalk=xt, **kw)
-            with torch.no_grad():   # the nominal view never sees fabrication errors or drift
-                np.testing.assert_allclose(dev.nominal_model()(torch.as_tensor(theta), torch.as_tensor(x)).numpy(),
-                                           nominal)
+            with torch.no_grad():  # the nominal view never sees fabrication errors or drift
+                np.testing.assert_allclose(
+                    dev.nominal_model()(torch.as_tensor(theta), torch.as_tensor(x)).numpy(), nominal
+                )
             assert np.abs(_true(dev, theta, x) - nominal).max() > 1e-3, kw
     with torch.no_grad():
         a = mrr(crosstalk=0.0).nominal_model()(torch.as_tensor(theta), torch.as_tensor(x)).numpy()
@@ -103,7 +113,9 @@ def test_weights_span_minus_one_to_one_and_stay_in_range():
         assert w.min() >= -1 and w.max() <= 1
     # one nominal ring swept over the heater range: through resonance, far off on both sides
     ring = mrr(in_dim=1, out_dim=1)
-    sweep = np.array([ring.weights(np.array([i]), nominal=True)[0, 0] for i in np.linspace(0, I_MAX, 501)])
+    sweep = np.array(
+        [ring.weights(np.array([i]), nominal=True)[0, 0] for i in np.linspace(0, I_MAX, 501)]
+    )
     assert sweep.max() > 0.999 and sweep[0] < -0.85 and sweep[-1] < -0.85
     peak = np.linspace(0, I_MAX, 501)[sweep.argmax()]
     assert 0.2 * I_MAX < peak < 0.9 * I_MAX
@@ -111,9 +123,11 @@ def test_weights_span_minus_one_to_one_and_stay_in_range():
 
 def test_theta0_is_the_datasheet_start_pattern():
     dev, other = mrr(seed=0), mrr(seed=7, sigma=0.5, drift=1.0)
-    np.testing.assert_array_equal(dev.theta0, other.theta0)   # chip-independent
+    np.testing.assert_array_equal(dev.theta0, other.theta0)  # chip-independent
     no_xt = mrr(crosstalk=0.0)  # theta0 inverts an isolated datasheet ring
-    np.testing.assert_allclose(no_xt.weights(no_xt.theta0, nominal=True), start_weights(10, 16), atol=1e-12)
+    np.testing.assert_allclose(
+        no_xt.weights(no_xt.theta0, nominal=True), start_weights(10, 16), atol=1e-12
+    )
     assert np.abs(start_weights(10, 16)).max() <= 0.5 and start_weights(10, 16).std() > 0.1
 
 
@@ -123,12 +137,15 @@ def test_drift_moves_resonances_by_80_pm_per_kelvin():
     np.testing.assert_array_equal(dev.sibling(drift=0.0).weights(dev.theta0), w)
     for drift in (1.0, -1.0):
         change = np.abs(dev.sibling(drift=drift).weights(dev.theta0) - w)
-        assert change.mean() > 0.3, (drift, change.mean())     # about half a linewidth moves weights a lot
+        assert change.mean() > 0.3, (
+            drift,
+            change.mean(),
+        )  # about half a linewidth moves weights a lot
     # exact size of the shift on an error-free ring: drift of 1 K == heater shift of 80 pm
     clean = mrr(sigma=0.0, crosstalk=0.0, in_dim=1, out_dim=1)
     i0 = 1.2
     shifted = clean.sibling(drift=1.0).weights(np.array([i0]))
-    i1 = np.sqrt(i0 ** 2 + THERMAL_SHIFT / 0.1)                  # ETA * R = 0.1 nm/mA^2
+    i1 = np.sqrt(i0**2 + THERMAL_SHIFT / 0.1)  # ETA * R = 0.1 nm/mA^2
     np.testing.assert_allclose(shifted, clean.weights(np.array([i1])), atol=1e-12)
 
 
@@ -136,11 +153,11 @@ def test_crosstalk_reaches_neighbours_on_the_same_bus_only():
     dev = mrr(sigma=0.0, in_dim=4, out_dim=2)
     base = dev.weights(np.zeros(8))
     theta = np.zeros(8)
-    theta[1] = 2.0                                              # bus 0, ring 1
+    theta[1] = 2.0  # bus 0, ring 1
     w = dev.weights(theta)
-    assert np.all(w[0, [0, 2]] != base[0, [0, 2]])              # neighbours heated
-    assert abs(w[0, 0] - base[0, 0]) > abs(w[0, 3] - base[0, 3]) > 0   # decays with distance
-    np.testing.assert_array_equal(w[1], base[1])                # other bus untouched
+    assert np.all(w[0, [0, 2]] != base[0, [0, 2]])  # neighbours heated
+    assert abs(w[0, 0] - base[0, 0]) > abs(w[0, 3] - base[0, 3]) > 0  # decays with distance
+    np.testing.assert_array_equal(w[1], base[1])  # other bus untouched
 
 
 def test_gradients_match_finite_differences():

@@ -1,5 +1,6 @@
 """The ``mzi`` simulator: a Clements mesh against a plain per-MZI reference, unitarity, the
 three views, chip draws, drift, and autograd against finite differences."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ def _reference_u(dev, theta):
                 applied[m + j] += dev.crosstalk * p[m + k]
     applied += dev.phase_offset + dev.beta_j * dev.drift
     u = np.eye(n, dtype=complex)
-    for j, (c, top) in enumerate(layout):
+    for j, (_c, top) in enumerate(layout):
         dcs = []
         for e in dev.bs_error[j]:
             t, k = np.sqrt((1 + e) / 2), np.sqrt((1 - e) / 2)
@@ -43,14 +44,16 @@ def _reference_u(dev, theta):
         ph = lambda a: np.diag([np.exp(1j * a), 1.0])  # noqa: E731
         block = dcs[1] @ ph(applied[j]) @ dcs[0] @ ph(applied[m + j])
         full = np.eye(n, dtype=complex)
-        full[top:top + 2, top:top + 2] = block
+        full[top : top + 2, top : top + 2] = block
         u = full @ u
     return u
 
 
 def _true(dev, theta, x, dtype=torch.float64):
     with torch.no_grad():
-        return dev.true_model()(torch.as_tensor(theta, dtype=dtype), torch.as_tensor(x, dtype=dtype)).numpy()
+        return dev.true_model()(
+            torch.as_tensor(theta, dtype=dtype), torch.as_tensor(x, dtype=dtype)
+        ).numpy()
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 16])
@@ -74,8 +77,17 @@ def test_contract_members(n):
 
 def test_config_and_sibling():
     dev = mzi(seed=3, sigma=0.2, n_modes=6, crosstalk=0.03)
-    for key in ("seed", "sigma", "noise", "n_modes", "drift", "sigma_phase", "crosstalk",
-                "programming_noise", "dac_bits"):
+    for key in (
+        "seed",
+        "sigma",
+        "noise",
+        "n_modes",
+        "drift",
+        "sigma_phase",
+        "crosstalk",
+        "programming_noise",
+        "dac_bits",
+    ):
         assert key in dev.config
     other = dev.sibling(seed=101)
     assert isinstance(other, MZIMesh) and other.n_modes == 6 and other.crosstalk == 0.03
@@ -106,9 +118,10 @@ def test_bar_state_is_identity_on_nominal():
     dev = mzi(n_modes=6, crosstalk=0.0)
     x = _inputs(6, 8)
     with torch.no_grad():
-        y = dev.nominal_model()(torch.full((dev.n_params,), np.pi, dtype=torch.float64),
-                                torch.as_tensor(x)).numpy()
-    np.testing.assert_allclose(y, x ** 2 / (x ** 2).sum(1, keepdims=True), atol=1e-12)
+        y = dev.nominal_model()(
+            torch.full((dev.n_params,), np.pi, dtype=torch.float64), torch.as_tensor(x)
+        ).numpy()
+    np.testing.assert_allclose(y, x**2 / (x**2).sum(1, keepdims=True), atol=1e-12)
 
 
 def test_query_equals_true_model_without_noise():
@@ -185,7 +198,9 @@ def test_drift_is_not_common_mode():
         assert np.abs(_true(dev.sibling(drift=d), theta, x) - base).mean() > 5e-3
     # even a perfectly uniform coefficient is not removable: it enters the splitting ratios
     uniform = mzi(n_modes=16, beta_spread=0.0)
-    assert np.abs(_true(uniform.sibling(drift=1.0), theta, x) - _true(uniform, theta, x)).mean() > 5e-3
+    assert (
+        np.abs(_true(uniform.sibling(drift=1.0), theta, x) - _true(uniform, theta, x)).mean() > 5e-3
+    )
 
 
 def test_periodic():

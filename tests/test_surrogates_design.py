@@ -1,9 +1,16 @@
 """Query design: trust regions, Sobol global points, repeats, inputs per setting, noise."""
+
 import numpy as np
 import pytest
 
-from surrogates.design import (design_settings, estimate_noise, inputs_per_setting, space_filling,
-                               trust_region, wrap)
+from surrogates.design import (
+    design_settings,
+    estimate_noise,
+    inputs_per_setting,
+    space_filling,
+    trust_region,
+    wrap,
+)
 
 LOW = np.array([0.0, -1.0, 0.0, 0.0])
 HIGH = np.array([1.0, 1.0, 2 * np.pi, 10.0])
@@ -28,7 +35,7 @@ def test_trust_region_points_within_radius_and_bounds(method):
 
 
 def test_trust_region_shells_cover_every_distance_from_the_centre():
-    center = np.array([0.02, 0.0, 3.0, 5.0])     # near a bound, too
+    center = np.array([0.02, 0.0, 3.0, 5.0])  # near a bound, too
     periodic = np.array([False, False, True, False])
     box = trust_region(center, 0.05, 512, LOW, HIGH, periodic=periodic, rng=0)
     shells = trust_region(center, 0.05, 512, LOW, HIGH, periodic=periodic, rng=0, spread="shells")
@@ -41,18 +48,18 @@ def test_trust_region_shells_cover_every_distance_from_the_centre():
 
 
 def test_trust_region_clipped_at_a_bound_stays_inside_without_piling_up():
-    center = np.array([0.0, 1.0, 3.0, 10.0])     # on the bounds
+    center = np.array([0.0, 1.0, 3.0, 10.0])  # on the bounds
     pts = trust_region(center, 0.1, 200, LOW, HIGH, rng=1)
     assert np.all((pts >= LOW) & (pts <= HIGH))
-    assert np.mean(pts[:, 0] == 0.0) < 0.05      # intersected box, not clipped points
+    assert np.mean(pts[:, 0] == 0.0) < 0.05  # intersected box, not clipped points
 
 
 def test_trust_region_wraps_periodic_parameters():
     periodic = np.array([False, False, True, False])
-    center = np.array([0.5, 0.0, 0.05, 5.0])     # a phase near 0: the box crosses 0 == 2 pi
+    center = np.array([0.5, 0.0, 0.05, 5.0])  # a phase near 0: the box crosses 0 == 2 pi
     pts = trust_region(center, 0.1, 500, LOW, HIGH, periodic=periodic, rng=2)
     assert np.all((pts[:, 2] >= 0) & (pts[:, 2] < 2 * np.pi))
-    assert np.any(pts[:, 2] > np.pi)             # wrapped round to just below 2 pi
+    assert np.any(pts[:, 2] > np.pi)  # wrapped round to just below 2 pi
     assert np.all(_normalised_distance(pts, center, periodic) <= 0.1 + 1e-12)
 
 
@@ -75,8 +82,9 @@ def test_space_filling_is_seeded_sobol_over_the_box():
 def test_design_settings_global_fraction_and_repeats():
     center = np.array([0.5, 0.0, 3.0, 5.0])
     periodic = np.array([False, False, True, False])
-    d = design_settings(center, 0.02, 200, LOW, HIGH, global_fraction=0.1, repeats=12,
-                        periodic=periodic, seed=4)
+    d = design_settings(
+        center, 0.02, 200, LOW, HIGH, global_fraction=0.1, repeats=12, periodic=periodic, seed=4
+    )
     assert d.settings.shape == (212, 4) and len(d) == 212
     original = ~d.is_repeat
     assert original.sum() == 200 and d.is_repeat.sum() == 12
@@ -84,7 +92,9 @@ def test_design_settings_global_fraction_and_repeats():
     local = original & ~d.is_global
     assert np.all(_normalised_distance(d.settings[local], center, periodic) <= 0.02 + 1e-12)
     # global points go far beyond the trust region
-    assert np.median(_normalised_distance(d.settings[original & d.is_global], center, periodic)) > 0.1
+    assert (
+        np.median(_normalised_distance(d.settings[original & d.is_global], center, periodic)) > 0.1
+    )
     # repeats are identical copies of earlier original rows, distinct ones
     src = d.repeat_of[d.is_repeat]
     assert np.all(src < 200) and np.all(src >= 0) and len(np.unique(src)) == 12
@@ -107,7 +117,7 @@ def test_inputs_per_setting_distinct_rows_within_each_setting():
     for s in range(25):
         assert len(np.unique(idx[s])) == 16
         np.testing.assert_array_equal(xs[s], pool[idx[s]])
-    assert len({tuple(i) for i in idx}) > 1      # settings get different inputs
+    assert len({tuple(i) for i in idx}) > 1  # settings get different inputs
     with pytest.raises(ValueError):
         inputs_per_setting(pool, 2, 41, rng=0)
 
@@ -115,7 +125,7 @@ def test_inputs_per_setting_distinct_rows_within_each_setting():
 def test_estimate_noise_recovers_known_std():
     rng = np.random.default_rng(7)
     sigma = np.array([0.01, 0.1, 1.0])
-    truth = rng.normal(size=(300, 1, 3)) * 5          # a different value per query
+    truth = rng.normal(size=(300, 1, 3)) * 5  # a different value per query
     y = truth + rng.normal(size=(300, 4, 3)) * sigma  # measured 4 times each
     np.testing.assert_allclose(estimate_noise(y), sigma, rtol=0.1)
     flat = y.reshape(-1, 3)

@@ -1,13 +1,14 @@
 """The interferometric family on a synthetic interferometer written here (not the package's
 simulators): it fits near a centre, re-centring is exact, and re-centring plus a warm refit
 follows a moved centre where the stale model and the non-re-centred refit do not."""
+
 import numpy as np
 import pytest
 import torch
 
 from surrogates import InterferometricSurrogate, load_surrogate, make_surrogate
-from surrogates.interferometric import InterferometricStructure, quadratic_readout, readout_matrices
 from surrogates.design import trust_region
+from surrogates.interferometric import InterferometricStructure, quadratic_readout, readout_matrices
 
 N_MODES = 4
 
@@ -19,7 +20,9 @@ class ToyMesh:
     def __init__(self, n_modes=N_MODES, seed=0, sigma=0.1):
         rng = np.random.default_rng(seed)
         self.n = n_modes
-        self.pairs = [(i, i + 1) for layer in range(n_modes) for i in range(layer % 2, n_modes - 1, 2)]
+        self.pairs = [
+            (i, i + 1) for layer in range(n_modes) for i in range(layer % 2, n_modes - 1, 2)
+        ]
         self.n_params = 2 * len(self.pairs)
         self.err = rng.normal(0, sigma, (len(self.pairs), 2))
         self.offset = rng.normal(0, 0.2, self.n_params)
@@ -32,14 +35,21 @@ class ToyMesh:
         for k, (a, b) in enumerate(self.pairs):
             for s in range(2):
                 t, c = np.sqrt((1 + self.err[k, s]) / 2), np.sqrt((1 - self.err[k, s]) / 2)
-                ra = u[..., a, :] * torch.polar(torch.ones_like(th[..., 2 * k + s]), th[..., 2 * k + s])[..., None]
+                ra = (
+                    u[..., a, :]
+                    * torch.polar(torch.ones_like(th[..., 2 * k + s]), th[..., 2 * k + s])[
+                        ..., None
+                    ]
+                )
                 rb = u[..., b, :].clone()
                 u[..., a, :], u[..., b, :] = t * ra + 1j * c * rb, 1j * c * ra + t * rb
         return u
 
     def __call__(self, theta, x):
         """Noise-free intensities ``(m, n)`` for ``theta (m, P)`` and real fields ``x (m, n)``."""
-        field = torch.einsum("mij,mj->mi", self.transfer(theta), torch.as_tensor(x, dtype=torch.complex128))
+        field = torch.einsum(
+            "mij,mj->mi", self.transfer(theta), torch.as_tensor(x, dtype=torch.complex128)
+        )
         return (field.abs() ** 2).numpy()
 
 
@@ -58,8 +68,8 @@ def delta_r2(model, mesh, centre, theta, x):
     return 1 - ((pred - truth) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum()
 
 
-RADIUS = 0.03      # bound widths: +-0.19 rad per phase
-MOVE = 0.1         # bound widths per phase, about 3 trust-region radii
+RADIUS = 0.03  # bound widths: +-0.19 rad per phase
+MOVE = 0.1  # bound widths per phase, about 3 trust-region radii
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +82,30 @@ def problem():
     train1 = measure(mesh, c1, RADIUS, 150, 16, rng)
     test0 = measure(mesh, c0, RADIUS, 40, 16, rng)[:2]
     test1 = measure(mesh, c1, RADIUS, 40, 16, rng)[:2]
-    model = make_surrogate("interferometric", theta_low=mesh.low, theta_high=mesh.high, periodic=True,
-                           max_steps=1500, seed=0).fit(*train0)
+    model = make_surrogate(
+        "interferometric",
+        theta_low=mesh.low,
+        theta_high=mesh.high,
+        periodic=True,
+        max_steps=1500,
+        seed=0,
+    ).fit(*train0)
     return mesh, c0, c1, train1, test0, test1, model
 
 
 def test_fits_near_the_centre(problem):
     mesh, c0, _, _, test0, _, model = problem
-    np.testing.assert_allclose(model.centre, c0, atol=0.05)       # the data's circular mean
-    assert delta_r2(model, mesh, c0, *test0) > 0.85     # measured 0.93-0.95 over three seeds
+    np.testing.assert_allclose(model.centre, c0, atol=0.05)  # the data's circular mean
+    assert delta_r2(model, mesh, c0, *test0) > 0.85  # measured 0.93-0.95 over three seeds
 
 
 def test_recentre_is_exact():
     mesh = ToyMesh(seed=1)
     rng = np.random.default_rng(1)
     theta, x, y = measure(mesh, np.full(mesh.n_params, 1.0), 0.05, 20, 8, rng)
-    model = InterferometricSurrogate(theta_low=mesh.low, theta_high=mesh.high, periodic=True,
-                                     max_steps=20, dtype="float64").fit(theta, x, y)
+    model = InterferometricSurrogate(
+        theta_low=mesh.low, theta_high=mesh.high, periodic=True, max_steps=20, dtype="float64"
+    ).fit(theta, x, y)
     before = model.predict(theta, x)
     model.recentre(np.full(mesh.n_params, 4.0))
     np.testing.assert_allclose(model.centre, 4.0)
@@ -119,7 +136,9 @@ def test_recentre_and_update_follow_a_moved_centre(problem):
 def test_update_without_centre_recentres_on_the_data():
     mesh = ToyMesh(seed=2)
     rng = np.random.default_rng(2)
-    model = InterferometricSurrogate(theta_low=mesh.low, theta_high=mesh.high, periodic=True, max_steps=10)
+    model = InterferometricSurrogate(
+        theta_low=mesh.low, theta_high=mesh.high, periodic=True, max_steps=10
+    )
     model.fit(*measure(mesh, np.full(mesh.n_params, 1.0), 0.02, 10, 4, rng))
     model.update(*measure(mesh, np.full(mesh.n_params, 6.2), 0.02, 10, 4, rng), steps=5)
     # circular mean: 6.2 rad, not a linear mean dragged towards pi
@@ -131,8 +150,9 @@ def test_local_radius_restricts_training_rows():
     rng = np.random.default_rng(3)
     near = measure(mesh, np.full(mesh.n_params, 1.0), 0.02, 10, 4, rng)
     far = measure(mesh, np.full(mesh.n_params, 3.0), 0.02, 10, 4, rng)
-    model = InterferometricSurrogate(theta_low=mesh.low, theta_high=mesh.high, periodic=True,
-                                     max_steps=10, local_radius=0.05)
+    model = InterferometricSurrogate(
+        theta_low=mesh.low, theta_high=mesh.high, periodic=True, max_steps=10, local_radius=0.05
+    )
     model.fit(*near)
     model.update(*far, append=True, centre=np.full(mesh.n_params, 1.0), steps=5)
     assert len(model.data) == 80 and len(model.training_data()) == 40
@@ -142,10 +162,12 @@ def test_non_periodic_parameters_and_linear_readout():
     mesh = ToyMesh(seed=4)
     rng = np.random.default_rng(4)
     theta, x, y = measure(mesh, np.full(mesh.n_params, 2.0), 0.05, 30, 8, rng)
-    model = InterferometricSurrogate(output="linear", n_modes=6, max_steps=50).fit(theta, x, y[:, :3])
+    model = InterferometricSurrogate(output="linear", n_modes=6, max_steps=50).fit(
+        theta, x, y[:, :3]
+    )
     assert model.predict(theta[:5], x[:5]).shape == (5, 3)
-    assert model.model.log_rate.requires_grad is False          # frozen outside training
-    assert torch.all(model.model.rate() != torch.pi)             # learned rates without periodic
+    assert model.model.log_rate.requires_grad is False  # frozen outside training
+    assert torch.all(model.model.rate() != torch.pi)  # learned rates without periodic
 
 
 class UnitPowerMesh(ToyMesh):
@@ -161,14 +183,23 @@ def test_input_power_is_chosen_from_the_data(tmp_path):
     def fitted(mesh, input_power):
         rng = np.random.default_rng(0)
         centre = rng.uniform(0, 2 * np.pi, mesh.n_params)
+
         def draw(n):
             settings = trust_region(centre, RADIUS, n, mesh.low, mesh.high, periodic=True, rng=rng)
             theta = np.repeat(settings, 16, axis=0)
             x = rng.uniform(-1, 1, (len(theta), mesh.n))
             return theta, x, mesh(theta, x) + 1e-3 * rng.normal(size=(len(theta), mesh.n))
+
         train, test = draw(150), draw(40)[:2]
-        model = make_surrogate("interferometric", theta_low=mesh.low, theta_high=mesh.high, periodic=True,
-                               max_steps=1500, seed=0, input_power=input_power).fit(*train)
+        model = make_surrogate(
+            "interferometric",
+            theta_low=mesh.low,
+            theta_high=mesh.high,
+            periodic=True,
+            max_steps=1500,
+            seed=0,
+            input_power=input_power,
+        ).fit(*train)
         return model, delta_r2(model, mesh, centre, *test)
 
     auto, r2_auto = fitted(UnitPowerMesh(), "auto")
@@ -178,9 +209,12 @@ def test_input_power_is_chosen_from_the_data(tmp_path):
     assert r2_auto > 0.8 and r2_auto > r2_free + 0.2, (r2_auto, r2_free)
     plain, _ = fitted(ToyMesh(), "auto")
     assert not bool(plain.model.unit_power)
-    auto.save(tmp_path / "s.pt")     # the choice travels with the model
+    auto.save(tmp_path / "s.pt")  # the choice travels with the model
     loaded = load_surrogate(tmp_path / "s.pt")
-    theta, x = np.zeros((3, auto.n_params)), np.random.default_rng(1).uniform(-1, 1, (3, auto.in_dim))
+    theta, x = (
+        np.zeros((3, auto.n_params)),
+        np.random.default_rng(1).uniform(-1, 1, (3, auto.in_dim)),
+    )
     assert bool(loaded.model.unit_power)
     torch.testing.assert_close(loaded.predict(theta, x), auto.predict(theta, x))
     with pytest.raises(ValueError, match="input_power"):
@@ -201,20 +235,29 @@ def test_the_convex_readout_fit_starts_U0_at_the_measured_transfer(mesh_class):
     w, r2 = quadratic_readout(xt, yt, unit_power=unit)
     assert r2 > 0.999 and quadratic_readout(xt, yt, unit_power=not unit)[1] < 0.99
     a, c = readout_matrices(w, mesh.n, unit)
-    structure = InterferometricStructure(1, mesh.n_params, mesh.n, mesh.n, np.ones(mesh.n_params, bool)).double()
+    structure = InterferometricStructure(
+        1, mesh.n_params, mesh.n, mesh.n, np.ones(mesh.n_params, bool)
+    ).double()
     structure.unit_power.fill_(unit)
     structure.init_readout(a, c)
     pred = structure(torch.zeros(1, 1, mesh.n_params, dtype=torch.float64), xt[None])[0]
-    assert 1 - ((pred - yt) ** 2).sum() / (yt ** 2).sum() > 0.999
+    assert 1 - ((pred - yt) ** 2).sum() / (yt**2).sum() > 0.999
 
 
 def test_the_readout_fit_is_skipped_for_many_inputs():
     from surrogates.interferometric import QUADRATIC_MAX_INPUTS
+
     rng = np.random.default_rng(5)
     d = QUADRATIC_MAX_INPUTS + 1
-    theta, x, y = rng.uniform(0, 1, (64, 3)), rng.uniform(-1, 1, (64, d)), rng.uniform(0, 1, (64, 2))
+    theta, x, y = (
+        rng.uniform(0, 1, (64, 3)),
+        rng.uniform(-1, 1, (64, d)),
+        rng.uniform(0, 1, (64, 2)),
+    )
     for power, unit in (("auto", False), ("fixed", True)):
-        model = InterferometricSurrogate(periodic=True, max_steps=2, input_power=power).fit(theta, x, y)
+        model = InterferometricSurrogate(periodic=True, max_steps=2, input_power=power).fit(
+            theta, x, y
+        )
         assert model.readout_r2 == {} and bool(model.model.unit_power) is unit
 
 
@@ -241,7 +284,7 @@ def test_phase_layers_hold_where_the_first_order_expansion_does_not(tmp_path):
     # Measured 0.64 against 0.44 (0.92 against 0.86 in a box of 0.05).
     assert r2_layers > 0.55 and r2_layers > r2_first + 0.1, (r2_layers, r2_first)
     origin = layers.model.centre.clone()
-    layers.update(*train, steps=1, centre=c0 + 0.3)           # a moved centre moves no origin
+    layers.update(*train, steps=1, centre=c0 + 0.3)  # a moved centre moves no origin
     torch.testing.assert_close(layers.model.centre, origin, rtol=0, atol=0)
     assert delta_r2(layers, mesh, c0, *test) > r2_layers - 0.05
     layers.save(tmp_path / "layers.pt")

@@ -1,4 +1,5 @@
 """Deep-ensemble surrogates: recovery of a known function, uncertainty, gradients, updates."""
+
 import numpy as np
 import pytest
 import torch
@@ -50,10 +51,13 @@ def data():
 # 0.958-0.964; mlp 0.983, 0.975-0.977) with margin for BLAS differences; a model that ignores
 # theta scores ~0 on the theta-part. On this small, strongly nonlinear toy the plain MLP does
 # as well: the hyper family's advantage is in gradients with many parameters.
-@pytest.mark.parametrize("kind, kw, r2_min, dr2_min", [
-    ("hyper", {}, 0.95, 0.93),
-    ("mlp", {"structure_kw": {"hidden": 128}}, 0.95, 0.9),
-])
+@pytest.mark.parametrize(
+    "kind, kw, r2_min, dr2_min",
+    [
+        ("hyper", {}, 0.95, 0.93),
+        ("mlp", {"structure_kw": {"hidden": 128}}, 0.95, 0.9),
+    ],
+)
 def test_recovers_known_smooth_function(data, kind, kw, r2_min, dr2_min):
     train, test = data
     model = make_surrogate(kind, max_steps=1000, lr=1e-2, seed=0, **kw).fit(*train)
@@ -78,8 +82,9 @@ def test_ensemble_std_grows_away_from_the_data():
 def test_gradients_match_finite_differences(kind):
     rng = np.random.default_rng(2)
     theta, x, y = rows(30, 8, rng)
-    model = make_surrogate(kind, max_steps=30, dtype="float64", periodic=[True] + [False] * (P - 1),
-                           seed=2).fit(theta, x, y)
+    model = make_surrogate(
+        kind, max_steps=30, dtype="float64", periodic=[True] + [False] * (P - 1), seed=2
+    ).fit(theta, x, y)
     th = torch.tensor(rng.uniform(-1, 1, P), requires_grad=True)
     xq = torch.tensor(rng.uniform(-1, 1, (7, IN)), requires_grad=True)
     w = torch.tensor(rng.normal(size=(7, OUT)))
@@ -90,19 +95,25 @@ def test_gradients_match_finite_differences(kind):
             return torch.tensor(float((model.predict(t, xx) * w).sum()), dtype=torch.float64)
 
     eps = 1e-6
-    fd_theta = torch.stack([(f(th + eps * e, xq) - f(th - eps * e, xq)) / (2 * eps)
-                            for e in torch.eye(P, dtype=torch.float64)])
+    fd_theta = torch.stack(
+        [
+            (f(th + eps * e, xq) - f(th - eps * e, xq)) / (2 * eps)
+            for e in torch.eye(P, dtype=torch.float64)
+        ]
+    )
     torch.testing.assert_close(g_theta, fd_theta, rtol=1e-5, atol=1e-7)
     e = torch.zeros_like(xq)
     e[3, 2] = eps
-    torch.testing.assert_close(g_x[3, 2], (f(th, xq + e) - f(th, xq - e)) / (2 * eps), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        g_x[3, 2], (f(th, xq + e) - f(th, xq - e)) / (2 * eps), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_float32_gradient_flows_to_a_float64_theta_and_per_row_theta():
     rng = np.random.default_rng(3)
     theta, x, y = rows(30, 8, rng)
     model = make_surrogate("hyper", max_steps=20, seed=3).fit(theta, x, y)
-    th = torch.tensor(theta[0], requires_grad=True)          # float64, broadcast over rows
+    th = torch.tensor(theta[0], requires_grad=True)  # float64, broadcast over rows
     out = model.predict(th, x[:10])
     assert out.dtype == torch.float32 and out.shape == (10, OUT)
     (g,) = torch.autograd.grad(out.sum(), th)
@@ -116,22 +127,24 @@ def test_float32_gradient_flows_to_a_float64_theta_and_per_row_theta():
 
 def test_update_warm_starts_and_improves(data):
     (theta, x, y), test = data
-    model = make_surrogate("hyper", max_steps=150, lr=1e-2, seed=4).fit(theta[:1600], x[:1600], y[:1600])
+    model = make_surrogate("hyper", max_steps=150, lr=1e-2, seed=4).fit(
+        theta[:1600], x[:1600], y[:1600]
+    )
     before = heldout_r2(model, *test)[0]
     norm_loc = model.theta_norm.loc.clone()
     model.update(theta[1600:], x[1600:], y[1600:], append=True, steps=300)
     assert len(model.data) == len(theta)
     assert model.last_report.steps == 300
-    torch.testing.assert_close(model.theta_norm.loc, norm_loc)   # normalisation kept
+    torch.testing.assert_close(model.theta_norm.loc, norm_loc)  # normalisation kept
     assert heldout_r2(model, *test)[0] > before
-    model.update(theta[:800], x[:800], y[:800])                   # replace; default 100 steps
+    model.update(theta[:800], x[:800], y[:800])  # replace; default 100 steps
     assert len(model.data) == 800 and model.last_report.steps == 100
 
 
 def test_early_stopping_holds_out_settings_and_restores_best():
     rng = np.random.default_rng(5)
     theta, x, y = rows(40, 8, rng)
-    y = y + 0.5 * rng.normal(size=y.shape)    # noisy: long training overfits
+    y = y + 0.5 * rng.normal(size=y.shape)  # noisy: long training overfits
     model = EnsembleSurrogate("mlp", max_steps=4000, lr=1e-2, eval_every=20, patience=3, seed=5)
     model.fit(theta, x, y, groups=np.repeat(np.arange(40), 8))
     assert model.last_report.stopped_early and model.last_report.steps < 4000
@@ -140,17 +153,18 @@ def test_early_stopping_holds_out_settings_and_restores_best():
 
 def test_validation_rows_come_grouped_from_each_members_held_out_settings():
     from surrogates.dataset import MemberSplit
-    counts = np.array([3, 40, 40, 7, 40] * 8)              # uneven rows per setting
+
+    counts = np.array([3, 40, 40, 7, 40] * 8)  # uneven rows per setting
     groups = np.repeat(np.arange(len(counts)), counts)
     split = MemberSplit.by_settings(groups, 4, 0.25, 200, np.random.default_rng(0))
     m, s, k = split.val_idx.shape
-    assert m == 4 and s * k <= 200 and k == 20             # min(median 40, 200 // 10 held out)
+    assert m == 4 and s * k <= 200 and k == 20  # min(median 40, 200 // 10 held out)
     vg = groups[split.val_idx.numpy()]
-    assert (vg == vg[..., :1]).all()                       # each row of a group: one setting
+    assert (vg == vg[..., :1]).all()  # each row of a group: one setting
     for i in range(m):
         held = set(vg[i, :, 0].tolist())
         assert len(held) == s and not held & set(split.train_groups[i].tolist())
-        for g_idx, g in enumerate(vg[i, :, 0]):             # distinct rows while the setting has them
+        for g_idx, g in enumerate(vg[i, :, 0]):  # distinct rows while the setting has them
             assert len(set(split.val_idx[i, g_idx].tolist())) == min(k, counts[g])
 
 
@@ -159,7 +173,9 @@ def test_members_differ_and_seed_reproduces():
     theta, x, y = rows(30, 8, rng)
     a = make_surrogate("hyper", max_steps=30, seed=7).fit(theta, x, y)
     b = make_surrogate("hyper", max_steps=30, seed=7).fit(theta, x, y)
-    torch.testing.assert_close(a.predict(theta[:5], x[:5]), b.predict(theta[:5], x[:5]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        a.predict(theta[:5], x[:5]), b.predict(theta[:5], x[:5]), rtol=0, atol=0
+    )
     members = a.member_predictions(theta[:5], x[:5])
     assert members.shape == (5, 5, OUT) and members.std(0).min() > 0
 
@@ -180,8 +196,15 @@ def test_bad_shapes_are_reported():
         make_surrogate("hyper").predict(np.zeros(P), x)
 
 
-@pytest.mark.parametrize("kind, kw", [("hyper", {}), ("hyper", {"structure_kw": {"quadratic": True}}),
-                                      ("hyper-additive", {}), ("mlp", {})])
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("hyper", {}),
+        ("hyper", {"structure_kw": {"quadratic": True}}),
+        ("hyper-additive", {}),
+        ("mlp", {}),
+    ],
+)
 def test_recentre_moves_the_theta_origin_without_changing_predictions(kind, kw):
     rng = np.random.default_rng(9)
     theta, x, y = rows(30, 8, rng, scale=0.2)
@@ -225,11 +248,12 @@ def test_the_warp_learns_each_controls_own_resonance():
     d_true = test[2] - bank(np.broadcast_to(zero, test[0].shape), test[1])
     r2 = {}
     for warp in (0, 4):
-        model = make_surrogate("hyper", structure_kw={"param_warp": warp}, max_steps=3000, seed=11,
-                               n_members=2).fit(*train)
+        model = make_surrogate(
+            "hyper", structure_kw={"param_warp": warp}, max_steps=3000, seed=11, n_members=2
+        ).fit(*train)
         with torch.no_grad():
             d = (model.predict(test[0], test[1]) - model.predict(zero, test[1])).double().numpy()
-        r2[warp] = 1 - ((d - d_true) ** 2).sum() / (d_true ** 2).sum()
+        r2[warp] = 1 - ((d - d_true) ** 2).sum() / (d_true**2).sum()
     assert r2[4] > 0.9 and r2[0] < r2[4] - 0.3, r2
 
 
@@ -241,14 +265,25 @@ def test_the_lasso_shrinks_the_theta_path_in_proportion_to_the_held_out_error():
     noisy = y + 1.0 * rng.normal(size=y.shape)
     norms = {}
     for name, target, l1 in (("off", noisy, 0.0), ("on", noisy, 1e-3), ("clean", y, 1e-3)):
-        model = make_surrogate("hyper", structure_kw={"l1": l1}, max_steps=400, eval_every=25, patience=100,
-                               seed=14, n_members=2).fit(theta, x, target)
+        model = make_surrogate(
+            "hyper",
+            structure_kw={"l1": l1},
+            max_steps=400,
+            eval_every=25,
+            patience=100,
+            seed=14,
+            n_members=2,
+        ).fit(theta, x, target)
         norms[name] = float(model.model.coef_linear.weight.abs().sum())
     assert norms["on"] < 0.5 * norms["off"], norms
-    assert heldout_r2(model, *rows(30, 8, rng))[0] > 0.8      # the clean fit
+    assert heldout_r2(model, *rows(30, 8, rng))[0] > 0.8  # the clean fit
     structure = model.model
     w = structure.coef_linear.weight.abs().sum(dim=(1, 2))
-    torch.testing.assert_close(structure.penalty(torch.tensor([2.0, 0.5])), 1e-3 * (2 * w[0] + 0.5 * w[1]))
+    torch.testing.assert_close(
+        structure.penalty(torch.tensor([2.0, 0.5])), 1e-3 * (2 * w[0] + 0.5 * w[1])
+    )
     # phases are left alone: an all-periodic device gets no lasso
-    phases = make_surrogate("hyper", structure_kw={"l1": 1e-3}, periodic=[True] * P, max_steps=5).fit(theta, x, y)
+    phases = make_surrogate(
+        "hyper", structure_kw={"l1": 1e-3}, periodic=[True] * P, max_steps=5
+    ).fit(theta, x, y)
     assert phases.model.penalty() == 0.0

@@ -4,6 +4,7 @@ The device is a microring-bank-like synthetic written here: ``y = W(theta) x`` w
 the 10 x 16 weights a Lorentzian of its own heater (``theta`` squared, with crosstalk from
 its neighbours), not the package's simulator.
 """
+
 import time
 
 import numpy as np
@@ -62,9 +63,13 @@ def setup():
     device = RingBank()
     rng = np.random.default_rng(1)
     centre = rng.uniform(0.3, 0.7, N_PARAMS)
-    design = design_settings(centre, 0.05, 1000, device.low, device.high, global_fraction=0.0, seed=2)
+    design = design_settings(
+        centre, 0.05, 1000, device.low, device.high, global_fraction=0.0, seed=2
+    )
     train = device.measure(design.settings, 64, rng)
-    test_settings = design_settings(centre, 0.05, 50, device.low, device.high, global_fraction=0.0, seed=3).settings
+    test_settings = design_settings(
+        centre, 0.05, 50, device.low, device.high, global_fraction=0.0, seed=3
+    ).settings
     test = device.measure(test_settings, 64, rng)[:2]
     return device, centre, train, test
 
@@ -72,7 +77,9 @@ def setup():
 def test_hyper_surrogate_quality_at_1000_settings(setup):
     """Issue targets: R^2 >= 0.95 and cosine >= 0.9. Measured 0.975 and 0.998."""
     device, centre, train, (theta_t, x_t) = setup
-    model = make_surrogate("hyper", theta_low=device.low, theta_high=device.high, seed=0).fit(*train)
+    model = make_surrogate("hyper", theta_low=device.low, theta_high=device.high, seed=0).fit(
+        *train
+    )
     assert delta_r2(model, device, centre, theta_t, x_t) > 0.95
     target = torch.tensor(np.random.default_rng(4).uniform(-1, 1, (64, OUT)))
     assert gradient_cosine(model, device, centre, x_t[:64], target) > 0.9
@@ -81,11 +88,13 @@ def test_hyper_surrogate_quality_at_1000_settings(setup):
 def test_warm_refit_of_100_steps_on_50k_rows_is_fast(setup):
     """Budget: < 5 s on 2 cores. Measured about 1 s (one thread, shared machine)."""
     device, centre, (theta, x, y), _ = setup
-    model = make_surrogate("hyper", theta_low=device.low, theta_high=device.high, max_steps=20, seed=0)
+    model = make_surrogate(
+        "hyper", theta_low=device.low, theta_high=device.high, max_steps=20, seed=0
+    )
     model.fit(theta[:6400], x[:6400], y[:6400])
     rows = slice(0, 50_000)
     best = np.inf
-    for _ in range(2):            # the first call pays one-time allocation
+    for _ in range(2):  # the first call pays one-time allocation
         t0 = time.perf_counter()
         model.update(theta[rows], x[rows], y[rows], centre=centre)
         best = min(best, time.perf_counter() - t0)
@@ -95,9 +104,10 @@ def test_warm_refit_of_100_steps_on_50k_rows_is_fast(setup):
 
 def test_loss_gradient_through_predict_is_fast(setup):
     """Measured about 2 ms for theta (160,) and x (128, 16)."""
-    device, centre, train, (theta_t, x_t) = setup
+    device, centre, train, (_theta_t, x_t) = setup
     model = make_surrogate("hyper", theta_low=device.low, theta_high=device.high, max_steps=10).fit(
-        train[0][:6400], train[1][:6400], train[2][:6400])
+        train[0][:6400], train[1][:6400], train[2][:6400]
+    )
     x = torch.tensor(x_t[:128])
     t0 = time.perf_counter()
     for _ in range(20):

@@ -1,11 +1,21 @@
 """Every kind meets the protocol: registry, shapes, save/load round trips."""
+
 import numpy as np
 import pytest
 import torch
 
 import surrogates
-from surrogates import (EnsembleSurrogate, GPSurrogate, InterferometricSurrogate, Surrogate, SurrogateBase,
-                        load_surrogate, make_surrogate, register_surrogate, surrogate_kinds)
+from surrogates import (
+    EnsembleSurrogate,
+    GPSurrogate,
+    InterferometricSurrogate,
+    Surrogate,
+    SurrogateBase,
+    load_surrogate,
+    make_surrogate,
+    register_surrogate,
+    surrogate_kinds,
+)
 from surrogates.dataset import groups_from_theta
 
 P, IN, OUT = 3, 3, 2
@@ -33,15 +43,28 @@ def rows():
     rng = np.random.default_rng(0)
     theta = np.repeat(rng.uniform(0, 2 * np.pi, (25, P)), 8, axis=0)
     x = rng.uniform(0, 1, (len(theta), IN))
-    y = np.stack([np.cos(theta[:, 0] - theta[:, 1]) * x[:, 0] + x[:, 1] ** 2,
-                  np.sin(theta[:, 2]) * x[:, 2]], axis=1)
+    y = np.stack(
+        [np.cos(theta[:, 0] - theta[:, 1]) * x[:, 0] + x[:, 1] ** 2, np.sin(theta[:, 2]) * x[:, 2]],
+        axis=1,
+    )
     return theta, x, y
 
 
 def test_registry():
-    assert surrogate_kinds() == ["calibrated", "calibrated+residual", "gp", "hyper", "hyper-additive", "interferometric",
-                                "interferometric-layers", "mlp"]
-    assert isinstance(make_surrogate(), EnsembleSurrogate) and make_surrogate().structure_name == "hyper"
+    assert surrogate_kinds() == [
+        "calibrated",
+        "calibrated+residual",
+        "gp",
+        "hyper",
+        "hyper-additive",
+        "interferometric",
+        "interferometric-layers",
+        "mlp",
+    ]
+    assert (
+        isinstance(make_surrogate(), EnsembleSurrogate)
+        and make_surrogate().structure_name == "hyper"
+    )
     assert isinstance(make_surrogate("interferometric"), InterferometricSurrogate)
     assert isinstance(make_surrogate("interferometric-layers"), surrogates.PhaseLayerSurrogate)
     assert isinstance(make_surrogate("gp"), GPSurrogate)
@@ -49,8 +72,15 @@ def test_registry():
         make_surrogate("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_surrogate("hyper", EnsembleSurrogate)
-    assert set(surrogates.__all__) >= {"make_surrogate", "Surrogate", "trust_region", "design_settings",
-                                       "space_filling", "inputs_per_setting", "estimate_noise"}
+    assert set(surrogates.__all__) >= {
+        "make_surrogate",
+        "Surrogate",
+        "trust_region",
+        "design_settings",
+        "space_filling",
+        "inputs_per_setting",
+        "estimate_noise",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
@@ -87,7 +117,11 @@ def test_groups_default_to_identical_theta_rows(rows):
     np.testing.assert_array_equal(groups[::8], groups[1::8])
     model = _make("hyper")
     a = model.fit(*rows).predict(theta[:3], rows[1][:3])
-    b = _make("hyper").fit(*rows, groups=np.repeat(np.arange(100, 125), 8)).predict(theta[:3], rows[1][:3])
+    b = (
+        _make("hyper")
+        .fit(*rows, groups=np.repeat(np.arange(100, 125), 8))
+        .predict(theta[:3], rows[1][:3])
+    )
     torch.testing.assert_close(a, b)
 
 

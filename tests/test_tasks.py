@@ -1,4 +1,5 @@
 """Tasks: the benchmark's splits, user data validation, the IDX reader, Fashion-MNIST lookup."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,7 +35,9 @@ def test_digits_split_sizes_and_types():
     t = load_task("digits")
     assert isinstance(t, Task)
     assert (len(t.y_train), len(t.y_val), len(t.y_test)) == (1000, 297, 500)
-    assert t.x_train.shape == (1000, 64) and t.x_val.shape == (297, 64) and t.x_test.shape == (500, 64)
+    assert (
+        t.x_train.shape == (1000, 64) and t.x_val.shape == (297, 64) and t.x_test.shape == (500, 64)
+    )
     assert t.n_classes == 10 and t.n_features == 64
     for x in (t.x_train, t.x_val, t.x_test):
         assert x.dtype == np.float64
@@ -47,8 +50,9 @@ def test_digits_splits_partition_the_dataset():
     """Train, val and test together are exactly the 1797 images, each used once."""
     t = load_task("digits")
     data = load_digits()
-    got = _sorted_rows(np.vstack([t.x_train, t.x_val, t.x_test]),
-                       np.concatenate([t.y_train, t.y_val, t.y_test]))
+    got = _sorted_rows(
+        np.vstack([t.x_train, t.x_val, t.x_test]), np.concatenate([t.y_train, t.y_val, t.y_test])
+    )
     assert np.array_equal(got, _sorted_rows(data.data, data.target))
 
 
@@ -73,10 +77,13 @@ def test_digits_is_deterministic_and_seed_controls_the_split():
     assert not np.array_equal(a.x_test, c.x_test)
 
 
-@pytest.mark.parametrize("name,sizes,n_features", [
-    ("iris", (84, 21, 45), 4),
-    ("wine", (99, 25, 54), 13),
-])
+@pytest.mark.parametrize(
+    "name,sizes,n_features",
+    [
+        ("iris", (84, 21, 45), 4),
+        ("wine", (99, 25, 54), 13),
+    ],
+)
 def test_small_sklearn_tasks(name, sizes, n_features):
     t = load_task(name)
     assert (len(t.y_train), len(t.y_val), len(t.y_test)) == sizes
@@ -121,7 +128,9 @@ def test_npz_loading_remaps_labels_and_carves_validation(tmp_path):
     assert np.array_equal(t.x_test, arrays["x_test"])
     assert set(np.unique(t.y_val)) == {0, 1, 2}  # stratified
     # train + val are exactly the user's training rows
-    got = _sorted_rows(np.vstack([t.x_train, t.x_val]), t.classes[np.concatenate([t.y_train, t.y_val])])
+    got = _sorted_rows(
+        np.vstack([t.x_train, t.x_val]), t.classes[np.concatenate([t.y_train, t.y_val])]
+    )
     assert np.array_equal(got, _sorted_rows(arrays["x_train"], arrays["y_train"]))
     again = load_task(path)  # Path objects work too, and the split is deterministic
     assert np.array_equal(again.x_val, t.x_val)
@@ -146,13 +155,20 @@ def test_npz_missing_key(tmp_path):
         load_task(str(tmp_path / "m.npz"))
 
 
-@pytest.mark.parametrize("key,value,pattern", [
-    ("x_train", np.zeros(60), r"x_train must have shape \(n_samples, n_features\); got shape \(60,\)"),
-    ("y_train", np.zeros(59, dtype=int), r"y_train must have shape \(60,\).*got shape \(59,\)"),
-    ("y_test", np.zeros((20, 3)), r"y_test must have shape \(20,\).*one-hot"),
-    ("x_test", np.zeros((20, 4)), r"x_test must have shape \(n_test, 5\).*got \(20, 4\)"),
-    ("y_train", np.full(60, 0.5), r"y_train holds non-integer"),
-])
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        (
+            "x_train",
+            np.zeros(60),
+            r"x_train must have shape \(n_samples, n_features\); got shape \(60,\)",
+        ),
+        ("y_train", np.zeros(59, dtype=int), r"y_train must have shape \(60,\).*got shape \(59,\)"),
+        ("y_test", np.zeros((20, 3)), r"y_test must have shape \(20,\).*one-hot"),
+        ("x_test", np.zeros((20, 4)), r"x_test must have shape \(n_test, 5\).*got \(20, 4\)"),
+        ("y_train", np.full(60, 0.5), r"y_train holds non-integer"),
+    ],
+)
 def test_npz_wrong_shapes_name_the_key(tmp_path, key, value, pattern):
     arrays = _user_arrays(np.random.default_rng(0))
     arrays[key] = value
@@ -199,7 +215,9 @@ def test_array_tuple_input():
 def test_tiny_class_falls_back_to_unstratified_split():
     rng = np.random.default_rng(3)
     y_train = np.array([0] * 10 + [1] * 9 + [2])  # class 2 has one sample: cannot stratify
-    t = load_task((rng.normal(size=(20, 3)), y_train, rng.normal(size=(4, 3)), np.array([0, 1, 2, 0])))
+    t = load_task(
+        (rng.normal(size=(20, 3)), y_train, rng.normal(size=(4, 3)), np.array([0, 1, 2, 0]))
+    )
     assert len(t.y_train) + len(t.y_val) == 20 and len(t.y_val) == 4
 
 
@@ -207,14 +225,22 @@ def test_tiny_class_falls_back_to_unstratified_split():
 # IDX reader (fixtures written here, in tmp_path)
 # ---------------------------------------------------------------------------------------------
 
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+_IDX_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool = False) -> Path:
     """Write ``arr`` as an IDX file (big-endian), gzipped if asked."""
     arr = np.asarray(arr)
-    header = bytes([0, 0, _IDX_CODES[arr.dtype], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    header = bytes([0, 0, _IDX_CODES[arr.dtype], arr.ndim]) + struct.pack(
+        f">{arr.ndim}I", *arr.shape
+    )
     payload = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
     path.write_bytes(gzip.compress(payload) if gz else payload)
     return path
@@ -232,13 +258,15 @@ def test_read_idx_images_and_labels(tmp_path, gz):
 
 
 def test_read_idx_multibyte_types_are_big_endian(tmp_path):
-    for arr in (np.array([[1, -2], [300, -30000]], dtype=np.int16),
-                np.array([1.5, -2.25, 1e30], dtype=np.float32),
-                np.array([70000, -1], dtype=np.int32)):
+    for arr in (
+        np.array([[1, -2], [300, -30000]], dtype=np.int16),
+        np.array([1.5, -2.25, 1e30], dtype=np.float32),
+        np.array([70000, -1], dtype=np.int32),
+    ):
         got = read_idx(write_idx(tmp_path / "a", arr))
         assert got.dtype == arr.dtype and np.array_equal(got, arr)
         raw = (tmp_path / "a").read_bytes()
-        assert raw[4 + 4 * arr.ndim:] == arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+        assert raw[4 + 4 * arr.ndim :] == arr.astype(arr.dtype.newbyteorder(">")).tobytes()
 
 
 def test_read_idx_corrupt_files(tmp_path):
@@ -273,10 +301,16 @@ def _write_fashion(folder: Path, n_train=60, n_test=20, gz_train=True):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     files = tasks.FASHION_FILES
-    write_idx(folder / (files["x_train"] + (".gz" if gz_train else "")),
-              rng.integers(0, 256, size=(n_train, 4, 5), dtype=np.uint8), gz_train)
-    write_idx(folder / (files["y_train"] + (".gz" if gz_train else "")),
-              (np.arange(n_train) % 10).astype(np.uint8), gz_train)
+    write_idx(
+        folder / (files["x_train"] + (".gz" if gz_train else "")),
+        rng.integers(0, 256, size=(n_train, 4, 5), dtype=np.uint8),
+        gz_train,
+    )
+    write_idx(
+        folder / (files["y_train"] + (".gz" if gz_train else "")),
+        (np.arange(n_train) % 10).astype(np.uint8),
+        gz_train,
+    )
     write_idx(folder / files["x_test"], rng.integers(0, 256, size=(n_test, 4, 5), dtype=np.uint8))
     write_idx(folder / files["y_test"], (np.arange(n_test) % 10).astype(np.uint8))
 
@@ -326,9 +360,12 @@ def test_fashion_mnist_mismatched_counts(no_system_data, tmp_path):
         load_task("fashion-mnist", data_dir=tmp_path / "d")
 
 
-@pytest.mark.skipif(not all(tasks._find_idx(tasks.DEBIAN_FASHION_MNIST_DIR, b)
-                            for b in tasks.FASHION_FILES.values()),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not all(
+        tasks._find_idx(tasks.DEBIAN_FASHION_MNIST_DIR, b) for b in tasks.FASHION_FILES.values()
+    ),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_fashion_mnist_debian_package(monkeypatch):
     monkeypatch.delenv(tasks.DATA_ENV, raising=False)
     t = load_task("fashion-mnist")

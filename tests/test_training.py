@@ -1,4 +1,5 @@
 """train / evaluate / CLI end to end on small simulated devices."""
+
 import json
 
 import numpy as np
@@ -11,10 +12,29 @@ FAST = {"epochs": 25, "lr_grid": [0.1], "patience": 10}
 
 
 def test_oracle_trains_and_evaluates(tmp_path):
-    r = bs.train("mzi", task="iris", method="oracle", out=tmp_path / "o", device_kw={"n_modes": 4},
-                 config=FAST, progress=False)
-    for key in ("method", "task", "device", "seed", "accuracy", "val_accuracy", "settings_used", "samples_used",
-                "wall_s", "curve", "sharpness", "config"):
+    r = bs.train(
+        "mzi",
+        task="iris",
+        method="oracle",
+        out=tmp_path / "o",
+        device_kw={"n_modes": 4},
+        config=FAST,
+        progress=False,
+    )
+    for key in (
+        "method",
+        "task",
+        "device",
+        "seed",
+        "accuracy",
+        "val_accuracy",
+        "settings_used",
+        "samples_used",
+        "wall_s",
+        "curve",
+        "sharpness",
+        "config",
+    ):
         assert key in r
     assert r["accuracy"] > 0.6 and r["settings_used"] == 0 and r["sharpness"] > 0
     assert r["config"]["lr_grid"] == [0.1] and r["config"]["pnn"] == "device"
@@ -23,22 +43,49 @@ def test_oracle_trains_and_evaluates(tmp_path):
     assert abs(same["accuracy"] - r["accuracy"]) < 0.1  # only read noise differs
     assert np.load(tmp_path / "o" / "theta.npy").shape == (12,)
     with pytest.raises(FileExistsError, match="finished run"):
-        bs.train("mzi", task="iris", method="oracle", out=tmp_path / "o", device_kw={"n_modes": 4}, progress=False)
+        bs.train(
+            "mzi",
+            task="iris",
+            method="oracle",
+            out=tmp_path / "o",
+            device_kw={"n_modes": 4},
+            progress=False,
+        )
 
 
 def test_model_based_method_refuses_black_box_device(tmp_path):
     with pytest.raises(TypeError, match="black-box device"):
-        bs.train("tests.toy_devices:opaque", task="iris", method="offline", out=tmp_path / "x", progress=False)
+        bs.train(
+            "tests.toy_devices:opaque",
+            task="iris",
+            method="offline",
+            out=tmp_path / "x",
+            progress=False,
+        )
 
 
 def test_unknown_set_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown --set key"):
-        bs.train("mzi", task="iris", method="oracle", out=tmp_path / "x", config={"learning_rate": 1}, progress=False)
+        bs.train(
+            "mzi",
+            task="iris",
+            method="oracle",
+            out=tmp_path / "x",
+            config={"learning_rate": 1},
+            progress=False,
+        )
 
 
 def test_hybrid_pnn_round_trips_through_model_json(tmp_path):
-    r = bs.train("mrr", task="wine", method="oracle", out=tmp_path / "h", device_kw={"in_dim": 6, "out_dim": 4},
-                 config={**FAST, "lr_grid": [0.01], "pnn": "hybrid"}, progress=False)
+    r = bs.train(
+        "mrr",
+        task="wine",
+        method="oracle",
+        out=tmp_path / "h",
+        device_kw={"in_dim": 6, "out_dim": 4},
+        config={**FAST, "lr_grid": [0.01], "pnn": "hybrid"},
+        progress=False,
+    )
     model = json.loads((tmp_path / "h" / "model.json").read_text())
     assert model["mode"] == "hybrid" and "digital" in model
     quiet = {"in_dim": 6, "out_dim": 4, "noise": 0.0, "programming_noise": 0.0, "dac_bits": None}
@@ -48,14 +95,50 @@ def test_hybrid_pnn_round_trips_through_model_json(tmp_path):
 
 def test_cli_train_evaluate_check_device(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["train", "--device", "mzi", "--device-kw", "n_modes=4", "--task", "iris", "--method", "oracle",
-                 "--set", "epochs=5", "--set", "lr_grid=[0.1]", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--device",
+                "mzi",
+                "--device-kw",
+                "n_modes=4",
+                "--task",
+                "iris",
+                "--method",
+                "oracle",
+                "--set",
+                "epochs=5",
+                "--set",
+                "lr_grid=[0.1]",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["method"] == "oracle" and 0 <= line["accuracy"] <= 1
-    assert main(["evaluate", "--run", str(out), "--device-kw", "seed=101", "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(out),
+                "--device-kw",
+                "seed=101",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert "accuracy" in json.loads((tmp_path / "e.json").read_text())
     assert main(["check-device", "tests.toy_devices:opaque", "--device-kw", "noise=0.01"]) == 0
     report = capsys.readouterr().out
     assert "n_params" in report and "noise_std" in report and "OK" in report
-    assert main(["train", "--device", "nope", "--method", "oracle", "--out", str(tmp_path / "n")]) == 2
+    assert (
+        main(["train", "--device", "nope", "--method", "oracle", "--out", str(tmp_path / "n")]) == 2
+    )
     assert "unknown device spec" in capsys.readouterr().err

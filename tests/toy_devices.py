@@ -2,6 +2,7 @@
 
 They import nothing from blackbox_sat, as a lab's adapter would not.
 """
+
 import numpy as np
 
 

@@ -31,6 +31,7 @@ that carry variance (the rest are zero padding).
 (JSON-ready, exact round trip: Python's json writes floats with ``repr``), so a trained model
 keeps the encoding and ``evaluate`` rebuilds it bit for bit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,8 +95,16 @@ class FixedEncoding:
 
     # -- fitting -------------------------------------------------------------------------
     @classmethod
-    def fit(cls, x_train, in_dim: int, input_low=-1.0, input_high=1.0, *,
-            n_components: int | None = None, map_to_bounds: bool = True) -> "FixedEncoding":
+    def fit(
+        cls,
+        x_train,
+        in_dim: int,
+        input_low=-1.0,
+        input_high=1.0,
+        *,
+        n_components: int | None = None,
+        map_to_bounds: bool = True,
+    ) -> FixedEncoding:
         """Fit on training features ``(n_train, n_features)``.
 
         ``in_dim`` is the device's input width. ``n_components`` (default ``in_dim``; it may
@@ -203,7 +212,7 @@ class FixedEncoding:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FixedEncoding":
+    def from_dict(cls, d: dict) -> FixedEncoding:
         if d.get("kind") != KIND:
             raise ValueError(f"not a stored fixed encoding (kind={d.get('kind')!r})")
         if d.get("version") != VERSION:
@@ -217,12 +226,24 @@ class FixedEncoding:
         low = np.asarray(d["low"], dtype=np.float64)
         high = np.asarray(d["high"], dtype=np.float64)
         k = comps.shape[0]
-        if (scale.shape != (n_features,) or comp_std.shape != (k,) or k > width
-                or low.shape != (width,) or high.shape != (width,)):
+        if (
+            scale.shape != (n_features,)
+            or comp_std.shape != (k,)
+            or k > width
+            or low.shape != (width,)
+            or high.shape != (width,)
+        ):
             raise ValueError("stored fixed encoding has inconsistent shapes")
-        return cls(n_components=width, mean=mean, scale=scale, components=comps,
-                   component_std=comp_std, low=low, high=high,
-                   map_to_bounds=bool(d["map_to_bounds"]))
+        return cls(
+            n_components=width,
+            mean=mean,
+            scale=scale,
+            components=comps,
+            component_std=comp_std,
+            low=low,
+            high=high,
+            map_to_bounds=bool(d["map_to_bounds"]),
+        )
 
 
 def hybrid_features(x_train, max_features: int = 64) -> FixedEncoding:

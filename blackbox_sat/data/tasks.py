@@ -35,6 +35,7 @@ images flattened). The fixed encoding (:mod:`blackbox_sat.data.encoding`) standa
 ``t10k-labels-idx1-ubyte``, each optionally gzipped (``.gz``). The validation set holds
 5000 training images (stratified), or a fifth of the training images if that is fewer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -125,9 +126,9 @@ class Task:
             "name": self.name,
             "n_features": self.n_features,
             "n_classes": int(self.n_classes),
-            "n_train": int(len(self.y_train)),
-            "n_val": int(len(self.y_val)),
-            "n_test": int(len(self.y_test)),
+            "n_train": len(self.y_train),
+            "n_val": len(self.y_val),
+            "n_test": len(self.y_test),
             "classes": classes,
         }
 
@@ -194,7 +195,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def load_task(spec=DEFAULT_TASK, seed: int = 0, *, data_dir: str | os.PathLike | None = None) -> Task:
+def load_task(
+    spec=DEFAULT_TASK, seed: int = 0, *, data_dir: str | os.PathLike | None = None
+) -> Task:
     """Load a task and split it (see the module docstring for the splits).
 
     ``spec``: a name in :data:`TASK_NAMES` (case-insensitive; ``_`` may stand for ``-``), a
@@ -215,8 +218,9 @@ def load_task(spec=DEFAULT_TASK, seed: int = 0, *, data_dir: str | os.PathLike |
                 f"a task given as arrays must be (x_train, y_train, x_test, y_test); got a "
                 f"{type(spec).__name__} of length {len(spec)}"
             )
-        return _from_arrays(dict(zip(_REQUIRED_KEYS, spec)), name="arrays", seed=seed,
-                            source="the task arrays")
+        return _from_arrays(
+            dict(zip(_REQUIRED_KEYS, spec)), name="arrays", seed=seed, source="the task arrays"
+        )
     if isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
         key = text.strip().lower().replace("_", "-")
@@ -260,10 +264,13 @@ def _make_task(name, x_train, y_train, x_val, y_val, x_test, y_test, classes) ->
 
     return Task(
         name=name,
-        x_train=xs(x_train), y_train=ys(y_train),
-        x_val=xs(x_val), y_val=ys(y_val),
-        x_test=xs(x_test), y_test=ys(y_test),
-        n_classes=int(len(classes)),
+        x_train=xs(x_train),
+        y_train=ys(y_train),
+        x_val=xs(x_val),
+        y_val=ys(y_val),
+        x_test=xs(x_test),
+        y_test=ys(y_test),
+        n_classes=len(classes),
         classes=np.asarray(classes),
     )
 
@@ -274,9 +281,11 @@ def _load_digits(seed: int) -> Task:
     data = load_digits()
     x, y = data.data, data.target
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=DIGITS_N_TEST, stratify=y, random_state=seed)
+        x, y, test_size=DIGITS_N_TEST, stratify=y, random_state=seed
+    )
     x_tr, x_va, y_tr, y_va = train_test_split(
-        x_tr, y_tr, test_size=DIGITS_N_VAL, stratify=y_tr, random_state=seed)
+        x_tr, y_tr, test_size=DIGITS_N_VAL, stratify=y_tr, random_state=seed
+    )
     return _make_task("digits", x_tr, y_tr, x_va, y_va, x_te, y_te, np.arange(10))
 
 
@@ -287,23 +296,27 @@ def _load_small(name: str, seed: int) -> Task:
     x, y = data.data, data.target
     classes = np.unique(y)
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=SMALL_TEST_FRACTION, stratify=y, random_state=seed)
+        x, y, test_size=SMALL_TEST_FRACTION, stratify=y, random_state=seed
+    )
     x_tr, x_va, y_tr, y_va = train_test_split(
-        x_tr, y_tr, test_size=SMALL_VAL_FRACTION, stratify=y_tr, random_state=seed)
+        x_tr, y_tr, test_size=SMALL_VAL_FRACTION, stratify=y_tr, random_state=seed
+    )
     return _make_task(name, x_tr, y_tr, x_va, y_va, x_te, y_te, classes)
 
 
 def _load_npz(path: Path, seed: int) -> Task:
     if not path.is_file():
-        raise FileNotFoundError(f"task file {path} not found (expected an .npz with "
-                                f"{', '.join(_REQUIRED_KEYS)})")
+        raise FileNotFoundError(
+            f"task file {path} not found (expected an .npz with {', '.join(_REQUIRED_KEYS)})"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except ValueError as exc:
         raise TaskDataError(
             f"{path}: could not read the arrays ({exc}); store plain numeric arrays "
-            "(object arrays are refused)") from exc
+            "(object arrays are refused)"
+        ) from exc
     except Exception as exc:  # not a zip/npy at all
         raise TaskDataError(f"{path}: not a readable .npz file ({exc})") from exc
     return _from_arrays(arrays, name=str(path), seed=seed, source=str(path))
@@ -316,7 +329,8 @@ def _check_x(key, x, source):
         raise TaskDataError(f"{source}: {key} is not an array ({exc})") from exc
     if x.ndim < 2:
         raise TaskDataError(
-            f"{source}: {key} must have shape (n_samples, n_features); got shape {x.shape}")
+            f"{source}: {key} must have shape (n_samples, n_features); got shape {x.shape}"
+        )
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise TaskDataError(f"{source}: {key} must be numeric; got dtype {x.dtype}")
     if x.ndim > 2:  # images: flatten each sample
@@ -329,7 +343,8 @@ def _check_x(key, x, source):
         rows = np.unique(np.nonzero(bad)[0])
         raise TaskDataError(
             f"{source}: {key} has {int(bad.sum())} non-finite values (NaN or inf), in "
-            f"{len(rows)} rows, first at row {int(rows[0])}")
+            f"{len(rows)} rows, first at row {int(rows[0])}"
+        )
     return x
 
 
@@ -341,17 +356,20 @@ def _check_y(key, y, n, source):
         hint = " (one-hot labels? pass their argmax)" if y.ndim == 2 else ""
         raise TaskDataError(
             f"{source}: {key} must have shape ({n},) to match the rows of x_{key[2:]}; got "
-            f"shape {y.shape}{hint}")
+            f"shape {y.shape}{hint}"
+        )
     if y.dtype.kind == "f":
         if not np.isfinite(y).all():
             raise TaskDataError(f"{source}: {key} has non-finite labels (NaN or inf)")
         if not np.all(y == np.round(y)):
             raise TaskDataError(
                 f"{source}: {key} holds non-integer float labels; classification needs "
-                "class labels (integers or strings)")
+                "class labels (integers or strings)"
+            )
     elif y.dtype.kind not in "iubUS":
-        raise TaskDataError(f"{source}: {key} must hold integer or string labels; got dtype "
-                            f"{y.dtype}")
+        raise TaskDataError(
+            f"{source}: {key} must hold integer or string labels; got dtype {y.dtype}"
+        )
     return y
 
 
@@ -361,7 +379,8 @@ def _from_arrays(arrays: dict, name: str, seed: int, source: str) -> Task:
         raise TaskDataError(
             f"{source}: missing key(s) {', '.join(missing)}; a task needs "
             f"{', '.join(_REQUIRED_KEYS)} (x_*: (n, n_features), y_*: (n,)), optionally x_val, "
-            f"y_val; found {', '.join(sorted(arrays)) or 'nothing'}")
+            f"y_val; found {', '.join(sorted(arrays)) or 'nothing'}"
+        )
     has_val = "x_val" in arrays or "y_val" in arrays
     if has_val and not ("x_val" in arrays and "y_val" in arrays):
         raise TaskDataError(f"{source}: x_val and y_val must be given together")
@@ -375,7 +394,8 @@ def _from_arrays(arrays: dict, name: str, seed: int, source: str) -> Task:
         if xs[part].shape[1] != n_features:
             raise TaskDataError(
                 f"{source}: x_{part} must have shape (n_{part}, {n_features}) like x_train; got "
-                f"{xs[part].shape}")
+                f"{xs[part].shape}"
+            )
     label_kinds = {ys[p].dtype.kind in "US" for p in parts}
     if len(label_kinds) > 1:
         raise TaskDataError(f"{source}: labels mix strings and numbers across splits")
@@ -387,17 +407,20 @@ def _from_arrays(arrays: dict, name: str, seed: int, source: str) -> Task:
         unseen = np.setdiff1d(np.unique(ys[part]), classes)
         if len(unseen):
             raise TaskDataError(
-                f"{source}: y_{part} has labels absent from y_train: {unseen[:10].tolist()}")
+                f"{source}: y_{part} has labels absent from y_train: {unseen[:10].tolist()}"
+            )
     labels = {p: np.searchsorted(classes, ys[p]) for p in parts}
 
     if has_val:
         x_tr, y_tr, x_va, y_va = xs["train"], labels["train"], xs["val"], labels["val"]
     else:
         if len(labels["train"]) < 2:
-            raise TaskDataError(f"{source}: x_train needs at least 2 rows to carve a "
-                                "validation set")
+            raise TaskDataError(
+                f"{source}: x_train needs at least 2 rows to carve a validation set"
+            )
         x_tr, x_va, y_tr, y_va = _stratified_split(
-            xs["train"], labels["train"], USER_VAL_FRACTION, seed)
+            xs["train"], labels["train"], USER_VAL_FRACTION, seed
+        )
     return _make_task(name, x_tr, y_tr, x_va, y_va, xs["test"], labels["test"], classes)
 
 
@@ -437,7 +460,10 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, P
             searched.append(f"{folder} (no such folder)")
     raise FileNotFoundError(
         "Fashion-MNIST data not found; nothing is downloaded at run time. Searched: "
-        + "; ".join(searched) + ". " + FASHION_INSTALL_HINT)
+        + "; ".join(searched)
+        + ". "
+        + FASHION_INSTALL_HINT
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -453,19 +479,24 @@ def _load_fashion_mnist(seed: int, data_dir) -> Task:
     paths = find_fashion_mnist(data_dir)
     # evaluate() reloads the task for every chip of a sweep: read the 60k images once per
     # process, keyed by the files' identity so a changed file is read again.
-    arr = _read_fashion_files(tuple(sorted((k, str(p), p.stat().st_mtime_ns) for k, p in paths.items())))
+    arr = _read_fashion_files(
+        tuple(sorted((k, str(p), p.stat().st_mtime_ns) for k, p in paths.items()))
+    )
     for part in ("train", "test"):
         x, y = arr[f"x_{part}"], arr[f"y_{part}"]
         if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise IDXFormatError(
                 f"Fashion-MNIST {part} files disagree: images {paths[f'x_{part}']} have shape "
                 f"{x.shape}, labels {paths[f'y_{part}']} have shape {y.shape}; expected "
-                "(n, rows, cols) and (n,)")
+                "(n, rows, cols) and (n,)"
+            )
     x_train = arr["x_train"].reshape(len(arr["x_train"]), -1)
     x_test = arr["x_test"].reshape(len(arr["x_test"]), -1)
     if x_train.shape[1] != x_test.shape[1]:
-        raise IDXFormatError(f"Fashion-MNIST train images have {x_train.shape[1]} pixels, "
-                             f"test images {x_test.shape[1]}")
+        raise IDXFormatError(
+            f"Fashion-MNIST train images have {x_train.shape[1]} pixels, "
+            f"test images {x_test.shape[1]}"
+        )
     classes = np.unique(arr["y_train"])
     unseen = np.setdiff1d(np.unique(arr["y_test"]), classes)
     if len(unseen):

@@ -1,4 +1,5 @@
 """``check-device``: validate a user's adapter against the contract before training on it."""
+
 from __future__ import annotations
 
 import time
@@ -27,11 +28,18 @@ def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> di
     noise = float(ys.std(axis=0, ddof=1).mean()) if repeats > 1 else None
     spread = float(ys.mean(axis=0).std())
     return {
-        "n_params": info.n_params, "in_dim": info.in_dim, "out_dim": info.out_dim,
+        "n_params": info.n_params,
+        "in_dim": info.in_dim,
+        "out_dim": info.out_dim,
         "bounds": None if not info.has_bounds else [float(info.low.min()), float(info.high.max())],
-        "periodic": int(info.periodic.sum()), "input_bounds": [float(info.input_low.min()), float(info.input_high.max())],
-        "max_batch": info.max_batch, "theta0_given": info.theta0 is not None,
-        "query_s": one_query_s, "batch": batch, "settings_used": meter.settings_used,
-        "noise_std": noise, "output_spread": spread,
+        "periodic": int(info.periodic.sum()),
+        "input_bounds": [float(info.input_low.min()), float(info.input_high.max())],
+        "max_batch": info.max_batch,
+        "theta0_given": info.theta0 is not None,
+        "query_s": one_query_s,
+        "batch": batch,
+        "settings_used": meter.settings_used,
+        "noise_std": noise,
+        "output_spread": spread,
         "snr": None if not noise else spread / noise,
     }

@@ -6,6 +6,7 @@ A device is duck-typed. It needs ``n_params``, ``in_dim``, ``out_dim`` and
 :class:`DeviceInfo` with documented defaults, and the ``check_*`` functions validate every
 query before and after the device is touched.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,7 +75,9 @@ class DeviceInfo:
         small seeded jitter. Every method starts from this point for a given seed."""
         if self.theta0 is not None:
             return self.theta0.copy()
-        mid = np.where(np.isfinite(self.low) & np.isfinite(self.high), (self.low + self.high) / 2, 0.0)
+        mid = np.where(
+            np.isfinite(self.low) & np.isfinite(self.high), (self.low + self.high) / 2, 0.0
+        )
         rng = np.random.default_rng([seed, 7919])
         jitter = rng.uniform(-THETA0_JITTER, THETA0_JITTER, self.n_params) * self.scale
         return self.project(mid + jitter)
@@ -84,9 +87,12 @@ class DeviceInfo:
         theta = np.asarray(theta, dtype=float)
         width = self.high - self.low
         finite = np.isfinite(width)
-        wrapped = np.where(finite, self.low, 0.0) + np.mod(theta - np.where(finite, self.low, 0.0),
-                                                          np.where(finite, width, 1.0))
-        out = np.where(self.periodic & np.isfinite(width), wrapped, np.clip(theta, self.low, self.high))
+        wrapped = np.where(finite, self.low, 0.0) + np.mod(
+            theta - np.where(finite, self.low, 0.0), np.where(finite, width, 1.0)
+        )
+        out = np.where(
+            self.periodic & np.isfinite(width), wrapped, np.clip(theta, self.low, self.high)
+        )
         if np.any(self.periodic & np.isfinite(width)):
             # A wrapped value may land exactly on ``high`` through rounding; keep [low, high).
             out = np.where(self.periodic & (out >= self.high), self.low, out)
@@ -106,9 +112,15 @@ def _int_member(device, name: str) -> int:
 
 
 def _vector(value, n: int, name: str) -> np.ndarray:
-    arr = np.broadcast_to(np.asarray(value, dtype=float), (n,)) if np.ndim(value) == 0 else np.asarray(value, dtype=float)
+    arr = (
+        np.broadcast_to(np.asarray(value, dtype=float), (n,))
+        if np.ndim(value) == 0
+        else np.asarray(value, dtype=float)
+    )
     if arr.shape != (n,):
-        raise DeviceContractError(f"device.{name} must be a scalar or have shape ({n},), got {arr.shape}")
+        raise DeviceContractError(
+            f"device.{name} must be a scalar or have shape ({n},), got {arr.shape}"
+        )
     return arr.copy()
 
 
@@ -129,15 +141,24 @@ def describe(device) -> DeviceInfo:
     else:
         if len(bounds) != 2:
             raise DeviceContractError("device.bounds must be a pair (low, high)")
-        low, high = _vector(bounds[0], n_params, "bounds[0]"), _vector(bounds[1], n_params, "bounds[1]")
+        low, high = (
+            _vector(bounds[0], n_params, "bounds[0]"),
+            _vector(bounds[1], n_params, "bounds[1]"),
+        )
         if np.any(np.isnan(low)) or np.any(np.isnan(high)) or np.any(low >= high):
             raise DeviceContractError("device.bounds must satisfy low < high for every parameter")
         has_bounds = True
 
     periodic = getattr(device, "periodic", False)
-    periodic = np.broadcast_to(np.asarray(periodic, dtype=bool), (n_params,)).copy() if np.ndim(periodic) == 0 else np.asarray(periodic, dtype=bool)
+    periodic = (
+        np.broadcast_to(np.asarray(periodic, dtype=bool), (n_params,)).copy()
+        if np.ndim(periodic) == 0
+        else np.asarray(periodic, dtype=bool)
+    )
     if periodic.shape != (n_params,):
-        raise DeviceContractError(f"device.periodic must be a bool or have shape ({n_params},), got {periodic.shape}")
+        raise DeviceContractError(
+            f"device.periodic must be a bool or have shape ({n_params},), got {periodic.shape}"
+        )
     if np.any(periodic & ~(np.isfinite(low) & np.isfinite(high))):
         raise DeviceContractError("periodic parameters need finite bounds (one period)")
 
@@ -145,21 +166,44 @@ def describe(device) -> DeviceInfo:
     if ib is None:
         in_low, in_high = np.full(in_dim, -1.0), np.full(in_dim, 1.0)
     else:
-        in_low, in_high = _vector(ib[0], in_dim, "input_bounds[0]"), _vector(ib[1], in_dim, "input_bounds[1]")
-        if np.any(~np.isfinite(in_low)) or np.any(~np.isfinite(in_high)) or np.any(in_low >= in_high):
+        in_low, in_high = (
+            _vector(ib[0], in_dim, "input_bounds[0]"),
+            _vector(ib[1], in_dim, "input_bounds[1]"),
+        )
+        if (
+            np.any(~np.isfinite(in_low))
+            or np.any(~np.isfinite(in_high))
+            or np.any(in_low >= in_high)
+        ):
             raise DeviceContractError("device.input_bounds must be finite with low < high")
 
     max_batch = getattr(device, "max_batch", None)
     if max_batch is not None:
         if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
-            raise DeviceContractError(f"device.max_batch must be a positive int or None, got {max_batch!r}")
+            raise DeviceContractError(
+                f"device.max_batch must be a positive int or None, got {max_batch!r}"
+            )
         max_batch = int(max_batch)
 
     theta0 = getattr(device, "theta0", None)
-    info = DeviceInfo(n_params, in_dim, out_dim, low, high, periodic, in_low, in_high, max_batch, None, has_bounds)
+    info = DeviceInfo(
+        n_params, in_dim, out_dim, low, high, periodic, in_low, in_high, max_batch, None, has_bounds
+    )
     if theta0 is not None:
         theta0 = check_theta(info, theta0, member="theta0")
-        info = DeviceInfo(n_params, in_dim, out_dim, low, high, periodic, in_low, in_high, max_batch, theta0, has_bounds)
+        info = DeviceInfo(
+            n_params,
+            in_dim,
+            out_dim,
+            low,
+            high,
+            periodic,
+            in_low,
+            in_high,
+            max_batch,
+            theta0,
+            has_bounds,
+        )
     return info
 
 
@@ -170,7 +214,9 @@ def check_theta(info: DeviceInfo, theta, member: str = "theta") -> np.ndarray:
         raise DeviceContractError(f"{member} must be a real float array, got dtype {arr.dtype}")
     arr = arr.astype(float)
     if arr.shape != (info.n_params,):
-        raise DeviceContractError(f"{member} must have shape (n_params,) = ({info.n_params},), got {arr.shape}")
+        raise DeviceContractError(
+            f"{member} must have shape (n_params,) = ({info.n_params},), got {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
         raise DeviceContractError(f"{member} has non-finite values at indices {bad}")
@@ -192,7 +238,9 @@ def check_inputs(info: DeviceInfo, x) -> np.ndarray:
         raise DeviceContractError(f"x must be a real float array, got dtype {arr.dtype}")
     arr = arr.astype(float)
     if arr.ndim != 2 or arr.shape[1] != info.in_dim or arr.shape[0] < 1:
-        raise DeviceContractError(f"x must have shape (batch, in_dim) = (batch, {info.in_dim}) with batch >= 1, got {arr.shape}")
+        raise DeviceContractError(
+            f"x must have shape (batch, in_dim) = (batch, {info.in_dim}) with batch >= 1, got {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise DeviceContractError(f"x has {int((~np.isfinite(arr)).sum())} non-finite values")
     tol = 1e-9 * (info.input_high - info.input_low)
@@ -209,7 +257,9 @@ def check_outputs(info: DeviceInfo, y, batch: int) -> np.ndarray:
     try:
         arr = np.asarray(y, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise DeviceOutputError(f"device.query returned {type(y).__name__}, not a float array: {exc}") from exc
+        raise DeviceOutputError(
+            f"device.query returned {type(y).__name__}, not a float array: {exc}"
+        ) from exc
     if arr.shape != (batch, info.out_dim):
         raise DeviceOutputError(
             f"device.query returned shape {arr.shape}; the contract needs (batch, out_dim) = ({batch}, {info.out_dim}). "

@@ -12,6 +12,7 @@ columns ``id`` (1, 2, ... in call order), ``request_id`` (unique text), ``time``
 little-endian float64 bytes (``numpy.frombuffer(row, '<f8')``), ``y`` NULL for a bad row.
 Table ``meta`` holds key/value text (the run's config, the device spec).
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,9 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(
+                str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
@@ -95,8 +98,16 @@ class Ledger:
         self.close()
 
     # --- writing -------------------------------------------------------------------------
-    def append(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray | None, purpose: str,
-               ok: bool = True, error: str | None = None, request_id: str | None = None) -> int:
+    def append(
+        self,
+        theta: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray | None,
+        purpose: str,
+        ok: bool = True,
+        error: str | None = None,
+        request_id: str | None = None,
+    ) -> int:
         """Write one call in its own transaction and return its row id."""
         if purpose not in PURPOSES:
             raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
@@ -105,8 +116,20 @@ class Ledger:
         cur = self._db.execute(
             "INSERT INTO queries (request_id, time, purpose, ok, error, n_params, batch, in_dim, out_dim, theta, x, y)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (request_id or uuid.uuid4().hex, time.time(), purpose, int(ok), error, theta.size, x.shape[0], x.shape[1],
-             out_dim, _blob(theta), _blob(x), None if y is None else _blob(y)),
+            (
+                request_id or uuid.uuid4().hex,
+                time.time(),
+                purpose,
+                int(ok),
+                error,
+                theta.size,
+                x.shape[0],
+                x.shape[1],
+                out_dim,
+                _blob(theta),
+                _blob(x),
+                None if y is None else _blob(y),
+            ),
         )
         return int(cur.lastrowid)
 
@@ -121,12 +144,20 @@ class Ledger:
     def counts(self) -> dict:
         """``settings`` and ``samples`` charged to the budget (all but ``eval``, bad rows
         included since they were paid for), plus ``eval_settings``, ``bad`` and ``rows``."""
-        q = "SELECT count(*), coalesce(sum(batch),0) FROM queries WHERE purpose IN (%s)" % ",".join("?" * len(CHARGED))
+        q = "SELECT count(*), coalesce(sum(batch),0) FROM queries WHERE purpose IN ({})".format(
+            ",".join("?" * len(CHARGED))
+        )
         settings, samples = self._db.execute(q, CHARGED).fetchone()
         ev = self._db.execute("SELECT count(*) FROM queries WHERE purpose='eval'").fetchone()[0]
         bad = self._db.execute("SELECT count(*) FROM queries WHERE ok=0").fetchone()[0]
         rows = self._db.execute("SELECT count(*) FROM queries").fetchone()[0]
-        return {"settings": settings, "samples": samples, "eval_settings": ev, "bad": bad, "rows": rows}
+        return {
+            "settings": settings,
+            "samples": samples,
+            "eval_settings": ev,
+            "bad": bad,
+            "rows": rows,
+        }
 
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM queries").fetchone()[0]
@@ -137,18 +168,29 @@ class Ledger:
         args: list = [after_id]
         if purposes is not None:
             purposes = (purposes,) if isinstance(purposes, str) else tuple(purposes)
-            sql += " AND purpose IN (%s)" % ",".join("?" * len(purposes))
+            sql += " AND purpose IN ({})".format(",".join("?" * len(purposes)))
             args += purposes
         if ok_only:
             sql += " AND ok=1"
         for r in self._db.execute(sql + " ORDER BY id", args):
             batch, in_dim, out_dim = r[9], r[10], r[11]
             y = None if r[8] is None else np.frombuffer(r[8], "<f8").reshape(batch, out_dim)
-            yield LedgerRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], np.frombuffer(r[6], "<f8").copy(),
-                            np.frombuffer(r[7], "<f8").reshape(batch, in_dim), y)
+            yield LedgerRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                bool(r[4]),
+                r[5],
+                np.frombuffer(r[6], "<f8").copy(),
+                np.frombuffer(r[7], "<f8").reshape(batch, in_dim),
+                y,
+            )
 
     def find(self, request_id: str) -> LedgerRow | None:
-        row = self._db.execute("SELECT id FROM queries WHERE request_id=?", (request_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT id FROM queries WHERE request_id=?", (request_id,)
+        ).fetchone()
         return None if row is None else next(self.rows(after_id=row[0] - 1))
 
     def samples(self, purposes=("probe", "train", "refine", "calibrate")):

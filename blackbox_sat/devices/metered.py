@@ -10,13 +10,21 @@ next logged row (same purpose, theta and x) gets the logged outputs back without
 the device or paying again. The first mismatch ends the replay; from then on calls go to
 the device. A killed run therefore resumes where it stopped with no query paid twice.
 """
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from .contract import DeviceInfo, DeviceOutputError, check_inputs, check_outputs, check_theta, describe
+from .contract import (
+    DeviceInfo,
+    DeviceOutputError,
+    check_inputs,
+    check_outputs,
+    check_theta,
+    describe,
+)
 from .ledger import CHARGED, Ledger
 
 
@@ -27,7 +35,9 @@ class BudgetExhausted(RuntimeError):
 class MeteredDevice:
     """Wraps any contract device. ``query(theta, x, purpose)`` returns ``(batch, out_dim)``."""
 
-    def __init__(self, device, ledger: Ledger | None = None, budget: int | None = None, replay: bool = True):
+    def __init__(
+        self, device, ledger: Ledger | None = None, budget: int | None = None, replay: bool = True
+    ):
         self.device = device
         self.info: DeviceInfo = describe(device)
         self.ledger = ledger
@@ -55,7 +65,7 @@ class MeteredDevice:
         theta = check_theta(self.info, theta)
         x = check_inputs(self.info, x)
         mb = self.info.max_batch or x.shape[0]
-        parts = [x[i:i + mb] for i in range(0, x.shape[0], mb)]
+        parts = [x[i : i + mb] for i in range(0, x.shape[0], mb)]
         if purpose in CHARGED and not self.can_afford(len(parts)):
             raise BudgetExhausted(
                 f"query needs {len(parts)} settings but only {self.remaining} of the budget of {self.budget} remain"
@@ -82,7 +92,9 @@ class MeteredDevice:
             self.device_time += time.perf_counter() - t0
             self._count(x.shape[0], purpose)
             if self.ledger is not None:
-                self.ledger.append(theta, x, None, purpose, ok=False, error=f"{type(exc).__name__}: {exc}")
+                self.ledger.append(
+                    theta, x, None, purpose, ok=False, error=f"{type(exc).__name__}: {exc}"
+                )
             if isinstance(exc, DeviceOutputError):
                 raise
             raise DeviceOutputError(f"device.query raised {type(exc).__name__}: {exc}") from exc
@@ -99,8 +111,12 @@ class MeteredDevice:
                 self._replay_pos += 1
                 self._count(row.x.shape[0], row.purpose)
                 continue
-            if row.purpose == purpose and row.x.shape == x.shape and np.array_equal(row.theta, theta) \
-                    and np.array_equal(row.x, x):
+            if (
+                row.purpose == purpose
+                and row.x.shape == x.shape
+                and np.array_equal(row.theta, theta)
+                and np.array_equal(row.x, x)
+            ):
                 self._replay_pos += 1
                 self.replayed += 1
                 return row.y.copy()

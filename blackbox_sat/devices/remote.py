@@ -35,9 +35,11 @@ reply that does not come within ``timeout`` seconds (a hung instrument) raises
 :class:`DeviceTimeoutError` at once (``retry_on_timeout=True`` retries it too: the server
 then waits for the call already in flight instead of measuring again).
 """
+
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -52,7 +54,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .contract import DeviceContractError, DeviceOutputError, check_inputs, check_outputs, check_theta, describe
+from .contract import (
+    DeviceContractError,
+    DeviceOutputError,
+    check_inputs,
+    check_outputs,
+    check_theta,
+    describe,
+)
 
 PROTOCOL_VERSION = 1
 #: Environment variable holding the shared token (client and server).
@@ -88,7 +97,11 @@ class DeviceTimeoutError(DeviceOutputError, TimeoutError):
 def encode_array(a) -> dict:
     """An array as ``{"dtype": "<f8", "shape": [...], "b64": ...}``."""
     arr = np.ascontiguousarray(np.asarray(a, dtype="<f8"))
-    return {"dtype": "<f8", "shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode("ascii")}
+    return {
+        "dtype": "<f8",
+        "shape": list(arr.shape),
+        "b64": base64.b64encode(arr.tobytes()).decode("ascii"),
+    }
 
 
 def decode_array(obj, name: str) -> np.ndarray:
@@ -99,25 +112,37 @@ def decode_array(obj, name: str) -> np.ndarray:
     """
     if isinstance(obj, dict):
         dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("b64")
-        if dtype not in ("<f8", "float64") or not isinstance(data, str) or not isinstance(shape, list) \
-                or len(shape) > 8 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        if (
+            dtype not in ("<f8", "float64")
+            or not isinstance(data, str)
+            or not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
             raise DeviceContractError(
-                f"{name} must be {{'dtype': '<f8', 'shape': [ints], 'b64': base64 little-endian float64}} or a list of numbers")
+                f"{name} must be {{'dtype': '<f8', 'shape': [ints], 'b64': base64 little-endian float64}} or a list of numbers"
+            )
         try:
             raw = base64.b64decode(data.encode("ascii"), validate=True)
         except (ValueError, UnicodeEncodeError) as exc:
             raise DeviceContractError(f"{name}.b64 is not valid base64: {exc}") from exc
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if len(raw) != 8 * count:
-            raise DeviceContractError(f"{name} holds {len(raw)} bytes but shape {shape} needs {8 * count}")
+            raise DeviceContractError(
+                f"{name} holds {len(raw)} bytes but shape {shape} needs {8 * count}"
+            )
         return np.frombuffer(raw, "<f8").reshape(shape).astype(float)
     if isinstance(obj, (list, int, float)) and not isinstance(obj, bool):
         try:
             return np.asarray(obj)
         except (ValueError, TypeError, OverflowError) as exc:
-            raise DeviceContractError(f"{name} is not a rectangular array of numbers: {exc}") from exc
-    raise DeviceContractError(f"{name} must be an array ({{'dtype','shape','b64'}} or a list of numbers), "
-                              f"got {type(obj).__name__}")
+            raise DeviceContractError(
+                f"{name} is not a rectangular array of numbers: {exc}"
+            ) from exc
+    raise DeviceContractError(
+        f"{name} must be an array ({{'dtype','shape','b64'}} or a list of numbers), "
+        f"got {type(obj).__name__}"
+    )
 
 
 def query_digest(theta: np.ndarray, x: np.ndarray) -> str:
@@ -192,20 +217,40 @@ class RemoteDevice:
     connection attempt (default ``min(timeout, 5)``). Thread-safe: one request at a time.
     """
 
-    def __init__(self, spec: str, token: str | None = None, timeout: float = 30.0, retries: int = 5,
-                 backoff: float = 0.2, max_backoff: float = 10.0, connect_timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retry_on_timeout: bool = False):
+    def __init__(
+        self,
+        spec: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        connect_timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry_on_timeout: bool = False,
+    ):
         self.url = spec
         self.host, self.port = parse_url(spec)
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token:
             raise RemoteAuthError(
                 f"no token for the device server at {spec}: set {TOKEN_ENV} to the token the server was started "
-                "with (or pass --device-kw token=...)")
+                "with (or pass --device-kw token=...)"
+            )
         self._token = str(token)
-        self.timeout, self.retries, self.backoff, self.max_backoff = float(timeout), int(retries), float(backoff), float(max_backoff)
-        self.connect_timeout = float(connect_timeout) if connect_timeout is not None else min(self.timeout, 5.0)
-        self.max_message_bytes, self.retry_on_timeout = int(max_message_bytes), bool(retry_on_timeout)
+        self.timeout, self.retries, self.backoff, self.max_backoff = (
+            float(timeout),
+            int(retries),
+            float(backoff),
+            float(max_backoff),
+        )
+        self.connect_timeout = (
+            float(connect_timeout) if connect_timeout is not None else min(self.timeout, 5.0)
+        )
+        self.max_message_bytes, self.retry_on_timeout = (
+            int(max_message_bytes),
+            bool(retry_on_timeout),
+        )
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._namespace = uuid.uuid4().hex
@@ -223,23 +268,43 @@ class RemoteDevice:
     # --- contract members ------------------------------------------------------------------
     def _set_members(self, info) -> None:
         try:
-            self.n_params, self.in_dim, self.out_dim = int(info["n_params"]), int(info["in_dim"]), int(info["out_dim"])
+            self.n_params, self.in_dim, self.out_dim = (
+                int(info["n_params"]),
+                int(info["in_dim"]),
+                int(info["out_dim"]),
+            )
             b = info.get("bounds")
-            self.bounds = None if b is None else (decode_array(b[0], "bounds[0]"), decode_array(b[1], "bounds[1]"))
+            self.bounds = (
+                None
+                if b is None
+                else (decode_array(b[0], "bounds[0]"), decode_array(b[1], "bounds[1]"))
+            )
             self.periodic = np.asarray(info.get("periodic", False), dtype=bool)
             ib = info.get("input_bounds")
-            self.input_bounds = None if ib is None else (decode_array(ib[0], "input_bounds[0]"),
-                                                         decode_array(ib[1], "input_bounds[1]"))
+            self.input_bounds = (
+                None
+                if ib is None
+                else (
+                    decode_array(ib[0], "input_bounds[0]"),
+                    decode_array(ib[1], "input_bounds[1]"),
+                )
+            )
             self.max_batch = None if info.get("max_batch") is None else int(info["max_batch"])
-            self.theta0 = None if info.get("theta0") is None else decode_array(info["theta0"], "theta0")
+            self.theta0 = (
+                None if info.get("theta0") is None else decode_array(info["theta0"], "theta0")
+            )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise RemoteDeviceError(f"the device server at {self.url} sent an unusable info reply: {exc}") from exc
+            raise RemoteDeviceError(
+                f"the device server at {self.url} sent an unusable info reply: {exc}"
+            ) from exc
 
     def __repr__(self) -> str:
         return f"RemoteDevice({self.url!r}, n_params={self.n_params}, in_dim={self.in_dim}, out_dim={self.out_dim})"
 
     def __getstate__(self):
-        raise TypeError("a RemoteDevice holds a connection and cannot be pickled; pass the tcp:// spec instead")
+        raise TypeError(
+            "a RemoteDevice holds a connection and cannot be pickled; pass the tcp:// spec instead"
+        )
 
     # --- request ids -----------------------------------------------------------------------
     def bind_ledger(self, ledger) -> None:
@@ -269,14 +334,20 @@ class RemoteDevice:
         theta = check_theta(self._info, theta)
         x = check_inputs(self._info, x)
         if self.max_batch is not None and x.shape[0] > self.max_batch:
-            raise DeviceContractError(f"x has batch {x.shape[0]} > device.max_batch = {self.max_batch}; split it "
-                                      "(MeteredDevice does)")
+            raise DeviceContractError(
+                f"x has batch {x.shape[0]} > device.max_batch = {self.max_batch}; split it "
+                "(MeteredDevice does)"
+            )
         rid = self._request_id(theta, x)
-        reply = self._call({"kind": "query", "id": rid, "theta": encode_array(theta), "x": encode_array(x)})
+        reply = self._call(
+            {"kind": "query", "id": rid, "theta": encode_array(theta), "x": encode_array(x)}
+        )
         try:
             y = decode_array(reply["y"], "y")
         except (KeyError, DeviceContractError) as exc:
-            raise RemoteDeviceError(f"the device server at {self.url} sent an unusable reply to {rid}: {exc}") from exc
+            raise RemoteDeviceError(
+                f"the device server at {self.url} sent an unusable reply to {rid}: {exc}"
+            ) from exc
         y = check_outputs(self._info, y, x.shape[0])
         self.journal_hits += bool(reply.get("journal"))
         self.last_request_id = rid
@@ -291,24 +362,22 @@ class RemoteDevice:
             self._drop()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self._drop()
-        except Exception:  # noqa: BLE001 (interpreter shutdown)
-            pass
 
     # --- transport -------------------------------------------------------------------------
     def _drop(self) -> None:
         sock, self._sock = getattr(self, "_sock", None), None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+                sock = socket.create_connection(
+                    (self.host, self.port), timeout=self.connect_timeout
+                )
             except OSError as exc:  # refused, unreachable, connect timeout
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -324,10 +393,12 @@ class RemoteDevice:
             sock.sendall(frame)
             n = read_header(sock)
             if n > self.max_message_bytes:
-                raise RemoteDeviceError(f"the device server at {self.url} sent a {n}-byte reply, over this client's "
-                                        f"max_message_bytes = {self.max_message_bytes}")
+                raise RemoteDeviceError(
+                    f"the device server at {self.url} sent a {n}-byte reply, over this client's "
+                    f"max_message_bytes = {self.max_message_bytes}"
+                )
             return loads(recv_exact(sock, n))
-        except socket.timeout:
+        except TimeoutError:
             self._drop()
             raise
         except (ConnectionError, OSError) as exc:
@@ -344,35 +415,44 @@ class RemoteDevice:
         rid, kind = request.get("id"), request["kind"]
         frame = pack(request)
         if len(frame) - _HEADER.size > self.max_message_bytes:
-            raise RemoteDeviceError(f"{kind} request of {len(frame)} bytes exceeds max_message_bytes = "
-                                    f"{self.max_message_bytes}; use smaller batches (device max_batch)")
+            raise RemoteDeviceError(
+                f"{kind} request of {len(frame)} bytes exceeds max_message_bytes = "
+                f"{self.max_message_bytes}; use smaller batches (device max_batch)"
+            )
         t0, attempt, fresh_retry = time.monotonic(), 0, True
         with self._lock:
             while True:
                 try:
                     reply = self._exchange(frame)
-                except socket.timeout as exc:
+                except TimeoutError as exc:
                     if not self.retry_on_timeout or attempt >= self.retries:
                         raise DeviceTimeoutError(
                             f"the device server at {self.url} gave no reply to {kind} {rid or ''} within "
                             f"{self.timeout:g} s: the device may be hung. If the call completes, the server keeps its "
                             "result in its journal under that request id. Check the instrument, raise "
                             "--device-kw timeout=SECONDS for a slow device, then continue with "
-                            f"`blackbox-sat train --resume {self._run_dir()}`") from exc
+                            f"`blackbox-sat train --resume {self._run_dir()}`"
+                        ) from exc
                     last = f"no reply within {self.timeout:g} s"
                 except _Retryable as exc:
                     last = str(exc)
-                    if exc.stale and fresh_retry:  # the server closed a kept-alive connection (idle, restart):
-                        fresh_retry = False         # reconnect at once, once, without counting a retry
+                    if (
+                        exc.stale and fresh_retry
+                    ):  # the server closed a kept-alive connection (idle, restart):
+                        fresh_retry = False  # reconnect at once, once, without counting a retry
                         self.reconnects += 1
                         continue
                 except ValueError as exc:  # unparseable reply
-                    raise RemoteDeviceError(f"the device server at {self.url} sent a malformed reply: {exc}") from exc
+                    raise RemoteDeviceError(
+                        f"the device server at {self.url} sent a malformed reply: {exc}"
+                    ) from exc
                 else:
                     if reply.get("status") == "ok":
                         if rid is not None and reply.get("id") != rid:
                             self._drop()
-                            raise RemoteDeviceError(f"reply id {reply.get('id')!r} does not match request {rid!r}")
+                            raise RemoteDeviceError(
+                                f"reply id {reply.get('id')!r} does not match request {rid!r}"
+                            )
                         return reply
                     err = reply.get("error") or {}
                     etype, message = err.get("type"), str(err.get("message", "no message"))
@@ -387,7 +467,8 @@ class RemoteDevice:
                         "ones are in the run's ledger and the server's journal. Restart the server "
                         "(`blackbox-sat serve-device ...` with the same --journal), then continue with "
                         f"`blackbox-sat train --resume {self._run_dir()}`; --device-kw retries=N backoff=S "
-                        "rides out longer outages")
+                        "rides out longer outages"
+                    )
                 self.reconnects += 1
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
 
@@ -401,6 +482,8 @@ class RemoteDevice:
         if etype == "device":
             return DeviceOutputError(f"served device: {message} ({where})")
         if etype == "auth":
-            return RemoteAuthError(f"the {where} refused the token ({message}); set {TOKEN_ENV} to the token the "
-                                   "server was started with")
+            return RemoteAuthError(
+                f"the {where} refused the token ({message}); set {TOKEN_ENV} to the token the "
+                "server was started with"
+            )
         return RemoteDeviceError(f"{kind} refused by the {where}: [{etype}] {message}")

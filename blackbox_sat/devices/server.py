@@ -27,8 +27,10 @@ still being measured waits for that attempt. An id reused with a different ``the
 is refused. Failed calls (device raised, NaN, wrong shape) are not journaled: a retry of one
 measures again. The journal grows by one row per measured query (``y`` bytes plus ~150 B).
 """
+
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import socket
@@ -40,9 +42,27 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import DeviceContractError, DeviceOutputError, InvalidInput, check_inputs, check_outputs, check_theta, describe
-from .remote import (DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, REQUEST_ID_RE, decode_array, encode_array, loads,
-                     pack, query_digest, read_header, recv_exact)
+from .contract import (
+    DeviceContractError,
+    DeviceOutputError,
+    InvalidInput,
+    check_inputs,
+    check_outputs,
+    check_theta,
+    describe,
+)
+from .remote import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    REQUEST_ID_RE,
+    decode_array,
+    encode_array,
+    loads,
+    pack,
+    query_digest,
+    read_header,
+    recv_exact,
+)
 
 log = logging.getLogger("blackbox_sat.server")
 
@@ -83,8 +103,12 @@ class Journal:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=30.0,
-                                   isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(
+            ":memory:" if self.path is None else str(self.path),
+            timeout=30.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_JOURNAL_SCHEMA)
@@ -92,17 +116,26 @@ class Journal:
     def get(self, request_id: str):
         """``(digest, y)`` or None."""
         with self._lock:
-            row = self._db.execute("SELECT digest, batch, out_dim, y FROM journal WHERE request_id=?",
-                                   (request_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT digest, batch, out_dim, y FROM journal WHERE request_id=?", (request_id,)
+            ).fetchone()
         if row is None:
             return None
         return row[0], np.frombuffer(row[3], "<f8").reshape(row[1], row[2]).copy()
 
     def put(self, request_id: str, digest: str, y: np.ndarray) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
-                             (request_id, time.time(), digest, y.shape[0], y.shape[1],
-                              np.ascontiguousarray(y, "<f8").tobytes()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
+                (
+                    request_id,
+                    time.time(),
+                    digest,
+                    y.shape[0],
+                    y.shape[1],
+                    np.ascontiguousarray(y, "<f8").tobytes(),
+                ),
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -118,7 +151,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, addr, app: "DeviceServer"):
+    def __init__(self, addr, app: DeviceServer):
         self.app = app
         super().__init__(addr, _Handler)
 
@@ -148,9 +181,18 @@ class DeviceServer:
     every connection.
     """
 
-    def __init__(self, device, token: str, host: str = "127.0.0.1", port: int = 0, journal: str | Path | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, name: str | None = None):
+    def __init__(
+        self,
+        device,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        journal: str | Path | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        name: str | None = None,
+    ):
         if not token:
             raise InvalidInput("serve-device needs a non-empty token")
         self.device = device
@@ -167,8 +209,14 @@ class DeviceServer:
         self._closing = False
         self._stats_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "device_calls": 0, "journal_hits": 0, "errors": 0, "denied": 0,
-                      "internal_errors": 0}
+        self.stats = {
+            "requests": 0,
+            "device_calls": 0,
+            "journal_hits": 0,
+            "errors": 0,
+            "denied": 0,
+            "internal_errors": 0,
+        }
         self._tcp = _TCPServer((host, int(port)), self)
         self._info_reply = self._describe_info()
 
@@ -186,9 +234,11 @@ class DeviceServer:
     def serve_forever(self) -> None:
         self._tcp.serve_forever(poll_interval=0.2)
 
-    def start(self) -> "DeviceServer":
+    def start(self) -> DeviceServer:
         """Serve in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self.serve_forever, name=f"serve-device {self.url}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, name=f"serve-device {self.url}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -204,10 +254,8 @@ class DeviceServer:
         with self._state:
             conns = list(self._conns)
         for sock in conns:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def __enter__(self):
         return self.start()
@@ -219,8 +267,15 @@ class DeviceServer:
     def _serve_connection(self, sock: socket.socket, addr) -> None:
         peer = _peer(addr)
         if not self._slots.acquire(blocking=False):
-            self._send(sock, {"v": PROTOCOL_VERSION, "id": None, "status": "error",
-                              "error": {"type": "busy", "message": "too many connections; retry later"}})
+            self._send(
+                sock,
+                {
+                    "v": PROTOCOL_VERSION,
+                    "id": None,
+                    "status": "error",
+                    "error": {"type": "busy", "message": "too many connections; retry later"},
+                },
+            )
             log.info("peer=%s id=- kind=- status=busy 0.0ms", peer)
             return
         try:
@@ -238,14 +293,28 @@ class DeviceServer:
                     break
                 t0 = time.perf_counter()
                 if n > self.max_message_bytes:
-                    self._log_reply(sock, peer, None, "-", t0, _Refused(
-                        "too_large", f"message of {n} bytes exceeds the limit of {self.max_message_bytes} bytes "
-                        "(serve-device --max-message-bytes); nothing was read", close=True))
+                    self._log_reply(
+                        sock,
+                        peer,
+                        None,
+                        "-",
+                        t0,
+                        _Refused(
+                            "too_large",
+                            f"message of {n} bytes exceeds the limit of {self.max_message_bytes} bytes "
+                            "(serve-device --max-message-bytes); nothing was read",
+                            close=True,
+                        ),
+                    )
                     break
                 try:
                     body = recv_exact(sock, n)
                 except (OSError, ConnectionError):
-                    log.info("peer=%s id=- kind=- status=truncated %.1fms", peer, 1e3 * (time.perf_counter() - t0))
+                    log.info(
+                        "peer=%s id=- kind=- status=truncated %.1fms",
+                        peer,
+                        1e3 * (time.perf_counter() - t0),
+                    )
                     break
                 keep, ok_token = self._handle(sock, peer, body, t0)
                 if ok_token and not authed:
@@ -265,9 +334,15 @@ class DeviceServer:
             try:
                 msg = loads(body)
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                raise _Refused("bad_request", f"not a strict-JSON message: {str(exc)[:200]}", close=True) from None
+                raise _Refused(
+                    "bad_request", f"not a strict-JSON message: {str(exc)[:200]}", close=True
+                ) from None
             if not isinstance(msg, dict):
-                raise _Refused("bad_request", f"a message must be a JSON object, got {type(msg).__name__}", close=True)
+                raise _Refused(
+                    "bad_request",
+                    f"a message must be a JSON object, got {type(msg).__name__}",
+                    close=True,
+                )
             token = msg.get("token")
             if not isinstance(token, str) or not token:
                 raise _Refused("auth", "missing token", close=True)
@@ -278,11 +353,16 @@ class DeviceServer:
             raw_id = msg.get("id")
             if raw_id is not None:
                 if not isinstance(raw_id, str) or not REQUEST_ID_RE.match(raw_id):
-                    raise _Refused("bad_request", "id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+                    raise _Refused(
+                        "bad_request", "id must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+                    )
                 rid = raw_id
             if msg.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-                raise _Refused("bad_request", f"protocol version {msg.get('v')!r} not supported (this server: "
-                                              f"{PROTOCOL_VERSION})")
+                raise _Refused(
+                    "bad_request",
+                    f"protocol version {msg.get('v')!r} not supported (this server: "
+                    f"{PROTOCOL_VERSION})",
+                )
             if kind == "info":
                 reply, status = dict(self._info_reply), "ok"
             elif kind == "stats":
@@ -291,23 +371,36 @@ class DeviceServer:
                 reply, status = {"stats": {**stats, "journal_rows": len(self.journal)}}, "ok"
             elif kind == "query":
                 if rid is None:
-                    raise _Refused("bad_request", "a query needs an id (unique per query, reused on retry)")
+                    raise _Refused(
+                        "bad_request", "a query needs an id (unique per query, reused on retry)"
+                    )
                 y, from_journal = self._query(rid, msg.get("theta"), msg.get("x"))
-                reply, status = {"y": encode_array(y), "journal": from_journal}, ("journal" if from_journal else "ok")
+                reply, status = (
+                    {"y": encode_array(y), "journal": from_journal},
+                    ("journal" if from_journal else "ok"),
+                )
             else:
                 raise _Refused("bad_request", f"kind must be one of {list(KINDS)}")
         except _Refused as ref:
             return self._log_reply(sock, peer, rid, kind, t0, ref), authed
-        except Exception as exc:  # noqa: BLE001 (the server must stay up)
+        except Exception as exc:
             self._bump("internal_errors")
             log.exception("peer=%s id=%s kind=%s internal error", peer, rid or "-", kind)
-            return self._log_reply(sock, peer, rid, kind, t0, _Refused("internal", f"{type(exc).__name__}: {exc}")), authed
+            return self._log_reply(
+                sock, peer, rid, kind, t0, _Refused("internal", f"{type(exc).__name__}: {exc}")
+            ), authed
         self._bump("requests")
         if status == "journal":
             self._bump("journal_hits")
         ok = self._send(sock, {"v": PROTOCOL_VERSION, "id": rid, "status": "ok", **reply})
-        log.info("peer=%s id=%s kind=%s status=%s %.1fms", peer, rid or "-", kind, status if ok else status + "+unsent",
-                 1e3 * (time.perf_counter() - t0))
+        log.info(
+            "peer=%s id=%s kind=%s status=%s %.1fms",
+            peer,
+            rid or "-",
+            kind,
+            status if ok else status + "+unsent",
+            1e3 * (time.perf_counter() - t0),
+        )
         return ok, authed
 
     def _bump(self, key: str) -> None:
@@ -317,10 +410,24 @@ class DeviceServer:
     def _log_reply(self, sock, peer, rid, kind, t0, ref: _Refused) -> bool:
         self._bump("requests")
         self._bump("denied" if ref.etype == "auth" else "errors")
-        ok = self._send(sock, {"v": PROTOCOL_VERSION, "id": rid, "status": "error",
-                               "error": {"type": ref.etype, "message": ref.message}})
-        log.info("peer=%s id=%s kind=%s status=error:%s %.1fms (%s)", peer, rid or "-", kind, ref.etype,
-                 1e3 * (time.perf_counter() - t0), ref.message[:200])
+        ok = self._send(
+            sock,
+            {
+                "v": PROTOCOL_VERSION,
+                "id": rid,
+                "status": "error",
+                "error": {"type": ref.etype, "message": ref.message},
+            },
+        )
+        log.info(
+            "peer=%s id=%s kind=%s status=error:%s %.1fms (%s)",
+            peer,
+            rid or "-",
+            kind,
+            ref.etype,
+            1e3 * (time.perf_counter() - t0),
+            ref.message[:200],
+        )
         return ok and not ref.close
 
     @staticmethod
@@ -334,20 +441,33 @@ class DeviceServer:
     # --- the device ------------------------------------------------------------------------
     def _describe_info(self) -> dict:
         i = self.info
-        return {"info": {
-            "n_params": i.n_params, "in_dim": i.in_dim, "out_dim": i.out_dim,
-            "bounds": [encode_array(i.low), encode_array(i.high)] if i.has_bounds else None,
-            "periodic": i.periodic.tolist(),
-            "input_bounds": [encode_array(i.input_low), encode_array(i.input_high)],
-            "max_batch": i.max_batch,
-            "theta0": None if i.theta0 is None else encode_array(i.theta0),
-        }, "server": {"protocol": PROTOCOL_VERSION, "device": self.name, "max_message_bytes": self.max_message_bytes}}
+        return {
+            "info": {
+                "n_params": i.n_params,
+                "in_dim": i.in_dim,
+                "out_dim": i.out_dim,
+                "bounds": [encode_array(i.low), encode_array(i.high)] if i.has_bounds else None,
+                "periodic": i.periodic.tolist(),
+                "input_bounds": [encode_array(i.input_low), encode_array(i.input_high)],
+                "max_batch": i.max_batch,
+                "theta0": None if i.theta0 is None else encode_array(i.theta0),
+            },
+            "server": {
+                "protocol": PROTOCOL_VERSION,
+                "device": self.name,
+                "max_message_bytes": self.max_message_bytes,
+            },
+        }
 
     def _validate(self, theta_obj, x_obj) -> tuple[np.ndarray, np.ndarray, str]:
         try:
             theta = decode_array(theta_obj, "theta")
             x = decode_array(x_obj, "x")
-            digest = query_digest(theta, x) if theta.dtype.kind in "fiu" and x.dtype.kind in "fiu" else ""
+            digest = (
+                query_digest(theta, x)
+                if theta.dtype.kind in "fiu" and x.dtype.kind in "fiu"
+                else ""
+            )
             theta = check_theta(self.info, theta)
             x = check_inputs(self.info, x)
         except DeviceContractError as exc:
@@ -355,7 +475,10 @@ class DeviceServer:
         except (ValueError, TypeError, OverflowError) as exc:
             raise _Refused("contract", f"theta/x are not arrays of numbers: {exc}") from None
         if self.info.max_batch is not None and x.shape[0] > self.info.max_batch:
-            raise _Refused("contract", f"x has batch {x.shape[0]} > device.max_batch = {self.info.max_batch}; split it")
+            raise _Refused(
+                "contract",
+                f"x has batch {x.shape[0]} > device.max_batch = {self.info.max_batch}; split it",
+            )
         return theta, x, digest
 
     def _query(self, rid: str, theta_obj, x_obj) -> tuple[np.ndarray, bool]:
@@ -365,8 +488,11 @@ class DeviceServer:
                 hit = self.journal.get(rid)
                 if hit is not None:
                     if hit[0] != digest:
-                        raise _Refused("bad_request", f"request id {rid} was already used for a different theta/x; a "
-                                                      "retry must resend the identical query, a new query needs a new id")
+                        raise _Refused(
+                            "bad_request",
+                            f"request id {rid} was already used for a different theta/x; a "
+                            "retry must resend the identical query, a new query needs a new id",
+                        )
                     return hit[1], True
                 event = self._inflight.get(rid)
                 if event is None:
@@ -378,8 +504,10 @@ class DeviceServer:
                 self._bump("device_calls")
                 try:
                     y = self.device.query(theta.copy(), x.copy())
-                except Exception as exc:  # noqa: BLE001 (a device error is a reply, not a crash)
-                    raise _Refused("device", f"device.query raised {type(exc).__name__}: {exc}") from None
+                except Exception as exc:
+                    raise _Refused(
+                        "device", f"device.query raised {type(exc).__name__}: {exc}"
+                    ) from None
             try:
                 y = check_outputs(self.info, y, x.shape[0])
             except DeviceOutputError as exc:
@@ -414,7 +542,8 @@ def read_token(token_file: str | Path | None = None, env: str = "BLACKBOX_SAT_TO
     if not token:
         raise InvalidInput(
             f"serve-device needs a token: --token-file FILE or ${env}. Make one with "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > token && chmod 600 token`")
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > token && chmod 600 token`"
+        )
     return token
 
 
@@ -424,9 +553,16 @@ def default_journal(token_file: str | Path | None) -> Path:
     return base / "serve-device-journal.sqlite"
 
 
-def serve(spec: str, device_kw: dict | None = None, host: str = "127.0.0.1", port: int = 0,
-          token_file: str | Path | None = None, journal: str | Path | None = None,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, out=None) -> int:
+def serve(
+    spec: str,
+    device_kw: dict | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token_file: str | Path | None = None,
+    journal: str | Path | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    out=None,
+) -> int:
     """``blackbox-sat serve-device``: load ``spec``, listen, print the address, serve until
     SIGINT/SIGTERM. Prints ``listening on tcp://HOST:PORT`` (with the port picked when 0)
     as its first stdout line, flushed."""
@@ -445,23 +581,39 @@ def serve(spec: str, device_kw: dict | None = None, host: str = "127.0.0.1", por
         log.setLevel(logging.INFO)
         log.propagate = False
     if spec.startswith("tcp://"):
-        raise InvalidInput("serve-device serves a local device; give a simulator or package.module:factory spec")
+        raise InvalidInput(
+            "serve-device serves a local device; give a simulator or package.module:factory spec"
+        )
     device = load_device(spec, **(device_kw or {}))
     try:
-        server = DeviceServer(device, token, host=host, port=port, journal=journal,
-                              max_message_bytes=max_message_bytes, name=spec)
+        server = DeviceServer(
+            device,
+            token,
+            host=host,
+            port=port,
+            journal=journal,
+            max_message_bytes=max_message_bytes,
+            name=spec,
+        )
     except OSError as exc:
         raise InvalidInput(f"cannot listen on {host}:{port}: {exc}") from exc
     if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: traffic is not encrypted; tunnel it (ssh -L) across untrusted networks", host)
+        log.warning(
+            "listening on %s: traffic is not encrypted; tunnel it (ssh -L) across untrusted networks",
+            host,
+        )
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     print(f"listening on {server.url}", file=out, flush=True)
-    print(f"device {spec}: n_params={server.info.n_params} in_dim={server.info.in_dim} out_dim={server.info.out_dim}; "
-          f"journal {journal} ({len(server.journal)} results)", file=out, flush=True)
+    print(
+        f"device {spec}: n_params={server.info.n_params} in_dim={server.info.in_dim} out_dim={server.info.out_dim}; "
+        f"journal {journal} ({len(server.journal)} results)",
+        file=out,
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

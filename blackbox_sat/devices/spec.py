@@ -6,6 +6,7 @@
 
 Keyword values given as strings (``--device-kw key=value``) are parsed as Python literals.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,11 +44,15 @@ def resolve_factory(spec: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DeviceContractError(f"cannot import module {module_name!r} of device spec {spec!r}: {exc}") from exc
+        raise DeviceContractError(
+            f"cannot import module {module_name!r} of device spec {spec!r}: {exc}"
+        ) from exc
     try:
         factory = getattr(module, attr)
     except AttributeError as exc:
-        raise DeviceContractError(f"module {module_name!r} has no attribute {attr!r} (device spec {spec!r})") from exc
+        raise DeviceContractError(
+            f"module {module_name!r} has no attribute {attr!r} (device spec {spec!r})"
+        ) from exc
     return factory
 
 
@@ -67,17 +72,21 @@ def load_device(spec, **kwargs):
     """
     if not isinstance(spec, str):
         if kwargs:
-            raise InvalidInput("device keywords only apply to a spec string, not to a device object")
+            raise InvalidInput(
+                "device keywords only apply to a spec string, not to a device object"
+            )
         describe(spec)
         return spec
     if spec.startswith("tcp://"):
-        from .remote import RemoteDevice  # noqa: WPS433 (optional transport)
+        from .remote import RemoteDevice
 
         return RemoteDevice(spec, **kwargs)
     factory = resolve_factory(spec)
     try:
         device = factory(**kwargs)
     except TypeError as exc:
-        raise DeviceContractError(f"device factory {spec!r} rejected keywords {sorted(kwargs)}: {exc}") from exc
+        raise DeviceContractError(
+            f"device factory {spec!r} rejected keywords {sorted(kwargs)}: {exc}"
+        ) from exc
     describe(device)
     return device

@@ -52,6 +52,7 @@ directories are written by the worker; the rows are also written by the driver),
 and any ``module:factory`` device adapter must be importable on every node, and a
 ``tcp://`` device's token must be in ``BLACKBOX_SAT_TOKEN`` where the workers run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,11 +61,12 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from blackbox_sat.devices.contract import InvalidInput, UserError
 
@@ -84,8 +86,13 @@ class BackendUnavailable(UserError, ImportError, RuntimeError):
 # --------------------------------------------------------------------------------------
 # the public entry point
 # --------------------------------------------------------------------------------------
-def run_trials(trials: Iterable["Trial"], backend: str = "local", workers: int = 1, address: str | None = None,
-               on_start: Callable[["Trial"], None] | None = None) -> Iterator[tuple["Trial", dict]]:
+def run_trials(
+    trials: Iterable[Trial],
+    backend: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+    on_start: Callable[[Trial], None] | None = None,
+) -> Iterator[tuple[Trial, dict]]:
     """Run ``trials`` on ``backend``; an iterator of ``(trial, row)`` in completion order.
 
     The backend is checked at once (an unknown name or a missing Ray raises here, before any
@@ -95,7 +102,9 @@ def run_trials(trials: Iterable["Trial"], backend: str = "local", workers: int =
     todo = list(trials)
     if backend == "local":
         if address is not None:
-            raise InvalidInput("--address is for the ray backend; the local backend runs on this machine")
+            raise InvalidInput(
+                "--address is for the ray backend; the local backend runs on this machine"
+            )
         return _run_local(todo, workers, on_start)
     if backend == "ray":
         return _run_ray(todo, workers, address, import_ray())
@@ -108,14 +117,15 @@ def import_ray():
         import ray
     except ImportError as exc:
         raise BackendUnavailable(
-            f"the ray backend needs Ray, an optional extra that is not installed here: {RAY_INSTALL_HINT}") from exc
+            f"the ray backend needs Ray, an optional extra that is not installed here: {RAY_INSTALL_HINT}"
+        ) from exc
     return ray
 
 
 # --------------------------------------------------------------------------------------
 # what runs in the worker
 # --------------------------------------------------------------------------------------
-def execute(trial: "Trial", gate=None) -> dict:
+def execute(trial: Trial, gate=None) -> dict:
     """Run one trial in this process with its own thread counts; the device gate around a
     ``tcp://`` trial's device queries (module docstring). Returns the row."""
     import torch
@@ -132,7 +142,7 @@ def execute(trial: "Trial", gate=None) -> dict:
             return run_trial(trial)
 
 
-def uses_real_device(trial: "Trial") -> bool:
+def uses_real_device(trial: Trial) -> bool:
     """Whether the trial's device is a served, physical one (``tcp://``)."""
     return isinstance(trial.device, str) and trial.device.startswith("tcp://")
 
@@ -146,12 +156,12 @@ def is_model_based(method: str) -> bool:
         return False
 
 
-def exclusive(trial: "Trial") -> bool:
+def exclusive(trial: Trial) -> bool:
     """A trial that queries a served device for its whole length (kept one at a time)."""
     return uses_real_device(trial) and not is_model_based(trial.method)
 
 
-def owner_of(trial: "Trial") -> str:
+def owner_of(trial: Trial) -> str:
     return f"{trial.out}::{trial.key}"
 
 
@@ -278,14 +288,21 @@ def _next_for(device: str, later: deque):
     return None
 
 
-def failed_row(trial: "Trial", exc: BaseException) -> dict:
+def failed_row(trial: Trial, exc: BaseException) -> dict:
     """The row of a trial whose worker died (or that could not be run at all)."""
     message = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return {"method": trial.method, "seed": trial.seed, "device": trial.device, "task": trial.task,
-            "budget": trial.budget, "status": "failed", "error": f"worker died: {message[:500]}"}
+    return {
+        "method": trial.method,
+        "seed": trial.seed,
+        "device": trial.device,
+        "task": trial.task,
+        "budget": trial.budget,
+        "status": "failed",
+        "error": f"worker died: {message[:500]}",
+    }
 
 
-def _record(trial: "Trial", row: dict) -> dict:
+def _record(trial: Trial, row: dict) -> dict:
     trial.row_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(trial.row_path, row)
     return row
@@ -299,7 +316,7 @@ def _local_gate(todo: list):
     return {s: FileGate(s) for s in specs}
 
 
-def _run_local(todo: list, workers: int, on_start) -> Iterator[tuple["Trial", dict]]:
+def _run_local(todo: list, workers: int, on_start) -> Iterator[tuple[Trial, dict]]:
     gates = _local_gate(todo)
     if workers is None or workers <= 1:
         for t in todo:
@@ -316,14 +333,14 @@ def _run_local(todo: list, workers: int, on_start) -> Iterator[tuple["Trial", di
                 t = futures.pop(fut)
                 try:
                     row = fut.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died (the pool is then broken)
+                except Exception as exc:
                     row = _record(t, failed_row(t, exc))
                 if exclusive(t):
                     nxt = _next_for(t.device, later)
                     if nxt is not None:
                         try:
                             futures[pool.submit(execute, nxt, gates.get(nxt.device))] = nxt
-                        except Exception as exc:  # noqa: BLE001 - a broken pool
+                        except Exception as exc:
                             yield nxt, _record(nxt, failed_row(nxt, exc))
                 yield t, row
 
@@ -331,7 +348,7 @@ def _run_local(todo: list, workers: int, on_start) -> Iterator[tuple["Trial", di
 # --------------------------------------------------------------------------------------
 # ray
 # --------------------------------------------------------------------------------------
-def _portable(trial: "Trial") -> "Trial":
+def _portable(trial: Trial) -> Trial:
     """Absolute paths for ``out`` and a task file, so a worker with another cwd finds them."""
     task = trial.task
     if isinstance(task, str) and Path(task).is_file():
@@ -347,12 +364,15 @@ def _ray_start(ray, workers: int, address: str | None) -> bool:
         ray.init(address=address)
     else:
         paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        ray.init(num_cpus=workers if workers and workers > 1 else None, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}})
+        ray.init(
+            num_cpus=workers if workers and workers > 1 else None,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}},
+        )
     return True
 
 
-def _run_ray(todo: list, workers: int, address: str | None, ray) -> Iterator[tuple["Trial", dict]]:
+def _run_ray(todo: list, workers: int, address: str | None, ray) -> Iterator[tuple[Trial, dict]]:
     if not todo:
         return
     started = _ray_start(ray, workers, address)
@@ -365,7 +385,8 @@ def _run_ray(todo: list, workers: int, address: str | None, ray) -> Iterator[tup
 
         def submit(t):
             ref = task.options(num_cpus=max(int(t.threads), 1), name=f"trial {t.key}").remote(
-                _portable(t), gates.get(t.device))
+                _portable(t), gates.get(t.device)
+            )
             pending[ref] = t
 
         submit_now, later = _dispatch_order(todo)
@@ -377,7 +398,7 @@ def _run_ray(todo: list, workers: int, address: str | None, ray) -> Iterator[tup
                 t = pending.pop(ref)
                 try:
                     row = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - WorkerCrashedError, RayTaskError, actor death...
+                except Exception as exc:
                     row = failed_row(t, exc)
                     if t.device in gates:  # the dead worker may have held the device
                         gates[t.device].release(owner_of(_portable(t)))

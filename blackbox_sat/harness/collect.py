@@ -12,6 +12,7 @@ the true model's loss gradients at the centre, and ``true_grad_turn``: the mean 
 the true gradient at the centre and at held-out settings: how much the gradient turns across
 the region the data cover, i.e. how much curvature a model must get right.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,18 +23,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
-
+from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
-from blackbox_sat.data.tasks import load_task
+from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
 
 
-def collect(device, settings: int, out, around: np.ndarray | None = None, radius: float = 0.05,
-            inputs: int = 64, task="digits", seed: int = 0, device_kw: dict | None = None) -> dict:
+def collect(
+    device,
+    settings: int,
+    out,
+    around: np.ndarray | None = None,
+    radius: float = 0.05,
+    inputs: int = 64,
+    task="digits",
+    seed: int = 0,
+    device_kw: dict | None = None,
+) -> dict:
     """Measure ``settings`` designed settings into ``out/ledger.sqlite``.
 
     ``around (n_params,)``: centre of the trust region (L-inf ``radius`` in bound widths);
@@ -51,34 +60,68 @@ def collect(device, settings: int, out, around: np.ndarray | None = None, radius
         centre = info.start(seed)
     else:
         centre = np.asarray(around, float)
-        thetas = design_settings(centre, radius, settings, info.low, info.high, global_fraction=0.0,
-                                 periodic=info.periodic, seed=seed).settings
+        thetas = design_settings(
+            centre,
+            radius,
+            settings,
+            info.low,
+            info.high,
+            global_fraction=0.0,
+            periodic=info.periodic,
+            seed=seed,
+        ).settings
     xs = inputs_per_setting(pool, len(thetas), min(inputs, len(pool)), np.random.default_rng(seed))
     t0 = time.perf_counter()
     with Ledger(out / "ledger.sqlite") as ledger:
         meter = MeteredDevice(source, ledger, replay=False)
         for theta, x in zip(thetas, xs):
             meter.query(info.project(theta), x, purpose="probe")
-        ledger.set_meta("collect", {"device": device if isinstance(device, str) else type(device).__name__,
-                                    "device_kw": dict(device_kw or {}), "settings": settings, "radius": radius,
-                                    "inputs": inputs, "task": task, "seed": seed, "random": around is None})
+        ledger.set_meta(
+            "collect",
+            {
+                "device": device if isinstance(device, str) else type(device).__name__,
+                "device_kw": dict(device_kw or {}),
+                "settings": settings,
+                "radius": radius,
+                "inputs": inputs,
+                "task": task,
+                "seed": seed,
+                "random": around is None,
+            },
+        )
     np.save(out / "centre.npy", centre)
-    return {"settings": meter.settings_used, "samples": meter.samples_used, "wall_s": time.perf_counter() - t0,
-            "ledger": str(out / "ledger.sqlite")}
+    return {
+        "settings": meter.settings_used,
+        "samples": meter.samples_used,
+        "wall_s": time.perf_counter() - t0,
+        "ledger": str(out / "ledger.sqlite"),
+    }
 
 
 TURN_SETTINGS = 8  # held-out settings at which the true gradient is compared with the centre's
 
 
-def _loss_grad(model, theta: np.ndarray, x: torch.Tensor, labels: torch.Tensor, pnn: PNN) -> np.ndarray:
+def _loss_grad(
+    model, theta: np.ndarray, x: torch.Tensor, labels: torch.Tensor, pnn: PNN
+) -> np.ndarray:
     th = torch.tensor(theta, dtype=torch.float32, requires_grad=True)
     loss = F.cross_entropy(pnn(model(th, x).double()), labels)
     return torch.autograd.grad(loss, th)[0].double().numpy()
 
 
-def fit_surrogate(ledger_path, kind: str = "hyper", out=None, device=None, device_kw: dict | None = None,
-                  centre: np.ndarray | None = None, holdout: float = 0.2, seed: int = 0, task: str | None = None,
-                  surrogate_kw: dict | None = None, threads: int = 1) -> dict:
+def fit_surrogate(
+    ledger_path,
+    kind: str = "hyper",
+    out=None,
+    device=None,
+    device_kw: dict | None = None,
+    centre: np.ndarray | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    task: str | None = None,
+    surrogate_kw: dict | None = None,
+    threads: int = 1,
+) -> dict:
     """Fit ``kind`` on a ledger's good rows; return held-out metrics (and save to ``out``).
 
     ``task``: the task whose training inputs give the loss-gradient cosine (default: the one
@@ -104,16 +147,29 @@ def fit_surrogate(ledger_path, kind: str = "hyper", out=None, device=None, devic
     sur.fit(theta[~held], x[~held], y[~held], groups[~held])
     fit_s = time.perf_counter() - t0
     with torch.no_grad():
-        pred = sur.predict(torch.as_tensor(theta[held], dtype=torch.float32),
-                           torch.as_tensor(x[held], dtype=torch.float32)).double().numpy()
+        pred = (
+            sur.predict(
+                torch.as_tensor(theta[held], dtype=torch.float32),
+                torch.as_tensor(x[held], dtype=torch.float32),
+            )
+            .double()
+            .numpy()
+        )
     resid = ((pred - y[held]) ** 2).sum()
-    report = {"kind": kind, "rows": int(len(y)), "settings": int(len(ids)), "heldout_settings": int(held.sum() and
-              len(np.unique(groups[held]))), "fit_s": fit_s,
-              "heldout_r2": float(1 - resid / ((y[held] - y[held].mean(0)) ** 2).sum()),
-              "heldout_rmse": float(np.sqrt(resid / y[held].size))}
+    report = {
+        "kind": kind,
+        "rows": len(y),
+        "settings": len(ids),
+        "heldout_settings": int(held.sum() and len(np.unique(groups[held]))),
+        "fit_s": fit_s,
+        "heldout_r2": float(1 - resid / ((y[held] - y[held].mean(0)) ** 2).sum()),
+        "heldout_rmse": float(np.sqrt(resid / y[held].size)),
+    }
     getter = getattr(source, "true_model", None)
     if getter is not None:
-        report.update(_simulator_metrics(sur, getter(), info, theta[held], x[held], centre, ledger_path, task))
+        report.update(
+            _simulator_metrics(sur, getter(), info, theta[held], x[held], centre, ledger_path, task)
+        )
     if out is not None:
         sur.save(out)
         report["saved"] = str(out)
@@ -135,8 +191,11 @@ def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task)
             rows = torch.as_tensor(np.flatnonzero(which.ravel() == k))
             y_true[rows] = true(torch.as_tensor(s), xs[rows])
         dy = y_true - true(c, xs)
-        p = sur.predict(th_h.float(), xs.float()).double() - sur.predict(c.float(), xs.float()).double()
-    r2_delta = float(1 - ((p - dy) ** 2).sum() / (dy ** 2).sum())
+        p = (
+            sur.predict(th_h.float(), xs.float()).double()
+            - sur.predict(c.float(), xs.float()).double()
+        )
+    r2_delta = float(1 - ((p - dy) ** 2).sum() / (dy**2).sum())
     data = load_task(task)
     pnn = PNN.build(data.x_train, data.n_classes, info)
     xt = pnn.device_inputs(pnn.features(data.x_train[:256]))
@@ -148,10 +207,14 @@ def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task)
     # How far the true gradient turns across the data. Near 1, slopes seen anywhere in the
     # region give the centre's gradient; low, the model must get the curvature right too,
     # at the scale of the data's spread (a hard target, not a bound on the cosine).
-    spread = settings[::max(1, len(settings) // TURN_SETTINGS)][:TURN_SETTINGS]
+    spread = settings[:: max(1, len(settings) // TURN_SETTINGS)][:TURN_SETTINGS]
     turn = [_cosine(g_true, _loss_grad(true, s, xt.float(), labels, pnn)) for s in spread]
-    return {"heldout_r2_delta": r2_delta, "grad_cosine": _cosine(g_true, g_sur),
-            "true_grad_norm": float(np.linalg.norm(g_true)), "true_grad_turn": float(np.mean(turn))}
+    return {
+        "heldout_r2_delta": r2_delta,
+        "grad_cosine": _cosine(g_true, g_sur),
+        "true_grad_norm": float(np.linalg.norm(g_true)),
+        "true_grad_turn": float(np.mean(turn)),
+    }
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

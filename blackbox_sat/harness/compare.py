@@ -7,6 +7,7 @@ misalignment). Its row is written to ``OUT/trials/METHOD-seedS.json``; a trial w
 row exists is skipped when the command is re-run. A trial that raises is recorded as
 failed and the others go on. ``results.csv`` and ``summary.md`` are rebuilt from the rows.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,16 +22,37 @@ from blackbox_sat.devices.contract import InvalidInput
 
 from .backends import run_trials
 from .run import write_json_atomic
-from .trials import DEFAULT_SWEEPS, UNSEEN_SEEDS, Study, Trial, seedable, run_trial  # noqa: F401  (Trial, run_trial: public names)
+from .trials import DEFAULT_SWEEPS, UNSEEN_SEEDS, Study, Trial, run_trial, seedable  # noqa: F401  (Trial, run_trial: public names)
 
-SUMMARY_FIELDS = ("acc_chip", "acc_unseen_mean", "acc_unseen_min", "acc_drift_mean", "settings_used",
-                  "samples_used", "wall_s", "sharpness")
+SUMMARY_FIELDS = (
+    "acc_chip",
+    "acc_unseen_mean",
+    "acc_unseen_min",
+    "acc_drift_mean",
+    "settings_used",
+    "samples_used",
+    "wall_s",
+    "sharpness",
+)
 
 
-def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budget: int = 2000,
-            out: str | Path = "runs/compare", device_kw: dict | None = None, config: dict | None = None,
-            unseen=None, sweep: dict | None = None, workers: int = 1, progress: bool = True, rerun_failed: bool = True,
-            backend: str = "local", address: str | None = None) -> dict:
+def compare(
+    device,
+    task="digits",
+    methods=("offline", "oracle"),
+    seeds=3,
+    budget: int = 2000,
+    out: str | Path = "runs/compare",
+    device_kw: dict | None = None,
+    config: dict | None = None,
+    unseen=None,
+    sweep: dict | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    rerun_failed: bool = True,
+    backend: str = "local",
+    address: str | None = None,
+) -> dict:
     """Run a study and write ``results.csv`` and ``summary.md`` into ``out``.
 
     ``seeds``: a count (0..K-1) or a list. ``unseen``: device seeds of unseen chips (default
@@ -40,10 +62,22 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
     Returns ``{"rows", "summary", "out"}``.
     """
     if not isinstance(device, str):
-        raise InvalidInput("compare needs a device spec string, so that unseen chips and workers can rebuild it")
+        raise InvalidInput(
+            "compare needs a device spec string, so that unseen chips and workers can rebuild it"
+        )
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    study = Study(device, list(methods), seeds, budget, task, dict(device_kw or {}), dict(config or {}),
-                  None if unseen is None else tuple(unseen), sweep, str(out))
+    study = Study(
+        device,
+        list(methods),
+        seeds,
+        budget,
+        task,
+        dict(device_kw or {}),
+        dict(config or {}),
+        None if unseen is None else tuple(unseen),
+        sweep,
+        str(out),
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out) / "study.json", _public(study.__dict__))
     todo, rows = [], {}
@@ -57,11 +91,19 @@ def compare(device, task="digits", methods=("offline", "oracle"), seeds=3, budge
     if rows:
         # Reused rows come from whatever code wrote them: say so, since a changed method or
         # default would otherwise be silently mixed with old results.
-        warnings.warn(f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; delete "
-                      f"those files, or choose another --out, to run them afresh", stacklevel=2)
+        warnings.warn(
+            f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; delete "
+            f"those files, or choose another --out, to run them afresh",
+            stacklevel=2,
+        )
     bar = tqdm(total=len(todo), desc="trials", disable=not progress)
-    for t, row in run_trials(todo, backend=backend, workers=workers, address=address,
-                             on_start=lambda t: bar.set_postfix_str(t.key)):
+    for t, row in run_trials(
+        todo,
+        backend=backend,
+        workers=workers,
+        address=address,
+        on_start=lambda t: bar.set_postfix_str(t.key),
+    ):
         rows[t.key] = row  # streamed back as trials finish (see backends.py)
         bar.update()
     bar.close()
@@ -84,10 +126,17 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
-        entry = {"n_ok": len(ok), "n_failed": sum(r["method"] == method for r in rows) - len(ok),
-                 "model_based": _model_based(method)}
-        for f in SUMMARY_FIELDS + tuple(sorted({k for r in ok for k in r if k.startswith("curve_")},
-                                                key=lambda k: int(k.split("_")[1]))):
+        entry = {
+            "n_ok": len(ok),
+            "n_failed": sum(r["method"] == method for r in rows) - len(ok),
+            "model_based": _model_based(method),
+        }
+        for f in SUMMARY_FIELDS + tuple(
+            sorted(
+                {k for r in ok for k in r if k.startswith("curve_")},
+                key=lambda k: int(k.split("_")[1]),
+            )
+        ):
             vals = [r[f] for r in ok if r.get(f) is not None]
             entry[f] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
         out[method] = entry
@@ -108,8 +157,11 @@ def _settings_to_target(summary: dict) -> None:
     """Settings each device method needs to reach the best gradient-free method's final
     accuracy. Both sides are read from the ``curve`` snapshots (one kind of measurement):
     the target is the best final curve point among ``spsa`` and ``ng-*``."""
+
     def curve_keys(e):
-        return sorted((k for k in e if k.startswith("curve_") and e[k]), key=lambda k: int(k.split("_")[1]))
+        return sorted(
+            (k for k in e if k.startswith("curve_") and e[k]), key=lambda k: int(k.split("_")[1])
+        )
 
     gf = [m for m in summary if (m.startswith("ng-") or m == "spsa") and curve_keys(summary[m])]
     target = max((summary[m][curve_keys(summary[m])[-1]][0] for m in gf), default=None)
@@ -120,7 +172,9 @@ def _settings_to_target(summary: dict) -> None:
             continue
         keys = curve_keys(e)
         reached = [int(k.split("_")[1]) for k in keys if e[k][0] >= target - 1e-12]
-        e["settings_to_target"] = reached[0] if reached else (f"> {keys[-1].split('_')[1]}" if keys else None)
+        e["settings_to_target"] = (
+            reached[0] if reached else (f"> {keys[-1].split('_')[1]}" if keys else None)
+        )
 
 
 def _fmt(v, pct=True, spread=True) -> str:
@@ -136,8 +190,10 @@ def _fmt(v, pct=True, spread=True) -> str:
 
 def summary_table(summary: dict) -> str:
     """Markdown table of the summary (accuracies in %)."""
-    head = ("| method | kind | acc_chip | acc_unseen_mean | acc_unseen_min | acc_drift_mean | settings | "
-            "settings-to-target | sharpness | wall s | failed |")
+    head = (
+        "| method | kind | acc_chip | acc_unseen_mean | acc_unseen_min | acc_drift_mean | settings | "
+        "settings-to-target | sharpness | wall s | failed |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, e in summary.items():
         sp = e["n_ok"] > 1
@@ -146,7 +202,8 @@ def summary_table(summary: dict) -> str:
             f"{_fmt(e['acc_unseen_mean'], spread=sp)} | {_fmt(e['acc_unseen_min'], spread=sp)} | "
             f"{_fmt(e['acc_drift_mean'], spread=sp)} | {_fmt(e['settings_used'], False, sp)} | "
             f"{e['settings_to_target'] or '-'} | {_fmt(e['sharpness'], False, sp)} | {_fmt(e['wall_s'], False, sp)} | "
-            f"{e['n_failed']} |")
+            f"{e['n_failed']} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,23 +216,39 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> l
         w.writeheader()
         w.writerows(rows)
     tmp.replace(out / "results.csv")
-    curve_keys = sorted({k for e in summary.values() for k in e if k.startswith("curve_")}, key=lambda k: int(k[6:]))
-    text = [f"# Comparison on `{study.device}` {_public(study.__dict__)['device_kw'] or ''}", "",
-            f"task `{study.task}`, budget {study.budget} settings, seeds {study.seeds}; mean ± std over seeds; "
-            "accuracies in %. Unseen chips: device seeds "
-            f"{list(study.unseen) if study.unseen is not None else list(UNSEEN_SEEDS) if seedable(study.device) else 'none'}; sweep: "
-            f"{study.sweep if study.sweep is not None else DEFAULT_SWEEPS.get(study.device, 'none')}.", "",
-            summary_table(summary), ""]
+    curve_keys = sorted(
+        {k for e in summary.values() for k in e if k.startswith("curve_")}, key=lambda k: int(k[6:])
+    )
+    text = [
+        f"# Comparison on `{study.device}` {_public(study.__dict__)['device_kw'] or ''}",
+        "",
+        f"task `{study.task}`, budget {study.budget} settings, seeds {study.seeds}; mean ± std over seeds; "
+        "accuracies in %. Unseen chips: device seeds "
+        f"{list(study.unseen) if study.unseen is not None else list(UNSEEN_SEEDS) if seedable(study.device) else 'none'}; sweep: "
+        f"{study.sweep if study.sweep is not None else DEFAULT_SWEEPS.get(study.device, 'none')}.",
+        "",
+        summary_table(summary),
+        "",
+    ]
     if curve_keys:
-        text += ["## Accuracy against settings (acc_chip, %)", "",
-                 "| method | " + " | ".join(k[6:] for k in curve_keys) + " |",
-                 "|---|" + "---|" * len(curve_keys)]
+        text += [
+            "## Accuracy against settings (acc_chip, %)",
+            "",
+            "| method | " + " | ".join(k[6:] for k in curve_keys) + " |",
+            "|---|" + "---|" * len(curve_keys),
+        ]
         for m, e in summary.items():
             if not e["model_based"]:
-                text.append(f"| {m} | " + " | ".join(_fmt(e.get(k), spread=e["n_ok"] > 1) for k in curve_keys) + " |")
+                text.append(
+                    f"| {m} | "
+                    + " | ".join(_fmt(e.get(k), spread=e["n_ok"] > 1) for k in curve_keys)
+                    + " |"
+                )
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
-        text += ["", "## Failed trials", ""] + [f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed]
+        text += ["", "## Failed trials", ""] + [
+            f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed
+        ]
     from .plots import write_plots
 
     plots = write_plots(rows, out)

@@ -4,6 +4,7 @@ It rebuilds the PNN from ``model.json`` (encoding, the frozen gain, digital laye
 ``theta.npy``, and measures the test set through the device's ``query``. The gain is
 never re-measured, so a drifted or unseen chip is judged exactly as deployed.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device
 from blackbox_sat.training.pnn import PNN
-from blackbox_sat.data.tasks import load_task
 
 
 def load_run(run) -> tuple[PNN, np.ndarray, dict]:
@@ -24,12 +25,16 @@ def load_run(run) -> tuple[PNN, np.ndarray, dict]:
     path = Path(run["out"] if isinstance(run, dict) else run)
     missing = [n for n in ("model.json", "theta.npy", "config.json") if not (path / n).exists()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a finished run directory (missing {', '.join(missing)})")
+        raise FileNotFoundError(
+            f"{path} is not a finished run directory (missing {', '.join(missing)})"
+        )
     pnn = PNN.from_dict(json.loads((path / "model.json").read_text()))
     return pnn, np.load(path / "theta.npy"), json.loads((path / "config.json").read_text())
 
 
-def evaluate(run, device=None, device_kw: dict | None = None, ledger: str | Path | None = None) -> dict:
+def evaluate(
+    run, device=None, device_kw: dict | None = None, ledger: str | Path | None = None
+) -> dict:
     """Test accuracy of ``run`` on ``device`` (object or spec; default: the training device).
 
     Returns ``{"accuracy", "n_test", "settings", "device", "device_kw"}``.
@@ -47,6 +52,10 @@ def evaluate(run, device=None, device_kw: dict | None = None, ledger: str | Path
         pred = pnn(torch.as_tensor(y)).argmax(1).numpy()
     if book is not None:
         book.close()
-    return {"accuracy": float(np.mean(pred == data.y_test)), "n_test": int(len(data.y_test)),
-            "settings": metered.eval_settings, "device": device if isinstance(device, str) else type(device).__name__,
-            "device_kw": dict(device_kw or {})}
+    return {
+        "accuracy": float(np.mean(pred == data.y_test)),
+        "n_test": len(data.y_test),
+        "settings": metered.eval_settings,
+        "device": device if isinstance(device, str) else type(device).__name__,
+        "device_kw": dict(device_kw or {}),
+    }

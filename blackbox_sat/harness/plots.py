@@ -4,6 +4,7 @@ Each function takes the rows of ``results.csv`` (dicts) and writes one figure:
 accuracy against settings, against the drift or misalignment sweep, the unseen-chip
 spread, and accuracy against the error level sigma.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import functools
+import operator
+
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _methods(rows):
@@ -27,7 +31,7 @@ def _series(rows, method: str, prefix: str):
             continue
         for k, v in r.items():
             if k.startswith(prefix) and v not in (None, ""):
-                out.setdefault(k[len(prefix):], []).append(float(v))
+                out.setdefault(k[len(prefix) :], []).append(float(v))
     return out
 
 
@@ -56,16 +60,26 @@ def _line_plot(rows, prefix: str, path: Path, xlabel: str, title: str, parse=flo
 
 
 def plot_curves(rows, path: Path) -> bool:
-    return _line_plot(rows, "curve_", path, "device settings", "accuracy against settings (trained chip)", int)
+    return _line_plot(
+        rows, "curve_", path, "device settings", "accuracy against settings (trained chip)", int
+    )
 
 
 def plot_sigma(rows, path: Path) -> bool:
-    return _line_plot(rows, "sigma_", path, "fabrication error level sigma", "accuracy against error level (chip seed)")
+    return _line_plot(
+        rows,
+        "sigma_",
+        path,
+        "fabrication error level sigma",
+        "accuracy against error level (chip seed)",
+    )
 
 
 def plot_sweep(rows, path: Path) -> bool:
     """One panel per swept keyword (drift; or rotation, shift, scale)."""
-    keys = sorted({k.split("=")[0][len("sweep_"):] for r in rows for k in r if k.startswith("sweep_")})
+    keys = sorted(
+        {k.split("=")[0][len("sweep_") :] for r in rows for k in r if k.startswith("sweep_")}
+    )
     if not keys:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
@@ -73,8 +87,14 @@ def plot_sweep(rows, path: Path) -> bool:
         for m in _methods(rows):
             ser = _series(rows, m, f"sweep_{key}=")
             xs = sorted(ser, key=float)
-            ax.errorbar([float(x) for x in xs], [np.mean(ser[x]) for x in xs], yerr=[np.std(ser[x]) for x in xs],
-                        marker="o", capsize=3, label=m)
+            ax.errorbar(
+                [float(x) for x in xs],
+                [np.mean(ser[x]) for x in xs],
+                yerr=[np.std(ser[x]) for x in xs],
+                marker="o",
+                capsize=3,
+                label=m,
+            )
         ax.set_xlabel(key)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -87,7 +107,10 @@ def plot_sweep(rows, path: Path) -> bool:
 
 
 def plot_unseen(rows, path: Path) -> bool:
-    data = {m: sum(_series(rows, m, "unseen_").values(), []) for m in _methods(rows)}
+    data = {
+        m: functools.reduce(operator.iadd, _series(rows, m, "unseen_").values(), [])
+        for m in _methods(rows)
+    }
     data = {m: v for m, v in data.items() if v}
     if not data:
         return False
@@ -106,8 +129,12 @@ def write_plots(rows, out: Path) -> list[str]:
     """Write every plot that has data; return the file names written."""
     out = Path(out)
     made = []
-    for name, fn in (("curves.png", plot_curves), ("sweep.png", plot_sweep), ("unseen.png", plot_unseen),
-                     ("sigma.png", plot_sigma)):
+    for name, fn in (
+        ("curves.png", plot_curves),
+        ("sweep.png", plot_sweep),
+        ("unseen.png", plot_unseen),
+        ("sigma.png", plot_sigma),
+    ):
         if fn(rows, out / name):
             made.append(name)
     return made

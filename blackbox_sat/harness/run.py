@@ -8,6 +8,7 @@ atomically, so its presence means the run finished.
 Resume re-executes the run deterministically from its config while the metered device
 replays the ledger (see :mod:`.devices.metered`): no query is paid for twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from blackbox_sat.training.config import as_dict, build
-from blackbox_sat.training.context import TrainContext
+from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device
 from blackbox_sat.methods.registry import get_method
-from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
 from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
-from blackbox_sat.data.tasks import load_task
+from blackbox_sat.training.config import as_dict, build
+from blackbox_sat.training.context import TrainContext
+from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
 
 #: Device keywords never written to config.json, the ledger or result.json (a resumed run
 #: reads the token from $BLACKBOX_SAT_TOKEN instead).
@@ -63,9 +64,18 @@ def method_config(method: str, overrides: dict | None) -> Any:
     return build(get_method(method).config, overrides)
 
 
-def train(device, task="digits", method: str = "blackbox-sat", budget: int = 2000, seed: int = 0,
-          out: str | Path | None = None, device_kw: dict | None = None, config: dict | None = None,
-          progress: bool = True, overwrite: bool = False) -> dict:
+def train(
+    device,
+    task="digits",
+    method: str = "blackbox-sat",
+    budget: int = 2000,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device_kw: dict | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Train ``method`` on ``device`` (object or spec string) and return ``result.json``'s dict.
 
     ``task``: a name, an ``.npz`` path or ``(x_train, y_train, x_test, y_test)``.
@@ -76,13 +86,21 @@ def train(device, task="digits", method: str = "blackbox-sat", budget: int = 200
     if (out / "result.json").exists() and not overwrite:
         raise RunExists(f"{out} already holds a finished run; pick another --out, or evaluate it")
     if (out / "ledger.sqlite").exists() and not overwrite:
-        raise RunExists(f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume {out}`")
+        raise RunExists(
+            f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume {out}`"
+        )
     cfg = method_config(method, config)
     device_kw = dict(device_kw or {})
     secret_kw = {k: device_kw.pop(k) for k in SECRET_DEVICE_KW if k in device_kw}
-    run_cfg = {"method": method, "task": task if isinstance(task, str) else None, "budget": int(budget), "seed": int(seed),
-               "device": device if isinstance(device, str) else type(device).__name__,
-               "device_kw": device_kw, "config": as_dict(cfg)}
+    run_cfg = {
+        "method": method,
+        "task": task if isinstance(task, str) else None,
+        "budget": int(budget),
+        "seed": int(seed),
+        "device": device if isinstance(device, str) else type(device).__name__,
+        "device_kw": device_kw,
+        "config": as_dict(cfg),
+    }
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in ("result.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
@@ -103,10 +121,14 @@ def resume(out: str | Path, device=None, progress: bool = True) -> dict:
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"{out} has no config.json: it is not a resumable run directory")
     run_cfg = json.loads((out / "config.json").read_text())
-    return _execute(device if device is not None else run_cfg["device"], run_cfg["task"], run_cfg, out, progress)
+    return _execute(
+        device if device is not None else run_cfg["device"], run_cfg["task"], run_cfg, out, progress
+    )
 
 
-def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: dict | None = None) -> dict:
+def _execute(
+    device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: dict | None = None
+) -> dict:
     t_start = time.perf_counter()
     seed, budget = run_cfg["seed"], run_cfg["budget"]
     spec = get_method(run_cfg["method"])
@@ -120,7 +142,9 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
     ledger = Ledger(out / "ledger.sqlite")
     ledger.set_meta("config", run_cfg)
     metered = MeteredDevice(source, ledger, budget=0 if spec.model_based else budget)
-    if callable(getattr(source, "bind_ledger", None)):  # request ids that survive a kill (devices/remote.py)
+    if callable(
+        getattr(source, "bind_ledger", None)
+    ):  # request ids that survive a kill (devices/remote.py)
         source.bind_ledger(ledger)
     pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg.pnn)
     theta0 = info.start(seed)
@@ -128,8 +152,10 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
     if spec.model_based:
         model = getattr(source, "true_model" if spec.needs == "true" else "nominal_model", None)
         if model is None:
-            raise MissingCapability(f"method {spec.name!r} needs the device's {spec.needs}_model(); "
-                            f"{type(source).__name__} is a black-box device. Use a device-query method")
+            raise MissingCapability(
+                f"method {spec.name!r} needs the device's {spec.needs}_model(); "
+                f"{type(source).__name__} is a black-box device. Use a device-query method"
+            )
         with torch.no_grad():
             x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS])
             y_cal = model()(torch.as_tensor(theta0), x_cal).numpy()
@@ -138,10 +164,29 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
         y_cal = metered.query(theta0, x_cal, purpose="calibrate")
     pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
 
-    bar = tqdm(total=budget if not spec.model_based else None, desc=f"{spec.name} seed={seed}",
-               disable=not progress, unit="setting", leave=False)
-    ctx = TrainContext(metered, source, pnn, f_train, data.y_train, pnn.features(data.x_val), data.y_val,
-                       pnn.features(data.x_test), data.y_test, theta0, seed, cfg, budget, progress=bar)
+    bar = tqdm(
+        total=budget if not spec.model_based else None,
+        desc=f"{spec.name} seed={seed}",
+        disable=not progress,
+        unit="setting",
+        leave=False,
+    )
+    ctx = TrainContext(
+        metered,
+        source,
+        pnn,
+        f_train,
+        data.y_train,
+        pnn.features(data.x_val),
+        data.y_val,
+        pnn.features(data.x_test),
+        data.y_test,
+        theta0,
+        seed,
+        cfg,
+        budget,
+        progress=bar,
+    )
     t_train = time.perf_counter()
     outcome = spec.fn(ctx)
     train_s = time.perf_counter() - t_train
@@ -154,14 +199,29 @@ def _execute(device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: 
     val_acc = ctx.device_accuracy(theta, "val", "eval")
     counts = ledger.counts()
     result = {
-        "method": spec.name, "task": run_cfg["task"], "device": run_cfg["device"], "device_kw": run_cfg["device_kw"],
-        "seed": seed, "budget": budget, "model_based": spec.model_based,
-        "accuracy": acc, "val_accuracy": val_acc,
-        "settings_used": counts["settings"], "samples_used": counts["samples"], "eval_settings": counts["eval_settings"],
-        "bad_queries": counts["bad"], "replayed_settings": metered.replayed,
-        "wall_s": time.perf_counter() - t_start, "train_s": train_s, "device_s": metered.device_time,
-        "curve": ctx.curve, "sharpness": _sharpness(ctx, theta), "gain": float(pnn.gain),
-        "config": as_dict(cfg), "extra": outcome.extra, "out": str(out),
+        "method": spec.name,
+        "task": run_cfg["task"],
+        "device": run_cfg["device"],
+        "device_kw": run_cfg["device_kw"],
+        "seed": seed,
+        "budget": budget,
+        "model_based": spec.model_based,
+        "accuracy": acc,
+        "val_accuracy": val_acc,
+        "settings_used": counts["settings"],
+        "samples_used": counts["samples"],
+        "eval_settings": counts["eval_settings"],
+        "bad_queries": counts["bad"],
+        "replayed_settings": metered.replayed,
+        "wall_s": time.perf_counter() - t_start,
+        "train_s": train_s,
+        "device_s": metered.device_time,
+        "curve": ctx.curve,
+        "sharpness": _sharpness(ctx, theta),
+        "gain": float(pnn.gain),
+        "config": as_dict(cfg),
+        "extra": outcome.extra,
+        "out": str(out),
     }
     np.save(out / "theta.npy", theta)
     write_json_atomic(out / "model.json", pnn.to_dict())

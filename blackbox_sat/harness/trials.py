@@ -1,5 +1,6 @@
 """A study as a generator of seeded trials, and one trial's run: train, then evaluate on the
 trained chip, on unseen chips and over the device's sweep (drift or misalignment)."""
+
 from __future__ import annotations
 
 import time
@@ -19,7 +20,11 @@ UNSEEN_SEEDS = (101, 102, 103, 104, 105)
 DEFAULT_SWEEPS = {
     "mzi": {"drift": [-1.0, -0.5, 0.5, 1.0]},
     "mrr": {"drift": [-1.0, -0.5, 0.5, 1.0]},
-    "freespace": {"rotation": [0.5, 1.0, 2.0], "shift": [0.5, 1.0, 2.0], "scale": [1.025, 1.05, 1.1]},
+    "freespace": {
+        "rotation": [0.5, 1.0, 2.0],
+        "shift": [0.5, 1.0, 2.0],
+        "scale": [1.025, 1.05, 1.1],
+    },
 }
 #: Error levels evaluated for the accuracy-against-sigma plot, as multiples of the chip's sigma.
 SIGMA_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -63,7 +68,7 @@ class Study:
     budget: int = 2000
     task: str = "digits"
     device_kw: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)   # method -> {key: value}, or shared {key: value}
+    config: dict = field(default_factory=dict)  # method -> {key: value}, or shared {key: value}
     unseen: tuple | None = None
     sweep: dict | None = None
     out: str = "runs/compare"
@@ -75,12 +80,31 @@ class Study:
             unseen = UNSEEN_SEEDS if seedable(self.device) else ()
         sweep = self.sweep if self.sweep is not None else DEFAULT_SWEEPS.get(self.device, {})
         sigma = self.device_kw.get("sigma", _default_of(self.device, "sigma"))
-        sigmas = tuple(round(f * sigma, 6) for f in SIGMA_FACTORS) if isinstance(sigma, (int, float)) else ()
+        sigmas = (
+            tuple(round(f * sigma, 6) for f in SIGMA_FACTORS)
+            if isinstance(sigma, (int, float))
+            else ()
+        )
         for method in self.methods:
-            cfg = self.config.get(method, {}) if any(k in self.config for k in self.methods) else dict(self.config)
+            cfg = (
+                self.config.get(method, {})
+                if any(k in self.config for k in self.methods)
+                else dict(self.config)
+            )
             for seed in self.seeds:
-                yield Trial(method, int(seed), self.device, dict(self.device_kw), self.task, self.budget, dict(cfg),
-                            tuple(unseen), {k: list(v) for k, v in sweep.items()}, str(self.out), sigmas=sigmas)
+                yield Trial(
+                    method,
+                    int(seed),
+                    self.device,
+                    dict(self.device_kw),
+                    self.task,
+                    self.budget,
+                    dict(cfg),
+                    tuple(unseen),
+                    {k: list(v) for k, v in sweep.items()},
+                    str(self.out),
+                    sigmas=sigmas,
+                )
 
 
 def _default_of(device, name: str):
@@ -89,15 +113,19 @@ def _default_of(device, name: str):
 
     try:
         p = inspect.signature(resolve_factory(device)).parameters.get(name)
-    except Exception:  # noqa: BLE001 - not a loadable local factory
+    except Exception:
         return None
     return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
 def seedable(device) -> bool:
     try:
-        return isinstance(device, str) and not device.startswith("tcp://") and accepts_seed(resolve_factory(device))
-    except Exception:  # noqa: BLE001 - an unloadable spec simply has no unseen chips
+        return (
+            isinstance(device, str)
+            and not device.startswith("tcp://")
+            and accepts_seed(resolve_factory(device))
+        )
+    except Exception:
         return False
 
 
@@ -107,17 +135,40 @@ def run_trial(trial: Trial) -> dict:
 
     torch.set_num_threads(trial.threads)
     t0 = time.perf_counter()
-    row = {"method": trial.method, "seed": trial.seed, "device": trial.device, "task": trial.task,
-           "budget": trial.budget, "status": "ok", "error": ""}
+    row = {
+        "method": trial.method,
+        "seed": trial.seed,
+        "device": trial.device,
+        "task": trial.task,
+        "budget": trial.budget,
+        "status": "ok",
+        "error": "",
+    }
     try:
         cfg = dict(trial.config)
         cfg.setdefault("threads", trial.threads)
-        result = train(trial.device, task=trial.task, method=trial.method, budget=trial.budget, seed=trial.seed,
-                       out=trial.run_dir, device_kw=trial.device_kw, config=cfg, progress=False, overwrite=True)
-        row.update(model_based=result["model_based"], acc_chip=result["accuracy"], val_accuracy=result["val_accuracy"],
-                   settings_used=result["settings_used"], samples_used=result["samples_used"],
-                   train_wall_s=result["wall_s"], sharpness=result["sharpness"],
-                   surrogate=result["extra"].get("surrogate", ""))
+        result = train(
+            trial.device,
+            task=trial.task,
+            method=trial.method,
+            budget=trial.budget,
+            seed=trial.seed,
+            out=trial.run_dir,
+            device_kw=trial.device_kw,
+            config=cfg,
+            progress=False,
+            overwrite=True,
+        )
+        row.update(
+            model_based=result["model_based"],
+            acc_chip=result["accuracy"],
+            val_accuracy=result["val_accuracy"],
+            settings_used=result["settings_used"],
+            samples_used=result["samples_used"],
+            train_wall_s=result["wall_s"],
+            sharpness=result["sharpness"],
+            surrogate=result["extra"].get("surrogate", ""),
+        )
         for point in result["curve"]:
             row[f"curve_{point['settings']}"] = point["accuracy"]
         unseen = [evaluate(trial.run_dir, device_kw={"seed": s})["accuracy"] for s in trial.unseen]
@@ -134,8 +185,12 @@ def run_trial(trial: Trial) -> dict:
         row["acc_drift_mean"] = float(np.mean(swept)) if swept else None
         for sg in trial.sigmas:  # the deployed setting on this chip's error pattern, rescaled
             row[f"sigma_{sg:g}"] = evaluate(trial.run_dir, device_kw={"sigma": sg})["accuracy"]
-    except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
+    except Exception as exc:
+        row.update(
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(limit=8),
+        )
     row["wall_s"] = time.perf_counter() - t0
     trial.row_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(trial.row_path, row)

@@ -9,6 +9,7 @@
 
 The black-box methods receive nothing but the device contract object.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,13 +18,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from blackbox_sat.training.context import TrainContext
 from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.devices.spec import resolve_factory
-from blackbox_sat.training.physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
 from blackbox_sat.training.config import RunConfig
+from blackbox_sat.training.context import TrainContext
+from blackbox_sat.training.physics_aware import (
+    Anchors,
+    anchored_steps,
+    normalized_step,
+    physics_aware_step,
+)
 from blackbox_sat.training.pipeline import PipelineConfig, run_pipeline
 from blackbox_sat.training.refine import RefineConfig
+
 from .registry import MethodResult, register
 
 
@@ -44,14 +51,21 @@ class PatConfig(PipelineConfig):
     refine_fraction: float = 0.0
 
 
-@register("blackbox-sat", PipelineConfig, summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement")
+@register(
+    "blackbox-sat",
+    PipelineConfig,
+    summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement",
+)
 def blackbox_sat(ctx: TrainContext) -> MethodResult:
     theta, extra = run_pipeline(ctx, ctx.config)
     return MethodResult(theta, extra)
 
 
-@register("blackbox", BlackboxConfig,
-          summary="surrogate, plain physics-aware training in trust regions, SPSA refinement")
+@register(
+    "blackbox",
+    BlackboxConfig,
+    summary="surrogate, plain physics-aware training in trust regions, SPSA refinement",
+)
 def blackbox(ctx: TrainContext) -> MethodResult:
     theta, extra = run_pipeline(ctx, ctx.config)
     return MethodResult(theta, extra)
@@ -70,8 +84,10 @@ def approximate_model(ctx: TrainContext, spec: str | None):
     if spec in (None, "nominal"):
         getter = getattr(ctx.source, "nominal_model", None)
         if getter is None:
-            raise TypeError("insitu-sat needs an approximate model: this device has no nominal_model(); pass your own "
-                            "with --set model=package.module:function")
+            raise TypeError(
+                "insitu-sat needs an approximate model: this device has no nominal_model(); pass your own "
+                "with --set model=package.module:function"
+            )
         return getter()
     fn = resolve_factory(spec)
     try:
@@ -87,16 +103,21 @@ def approximate_model(ctx: TrainContext, spec: str | None):
 #: :class:`..physics_aware.Anchors`) raised it to 0.852 (seed 0) and 0.796 (seed 1).
 @dataclass(frozen=True)
 class InsituSatConfig(RunConfig):
-    model: str = "nominal"    # ``nominal`` or ``package.module:function`` returning a torch model
+    model: str = "nominal"  # ``nominal`` or ``package.module:function`` returning a torch model
     rho: float = 0.05
     adaptive: bool = False
     ascent: Literal["device", "surrogate"] = "surrogate"
-    lr: float = 0.01          # normalized units per step
-    lr_final: float = 0.1     # cosine decay to lr * lr_final
+    lr: float = 0.01  # normalized units per step
+    lr_final: float = 0.1  # cosine decay to lr * lr_final
     inner_steps: int = 3
 
 
-@register("insitu-sat", InsituSatConfig, needs="approximate", summary="device forward, backward through an approximate model, SAT ascent on the device")
+@register(
+    "insitu-sat",
+    InsituSatConfig,
+    needs="approximate",
+    summary="device forward, backward through an approximate model, SAT ascent on the device",
+)
 def insitu_sat(ctx: TrainContext) -> MethodResult:
     cfg, info = ctx.config, ctx.info
     model = approximate_model(ctx, cfg.model)
@@ -115,15 +136,29 @@ def insitu_sat(ctx: TrainContext) -> MethodResult:
         while ctx.device.remaining >= per_step:
             opt.zero_grad()
             idx = next(batches)
-            step = physics_aware_step(ctx, theta, idx, model, rho=cfg.rho, ascent=cfg.ascent,
-                                      adaptive=cfg.adaptive)
+            step = physics_aware_step(
+                ctx, theta, idx, model, rho=cfg.rho, ascent=cfg.ascent, adaptive=cfg.adaptive
+            )
             anchors.record(step, idx, theta)
             theta = normalized_step(opt, u, step.grad, info)
-            theta = anchored_steps(ctx, anchors, model, opt, u, theta, batches, cfg.inner_steps, rho=cfg.rho,
-                                   adaptive=cfg.adaptive)
+            theta = anchored_steps(
+                ctx,
+                anchors,
+                model,
+                opt,
+                u,
+                theta,
+                batches,
+                cfg.inner_steps,
+                rho=cfg.rho,
+                adaptive=cfg.adaptive,
+            )
             sched.step()
             losses.append(step.loss)
             ctx.snapshot(theta)
     except BudgetExhausted:
         pass
-    return MethodResult(theta, {"steps": len(losses), "final_loss": float(np.mean(losses[-20:])) if losses else None})
+    return MethodResult(
+        theta,
+        {"steps": len(losses), "final_loss": float(np.mean(losses[-20:])) if losses else None},
+    )

@@ -86,6 +86,7 @@ standardized space is ``sigma0`` normalized units. On
 :class:`~blackbox_sat.devices.metered.BudgetExhausted` a method stops and returns its
 current mean recommendation.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,16 +127,23 @@ def default_popsize(n: int) -> int:
     return 4 + int(3 * math.log(max(n, 1)))
 
 
-@register("spsa", SpsaConfig, needs="device",
-          summary="in-situ SPSA on the device from theta0 (Adam-normalised, pairs on one minibatch)")
+@register(
+    "spsa",
+    SpsaConfig,
+    needs="device",
+    summary="in-situ SPSA on the device from theta0 (Adam-normalised, pairs on one minibatch)",
+)
 def spsa(ctx: TrainContext) -> MethodResult:
     budget = ctx.device.remaining if ctx.device.remaining is not None else ctx.budget
     theta, history = refine(ctx, ctx.theta0, budget, config=ctx.config)
-    return MethodResult(theta, {
-        "refine": history.summary,
-        "loss_trace": [round(h["loss"], 5) for h in history],
-        "settings_trace": [h["settings_used"] for h in history],
-    })
+    return MethodResult(
+        theta,
+        {
+            "refine": history.summary,
+            "loss_trace": [round(h["loss"], 5) for h in history],
+            "settings_trace": [h["settings_used"] for h in history],
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -154,13 +162,17 @@ class _Space:
         parts = {}
         if self.bounded.any():
             b = self.bounded
-            parts["b"] = ng.p.Array(init=u0[b]).set_mutation(sigma=sigma0).set_bounds(low[b], high[b])
+            parts["b"] = (
+                ng.p.Array(init=u0[b]).set_mutation(sigma=sigma0).set_bounds(low[b], high[b])
+            )
         if (~self.bounded).any():
             parts["f"] = ng.p.Array(init=u0[~self.bounded]).set_mutation(sigma=sigma0)
         self.param = ng.p.Dict(**parts) if len(parts) > 1 else next(iter(parts.values()))
         self.param.function.deterministic = False
         # seeded: a run re-executes identically, which resume (ledger replay) relies on
-        self.param.random_state = np.random.RandomState(np.random.SeedSequence([int(seed), 0x6E67]).generate_state(1)[0])
+        self.param.random_state = np.random.RandomState(
+            np.random.SeedSequence([int(seed), 0x6E67]).generate_state(1)[0]
+        )
         self.fully_bounded = bool(self.bounded.all())
 
     def to_u(self, value) -> np.ndarray:
@@ -186,13 +198,29 @@ def _make_optimizer(kind: str, space: _Space, budget: int, popsize: int, sigma0:
     if kind == "cma":
         # nevergrad multiplies the scale by 0.3 (n < 18) or 0.15 for a fully bounded space;
         # undo it so that the initial step is exactly sigma0 normalized units.
-        mult = (0.3 if space.n < 18 else 0.15) if ng.p.helpers.Normalizer(space.param).fully_bounded else 1.0
+        mult = (
+            (0.3 if space.n < 18 else 0.15)
+            if ng.p.helpers.Normalizer(space.param).fully_bounded
+            else 1.0
+        )
         conf = ng.optimizers.ParametrizedCMA(
-            elitist=False, diagonal=False, popsize=popsize, scale=1.0 / mult,
-            inopts={"tolfun": 0, "tolfunhist": 0, "tolx": 0, "tolstagnation": int(1e9), "tolflatfitness": int(1e9)})
+            elitist=False,
+            diagonal=False,
+            popsize=popsize,
+            scale=1.0 / mult,
+            inopts={
+                "tolfun": 0,
+                "tolfunhist": 0,
+                "tolx": 0,
+                "tolstagnation": int(1e9),
+                "tolflatfitness": int(1e9),
+            },
+        )
         return conf(space.param, budget=budget)
     if kind == "tbpsa":
-        return ng.optimizers.ParametrizedTBPSA(naive=False, initial_popsize=popsize)(space.param, budget=budget)
+        return ng.optimizers.ParametrizedTBPSA(naive=False, initial_popsize=popsize)(
+            space.param, budget=budget
+        )
     if kind == "ngopt":
         return ng.optimizers.NGOpt(space.param, budget=budget)
     raise ValueError(kind)
@@ -225,9 +253,15 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
     u0 = obj.keep(obj.to_u(ctx.theta0))
     sigma0 = cfg.sigma0
     popsize = cfg.popsize or default_popsize(obj.n)
-    extra = {"optimizer": None, "popsize": popsize, "sigma0": sigma0, "generations": 0, "evaluations": 0,
-             "recommendation": "mean" if kind in ("cma", "tbpsa") else "nevergrad pessimistic best",
-             "budget_exhausted": False}
+    extra = {
+        "optimizer": None,
+        "popsize": popsize,
+        "sigma0": sigma0,
+        "generations": 0,
+        "evaluations": 0,
+        "recommendation": "mean" if kind in ("cma", "tbpsa") else "nevergrad pessimistic best",
+        "budget_exhausted": False,
+    }
     if budget < 1:
         return MethodResult(obj.to_theta(u0), extra)
     with warnings.catch_warnings():
@@ -237,14 +271,18 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
         if kind == "ngopt":
             extra["optimizer"] = str(optimizer._select_optimizer_cls())
         elif kind == "cma":
-            extra["optimizer"] = f"ParametrizedCMA(elitist=False, diagonal=False, popsize={popsize})"
+            extra["optimizer"] = (
+                f"ParametrizedCMA(elitist=False, diagonal=False, popsize={popsize})"
+            )
         else:
             extra["optimizer"] = f"ParametrizedTBPSA(naive=False, initial_popsize={popsize})"
         batches = ctx.minibatches(cfg.batch)
         loss_trace, first_es, restarts = [], None, 0
         try:
             while True:
-                n_gen = min(_generation_size(kind, optimizer, popsize), budget - extra["evaluations"])
+                n_gen = min(
+                    _generation_size(kind, optimizer, popsize), budget - extra["evaluations"]
+                )
                 if dev.remaining is not None:
                     n_gen = min(n_gen, dev.remaining // ev)
                 if n_gen < 1:
@@ -277,19 +315,31 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
     return MethodResult(obj.to_theta(u), extra)
 
 
-@register("ng-cma", NevergradConfig, needs="device",
-          summary="nevergrad non-elitist full CMA-ES on the device, recommending the distribution mean")
+@register(
+    "ng-cma",
+    NevergradConfig,
+    needs="device",
+    summary="nevergrad non-elitist full CMA-ES on the device, recommending the distribution mean",
+)
 def ng_cma(ctx: TrainContext) -> MethodResult:
     return run_nevergrad(ctx, "cma")
 
 
-@register("ng-ngopt", NevergradConfig, needs="device",
-          summary="nevergrad NGOpt on the device, declared noisy (it picks its own optimizer)")
+@register(
+    "ng-ngopt",
+    NevergradConfig,
+    needs="device",
+    summary="nevergrad NGOpt on the device, declared noisy (it picks its own optimizer)",
+)
 def ng_ngopt(ctx: TrainContext) -> MethodResult:
     return run_nevergrad(ctx, "ngopt")
 
 
-@register("ng-tbpsa", NevergradConfig, needs="device",
-          summary="nevergrad TBPSA on the device (noise-robust ES, recommends the population mean)")
+@register(
+    "ng-tbpsa",
+    NevergradConfig,
+    needs="device",
+    summary="nevergrad TBPSA on the device (noise-robust ES, recommends the population mean)",
+)
 def ng_tbpsa(ctx: TrainContext) -> MethodResult:
     return run_nevergrad(ctx, "tbpsa")

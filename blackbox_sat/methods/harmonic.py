@@ -38,6 +38,7 @@ about 1 %), digits, budget 2000, mean test accuracy over seeds 0-2 (0-5 where ma
   fixed order 2 (4 new settings a step) .513 (cyclic, seeds 0-1), .441 (random order).
 ``mrr`` and ``freespace`` declare no periodic parameter, so this method refuses them.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,25 +56,34 @@ from blackbox_sat.training.context import MINIBATCH, TrainContext
 
 from .registry import MethodResult, register
 
+
 @dataclass(frozen=True)
 class HarmonicConfig(RunConfig):
-    damping: float = 1.8          # multiple of the move to the grid minimiser (>1: over-relaxation)
-    damping_end: float | None = 0.3  # damping at the end of the budget, linear in settings (None: constant)
-    refresh: int = 16             # new minibatch every this many coordinate steps
-    sweep: Literal["cyclic", "random", "blocks"] = "cyclic"  # coordinate order (random: permutations)
-    block: int = 16               # coordinates per block (sweep="blocks")
-    average: float = 0.25         # circular mean of the iterates over this final fraction of the budget
-    order: Literal["auto"] | int = "auto"  # "auto" (start at 1, detect higher) or a fixed harmonic order
-    max_order: int = 2            # highest order "auto" raises a coordinate to
-    check_every: int = 20         # one held-out harmonic check every this many steps (0: never)
-    checks_first: int = 4         # ... and on the first steps, so that the order is known early
-    check_tol: float = 0.15       # check error / output spread (and > 3 noise) that raises the order
-    grid: int = 128               # phase grid points over one period (plus a local refine)
+    damping: float = 1.8  # multiple of the move to the grid minimiser (>1: over-relaxation)
+    damping_end: float | None = (
+        0.3  # damping at the end of the budget, linear in settings (None: constant)
+    )
+    refresh: int = 16  # new minibatch every this many coordinate steps
+    sweep: Literal["cyclic", "random", "blocks"] = (
+        "cyclic"  # coordinate order (random: permutations)
+    )
+    block: int = 16  # coordinates per block (sweep="blocks")
+    average: float = 0.25  # circular mean of the iterates over this final fraction of the budget
+    order: Literal["auto"] | int = (
+        "auto"  # "auto" (start at 1, detect higher) or a fixed harmonic order
+    )
+    max_order: int = 2  # highest order "auto" raises a coordinate to
+    check_every: int = 20  # one held-out harmonic check every this many steps (0: never)
+    checks_first: int = 4  # ... and on the first steps, so that the order is known early
+    check_tol: float = 0.15  # check error / output spread (and > 3 noise) that raises the order
+    grid: int = 128  # phase grid points over one period (plus a local refine)
     batch: int = MINIBATCH
 
 
 #: The method's own options (its configuration less what every method accepts).
-HARMONIC_DEFAULTS = {k: v for k, v in asdict(HarmonicConfig()).items() if k not in asdict(RunConfig())}
+HARMONIC_DEFAULTS = {
+    k: v for k, v in asdict(HarmonicConfig()).items() if k not in asdict(RunConfig())
+}
 
 
 # --- harmonic algebra (pure, vectorised) --------------------------------------------------
@@ -98,7 +108,7 @@ def fit_harmonic(phi: np.ndarray, ys: np.ndarray, order: int) -> tuple[np.ndarra
     coef, *_ = np.linalg.lstsq(a, flat, rcond=None)
     dof = len(phi) - a.shape[1]
     resid = float(np.sqrt(np.mean((a @ coef - flat) ** 2) * len(phi) / dof)) if dof > 0 else 0.0
-    return coef.reshape((a.shape[1],) + ys.shape[1:]), resid
+    return coef.reshape((a.shape[1], *ys.shape[1:])), resid
 
 
 def predict(coef: np.ndarray, phi: np.ndarray) -> np.ndarray:
@@ -106,7 +116,9 @@ def predict(coef: np.ndarray, phi: np.ndarray) -> np.ndarray:
     return np.einsum("gp,pbo->gbo", basis(phi, (coef.shape[0] - 1) // 2), coef)
 
 
-def grid_losses(ctx: TrainContext, coef: np.ndarray, phi: np.ndarray, labels: torch.Tensor) -> np.ndarray:
+def grid_losses(
+    ctx: TrainContext, coef: np.ndarray, phi: np.ndarray, labels: torch.Tensor
+) -> np.ndarray:
     """Minibatch training loss ``(G,)`` of the outputs rebuilt at every phase, through the PNN."""
     y = torch.as_tensor(predict(coef, phi))
     g, b, o = y.shape
@@ -115,7 +127,9 @@ def grid_losses(ctx: TrainContext, coef: np.ndarray, phi: np.ndarray, labels: to
     return ce.reshape(g, b).mean(1).numpy()
 
 
-def minimise(ctx: TrainContext, coef: np.ndarray, phi0: float, labels: torch.Tensor, grid: int = 128) -> float:
+def minimise(
+    ctx: TrainContext, coef: np.ndarray, phi0: float, labels: torch.Tensor, grid: int = 128
+) -> float:
     """Phase of least rebuilt loss: a grid over one period, then a finer grid around its best."""
     phi = phi0 + 2 * np.pi * np.arange(grid) / grid
     best = phi[int(np.argmin(grid_losses(ctx, coef, phi, labels)))]
@@ -134,17 +148,24 @@ class HarmonicState:
     on minibatch ``idx`` (measured, or rebuilt by the last fit), the read-noise estimate, the
     per-coordinate orders (0: not checked, the device default applies) and the record kept
     for ``extra``."""
-    order: np.ndarray                 # (n_params,) int
+
+    order: np.ndarray  # (n_params,) int
     default_order: int = 1
     idx: np.ndarray | None = None
     x: np.ndarray | None = None
     y: np.ndarray | None = None
-    noise: float | None = None        # RMS read noise of one output, from a repeated setting
+    noise: float | None = None  # RMS read noise of one output, from a repeated setting
     steps: int = 0
-    settings: dict = field(default_factory=lambda: dict.fromkeys(("current", "noise", "fit", "check", "refit", "guard"), 0))
-    checks: list = field(default_factory=list)   # (step, coordinate, order, error / spread, error / noise)
-    raised: list = field(default_factory=list)   # (step, coordinate, new order)
-    rough: set = field(default_factory=set)      # coordinates no order up to max_order fits
+    settings: dict = field(
+        default_factory=lambda: dict.fromkeys(
+            ("current", "noise", "fit", "check", "refit", "guard"), 0
+        )
+    )
+    checks: list = field(
+        default_factory=list
+    )  # (step, coordinate, order, error / spread, error / noise)
+    raised: list = field(default_factory=list)  # (step, coordinate, new order)
+    rough: set = field(default_factory=set)  # coordinates no order up to max_order fits
     visited: list = field(default_factory=list)
     loss_trace: list = field(default_factory=list)  # rebuilt minibatch loss after each step
 
@@ -153,7 +174,9 @@ class HarmonicState:
 
 
 def new_state(info, cfg: dict) -> HarmonicState:
-    return HarmonicState(np.zeros(info.n_params, int), 1 if cfg["order"] == "auto" else int(cfg["order"]))
+    return HarmonicState(
+        np.zeros(info.n_params, int), 1 if cfg["order"] == "auto" else int(cfg["order"])
+    )
 
 
 def _config(options: dict) -> dict:
@@ -166,14 +189,22 @@ def periodic_coords(info) -> np.ndarray:
     """Indices of the periodic parameters of ``info`` (a DeviceInfo); a clear error if none."""
     coords = np.flatnonzero(np.asarray(info.periodic, bool))
     if len(coords) == 0:
-        raise InvalidInput("method 'harmonic' needs periodic parameters (phases, device.periodic), but this device "
-                         "declares none; use spsa or blackbox-sat instead")
+        raise InvalidInput(
+            "method 'harmonic' needs periodic parameters (phases, device.periodic), but this device "
+            "declares none; use spsa or blackbox-sat instead"
+        )
     return coords
 
 
-def harmonic_sweep(ctx: TrainContext, theta: np.ndarray, coords, idx: np.ndarray,
-                   state: HarmonicState | None = None, rng: np.random.Generator | None = None,
-                   **options) -> tuple[np.ndarray, dict]:
+def harmonic_sweep(
+    ctx: TrainContext,
+    theta: np.ndarray,
+    coords,
+    idx: np.ndarray,
+    state: HarmonicState | None = None,
+    rng: np.random.Generator | None = None,
+    **options,
+) -> tuple[np.ndarray, dict]:
     """One harmonic coordinate step per entry of ``coords`` on training rows ``idx (B,)``.
 
     ``theta (n_params,)`` in device units; ``options``: keys of :data:`HARMONIC_DEFAULTS`.
@@ -187,10 +218,14 @@ def harmonic_sweep(ctx: TrainContext, theta: np.ndarray, coords, idx: np.ndarray
     rng = rng if rng is not None else np.random.default_rng([ctx.seed, 0x4A52])
     theta, idx = info.project(theta), np.asarray(idx)
     labels = torch.as_tensor(ctx.y_train[idx])
-    per = sum(dev.settings_needed(min(MINIBATCH, len(idx) - i)) for i in range(0, len(idx), MINIBATCH))
+    per = sum(
+        dev.settings_needed(min(MINIBATCH, len(idx) - i)) for i in range(0, len(idx), MINIBATCH)
+    )
     if state.idx is None or not np.array_equal(state.idx, idx):
         y = None
-        if state.y is not None and len(state.idx) == len(idx):   # same rows reshuffled (small sets): reuse
+        if state.y is not None and len(state.idx) == len(
+            idx
+        ):  # same rows reshuffled (small sets): reuse
             old, new = np.argsort(state.idx), np.argsort(idx)
             if np.array_equal(state.idx[old], idx[new]):
                 y = np.empty_like(state.y)
@@ -201,11 +236,14 @@ def harmonic_sweep(ctx: TrainContext, theta: np.ndarray, coords, idx: np.ndarray
     def measure(th: np.ndarray, kind: str) -> np.ndarray:
         # at most MINIBATCH inputs per setting (docs/protocol.md): a larger batch is several settings
         th = info.project(th)
-        parts = [dev.query(th, state.x[i:i + MINIBATCH], purpose="train") for i in range(0, len(idx), MINIBATCH)]
+        parts = [
+            dev.query(th, state.x[i : i + MINIBATCH], purpose="train")
+            for i in range(0, len(idx), MINIBATCH)
+        ]
         state.settings[kind] += per
         return np.concatenate(parts)
 
-    def at(j: int, dphi: float) -> np.ndarray:   # theta with phase j moved by dphi rad
+    def at(j: int, dphi: float) -> np.ndarray:  # theta with phase j moved by dphi rad
         th = theta.copy()
         th[j] += dphi * periods[j] / (2 * np.pi)
         return th
@@ -220,26 +258,32 @@ def harmonic_sweep(ctx: TrainContext, theta: np.ndarray, coords, idx: np.ndarray
             if not affordable(2 * k + (state.y is None) + (state.noise is None)):
                 stopped = "budget"
                 break
-            if state.y is None:   # new minibatch: measure the current point
+            if state.y is None:  # new minibatch: measure the current point
                 state.y = measure(theta, "current")
-                if state.noise is None:   # once: the same setting again gives the noise scale
+                if state.noise is None:  # once: the same setting again gives the noise scale
                     y2 = measure(theta, "noise")
                     state.noise, state.y = _rms(y2 - state.y) / math.sqrt(2), (state.y + y2) / 2
             phi0 = 2 * np.pi * (theta[j] - info.low[j]) / periods[j]
             dphi = offsets(k)
             ys = [state.y] + [measure(at(j, d), "fit") for d in dphi[1:]]
             coef, _ = fit_harmonic(phi0 + dphi, np.stack(ys), k)
-            check = cfg["check_every"] and (state.steps < cfg["checks_first"] or state.steps % cfg["check_every"] == 0)
+            check = cfg["check_every"] and (
+                state.steps < cfg["checks_first"] or state.steps % cfg["check_every"] == 0
+            )
             if check and affordable(1):
-                coef, k = _check(ctx, state, cfg, j, k, phi0, dphi, ys, coef, rng, measure, at, affordable)
+                coef, k = _check(
+                    ctx, state, cfg, j, k, phi0, dphi, ys, coef, rng, measure, at, affordable
+                )
             # the step: grid minimiser of the rebuilt loss, over-relaxed/damped unless that is worse
             target = minimise(ctx, coef, phi0, labels, int(cfg["grid"]))
             delta = (target - phi0 + np.pi) % (2 * np.pi) - np.pi
             cand = np.array([phi0, phi0 + cfg["damping"] * delta, phi0 + delta])
             losses = grid_losses(ctx, coef, cand, labels)
             pick = 1 if losses[1] <= losses[0] else 2
-            new_y = predict(coef, cand[pick:pick + 1])[0]
-            if j in state.rough and affordable(1):   # no harmonic fits: keep a move only if measured better
+            new_y = predict(coef, cand[pick : pick + 1])[0]
+            if j in state.rough and affordable(
+                1
+            ):  # no harmonic fits: keep a move only if measured better
                 y_m = measure(at(j, cand[pick] - phi0), "guard")
                 with torch.no_grad():
                     l_m = float(F.cross_entropy(ctx.pnn(torch.as_tensor(y_m)), labels))
@@ -250,7 +294,7 @@ def harmonic_sweep(ctx: TrainContext, theta: np.ndarray, coords, idx: np.ndarray
             state.loss_trace.append(round(float(losses[pick]), 5))
             state.steps += 1
             steps += 1
-    except BudgetExhausted:   # someone else spent the budget: keep the last complete step
+    except BudgetExhausted:  # someone else spent the budget: keep the last complete step
         stopped = "budget"
     return theta, {"state": state, "steps": steps, "stopped": stopped}
 
@@ -263,12 +307,18 @@ def _check(ctx, state, cfg, j, k, phi0, dphi, ys, coef, rng, measure, at, afford
     gap = 2 * np.pi / len(dphi)
     d = float(rng.uniform(0.25, 0.75)) * gap + gap * int(rng.integers(len(dphi)))
     y_c = measure(at(j, d), "check")
-    spread = _rms(np.std(np.stack(ys), axis=1)) + 1e-12   # output spread over the minibatch
+    spread = _rms(np.std(np.stack(ys), axis=1)) + 1e-12  # output spread over the minibatch
     err = _rms(y_c - predict(coef, np.array([phi0 + d]))[0])
     noise = max(state.noise or 0.0, 1e-12)
     state.checks.append((state.steps, j, k, round(err / spread, 4), round(err / noise, 2)))
     auto = cfg["order"] == "auto"
-    if err > cfg["check_tol"] * spread and err > 3 * noise and auto and k < cfg["max_order"] and affordable(2):
+    if (
+        err > cfg["check_tol"] * spread
+        and err > 3 * noise
+        and auto
+        and k < cfg["max_order"]
+        and affordable(2)
+    ):
         # two more points in the widest gaps: 2k + 4 points, one more than order k + 1 needs,
         # so both fits have a residual; the order goes up only if it explains clearly more
         extra = [d + gap / 2 if d % gap < gap / 2 else d - gap / 2, math.pi + d]
@@ -282,12 +332,12 @@ def _check(ctx, state, cfg, j, k, phi0, dphi, ys, coef, rng, measure, at, afford
         else:
             coef = coef_lo
         if min(r_lo, r_hi) > max(cfg["check_tol"] * spread, 3 * noise):
-            state.rough.add(j)   # neither order fits: guarded steps from now on
+            state.rough.add(j)  # neither order fits: guarded steps from now on
     if auto:
         state.order[j] = k
         known = state.order[state.order > 0]
         if len(known) >= 3 and np.mean(known > state.default_order) >= 0.5:
-            state.default_order += 1   # most checked coordinates needed more: the device does
+            state.default_order += 1  # most checked coordinates needed more: the device does
     return coef, k
 
 
@@ -296,7 +346,7 @@ def coordinate_stream(coords: np.ndarray, kind: str, rng: np.random.Generator, b
     ``blocks`` (contiguous blocks of ``block``, in a random block order per sweep)."""
     if kind not in ("random", "cyclic", "blocks"):
         raise ValueError(f"sweep must be 'random', 'cyclic' or 'blocks', got {kind!r}")
-    blocks = [coords[i:i + block] for i in range(0, len(coords), block)]
+    blocks = [coords[i : i + block] for i in range(0, len(coords), block)]
     while True:
         if kind == "random":
             yield from rng.permutation(coords)
@@ -307,8 +357,12 @@ def coordinate_stream(coords: np.ndarray, kind: str, rng: np.random.Generator, b
                 yield from blocks[b]
 
 
-@register("harmonic", HarmonicConfig, needs="device",
-          summary="coordinate steps from the harmonic law of phases (NFT/Rotosolve on every output)")
+@register(
+    "harmonic",
+    HarmonicConfig,
+    needs="device",
+    summary="coordinate steps from the harmonic law of phases (NFT/Rotosolve on every output)",
+)
 def harmonic(ctx: TrainContext) -> MethodResult:
     """A thin loop over :func:`harmonic_sweep`: ``refresh`` coordinates per minibatch until
     the budget is spent, the damping scheduled over the budget; the accuracy curve is
@@ -327,19 +381,35 @@ def harmonic(ctx: TrainContext) -> MethodResult:
         spent = ctx.device.settings_used / max(ctx.budget, 1)
         chunk = [next(stream) for _ in range(max(1, int(cfg["refresh"])))]
         damping = d0 if d1 is None else d0 + spent * (d1 - d0)
-        theta, out = harmonic_sweep(ctx, theta, chunk, next(batches), state, rng, **{**cfg, "damping": damping})
-        if cfg["average"] and spent >= 1 - cfg["average"]:   # circular mean: phases wrap
-            phase_sum, n_avg = phase_sum + np.exp(2j * np.pi * (theta - info.low) / period), n_avg + 1
+        theta, out = harmonic_sweep(
+            ctx, theta, chunk, next(batches), state, rng, **{**cfg, "damping": damping}
+        )
+        if cfg["average"] and spent >= 1 - cfg["average"]:  # circular mean: phases wrap
+            phase_sum, n_avg = (
+                phase_sum + np.exp(2j * np.pi * (theta - info.low) / period),
+                n_avg + 1,
+            )
         ctx.snapshot(theta)
         if out["stopped"]:
             break
     if n_avg:
         mean = info.low + np.mod(np.angle(phase_sum), 2 * np.pi) * period / (2 * np.pi)
         theta = info.project(np.where(info.periodic, mean, theta))
-    return MethodResult(theta, {
-        "steps": state.steps, "periodic": len(coords), "skipped_non_periodic": info.n_params - len(coords),
-        "visited": state.visited, "settings": state.settings, "noise": state.noise, "checks": state.checks,
-        "raised": state.raised, "orders": {int(j): int(state.order[j]) for j in np.flatnonzero(state.order)},
-        "default_order": state.default_order, "rough": sorted(state.rough), "averaged": n_avg,
-        "loss_trace": state.loss_trace,
-    })
+    return MethodResult(
+        theta,
+        {
+            "steps": state.steps,
+            "periodic": len(coords),
+            "skipped_non_periodic": info.n_params - len(coords),
+            "visited": state.visited,
+            "settings": state.settings,
+            "noise": state.noise,
+            "checks": state.checks,
+            "raised": state.raised,
+            "orders": {int(j): int(state.order[j]) for j in np.flatnonzero(state.order)},
+            "default_order": state.default_order,
+            "rough": sorted(state.rough),
+            "averaged": n_avg,
+            "loss_trace": state.loss_trace,
+        },
+    )

@@ -13,6 +13,7 @@ rate chosen from ``lr_grid`` (in units of the bound width) by validation accurac
 model the method trains on, up to ``epochs`` epochs with early stopping on that accuracy.
 Parameters are optimised in normalized coordinates ``u = theta / scale``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,13 +42,15 @@ class ModelTrainingConfig(RunConfig):
 
 @dataclass(frozen=True)
 class ModelSatConfig(ModelTrainingConfig):
-    rho: float = 0.05       # SAT radius, normalized L2
+    rho: float = 0.05  # SAT radius, normalized L2
     adaptive: bool = False  # ASAM: the perturbation scaled by |theta|
 
 
 @dataclass(frozen=True)
 class NatConfig(ModelTrainingConfig):
-    chips: int = 16         # random chips of the datasheet's error distribution trained over
+    chips: int = 16  # random chips of the datasheet's error distribution trained over
+
+
 #: Seeds of the random chips NAT trains over; far from training (0..) and unseen (101..) seeds.
 NAT_SEED_BASE = 10_000
 
@@ -61,13 +64,21 @@ def model_accuracy(ctx: TrainContext, models, theta: torch.Tensor, split: str = 
     return float(np.mean(accs))
 
 
-def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.0, adaptive: bool = False,
-                    label: str = "") -> MethodResult:
+def train_on_models(
+    ctx: TrainContext,
+    train_models,
+    val_models,
+    rho: float = 0.0,
+    adaptive: bool = False,
+    label: str = "",
+) -> MethodResult:
     """Adam (or SAT around Adam) on ``train_models`` (cycled one per step), selecting the
     learning rate and epoch by validation accuracy on ``val_models``."""
     cfg, info = ctx.config, ctx.info
     scale = torch.as_tensor(info.scale, dtype=torch.float32)
-    project = Projector(info.low / info.scale, info.high / info.scale, info.periodic)  # in u = theta / scale
+    project = Projector(
+        info.low / info.scale, info.high / info.scale, info.periodic
+    )  # in u = theta / scale
     digital0 = copy.deepcopy(ctx.pnn.state_dict())
     best = {"val": -1.0}
     runs = []
@@ -78,7 +89,11 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
         groups = [{"params": [u], "lr": lr}]
         if ctx.pnn.trainable:
             groups.append({"params": list(ctx.pnn.parameters()), "lr": cfg.digital_lr})
-        opt = SAT(groups, torch.optim.Adam, rho=rho, adaptive=adaptive) if rho > 0 else torch.optim.Adam(groups)
+        opt = (
+            SAT(groups, torch.optim.Adam, rho=rho, adaptive=adaptive)
+            if rho > 0
+            else torch.optim.Adam(groups)
+        )
         batches = ctx.minibatches()
         run_best, since, curve, step = (-1.0, None, None), 0, [], 0
         steps_per_epoch = max(1, len(ctx.y_train) // 128)
@@ -89,7 +104,9 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
                 step += 1
                 labels = torch.as_tensor(ctx.y_train[idx])
 
-                def closure():  # rebuilds the graph: a hybrid input layer is part of it
+                # rebuilds the graph: a hybrid input layer is part of it; the defaults bind
+                # this step's batch and model, as the closure may run after the loop moves on
+                def closure(opt=opt, idx=idx, model=model, labels=labels, u=u):
                     opt.zero_grad()
                     x = ctx.pnn.device_inputs(ctx.f_train[idx]).to(torch.float32)
                     loss = F.cross_entropy(ctx.pnn(model(u * scale, x)), labels)
@@ -102,7 +119,14 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
             acc = model_accuracy(ctx, val_models, (u * scale).detach())
             curve.append(acc)
             if acc > run_best[0]:
-                run_best, since = (acc, (u * scale).detach().numpy().astype(float), copy.deepcopy(ctx.pnn.state_dict())), 0
+                run_best, since = (
+                    (
+                        acc,
+                        (u * scale).detach().numpy().astype(float),
+                        copy.deepcopy(ctx.pnn.state_dict()),
+                    ),
+                    0,
+                )
             else:
                 since += 1
             if ctx.progress is not None:
@@ -114,44 +138,77 @@ def train_on_models(ctx: TrainContext, train_models, val_models, rho: float = 0.
             best = {"val": run_best[0], "theta": run_best[1], "digital": run_best[2], "lr": lr}
     ctx.pnn.load_state_dict(best["digital"])
     chosen = next(r for r in runs if r["lr"] == best["lr"])
-    return MethodResult(info.project(best["theta"]), {
-        "chosen_lr": best["lr"], "model_val_accuracy": best["val"], "val_curve": chosen["val_curve"],
-        "lr_search": [{k: r[k] for k in ("lr", "best_val", "epochs")} for r in runs]})
+    return MethodResult(
+        info.project(best["theta"]),
+        {
+            "chosen_lr": best["lr"],
+            "model_val_accuracy": best["val"],
+            "val_curve": chosen["val_curve"],
+            "lr_search": [{k: r[k] for k in ("lr", "best_val", "epochs")} for r in runs],
+        },
+    )
 
 
-@register("oracle", ModelTrainingConfig, needs="true", summary="exact gradients through the true, noise-free chip model")
+@register(
+    "oracle",
+    ModelTrainingConfig,
+    needs="true",
+    summary="exact gradients through the true, noise-free chip model",
+)
 def oracle(ctx: TrainContext) -> MethodResult:
     model = ctx.model("true")
     return train_on_models(ctx, [model], [model], label="oracle")
 
 
-@register("oracle-sat", ModelSatConfig, needs="true",
-          summary="SAT with exact gradients through the true chip model: what flatness buys without model error")
+@register(
+    "oracle-sat",
+    ModelSatConfig,
+    needs="true",
+    summary="SAT with exact gradients through the true chip model: what flatness buys without model error",
+)
 def oracle_sat(ctx: TrainContext) -> MethodResult:
     model = ctx.model("true")
-    return train_on_models(ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive, label="oracle-sat")
+    return train_on_models(
+        ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive, label="oracle-sat"
+    )
 
 
-@register("offline", ModelTrainingConfig, needs="nominal", summary="backprop on the nominal (datasheet) model, deployed as-is")
+@register(
+    "offline",
+    ModelTrainingConfig,
+    needs="nominal",
+    summary="backprop on the nominal (datasheet) model, deployed as-is",
+)
 def offline(ctx: TrainContext) -> MethodResult:
     model = ctx.model("nominal")
     return train_on_models(ctx, [model], [model], label="offline")
 
 
-@register("offline-sat", ModelSatConfig, needs="nominal",
-          summary="SAT on the nominal model, deployed as-is")
+@register(
+    "offline-sat",
+    ModelSatConfig,
+    needs="nominal",
+    summary="SAT on the nominal model, deployed as-is",
+)
 def offline_sat(ctx: TrainContext) -> MethodResult:
     model = ctx.model("nominal")
-    return train_on_models(ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive,
-                           label="offline-sat")
+    return train_on_models(
+        ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive, label="offline-sat"
+    )
 
 
-@register("nat", NatConfig, needs="nominal",
-          summary="noise-aware training over random chips of the datasheet error distribution")
+@register(
+    "nat",
+    NatConfig,
+    needs="nominal",
+    summary="noise-aware training over random chips of the datasheet error distribution",
+)
 def nat(ctx: TrainContext) -> MethodResult:
     ctx.model("nominal")  # the same clear error for a black-box device
     sibling = getattr(ctx.source, "sibling", None)
     if sibling is None:
-        raise TypeError("nat needs a simulator that can draw random chips of its error distribution (sibling(seed=...))")
+        raise TypeError(
+            "nat needs a simulator that can draw random chips of its error distribution (sibling(seed=...))"
+        )
     models = [sibling(seed=NAT_SEED_BASE + i).true_model() for i in range(ctx.config.chips)]
     return train_on_models(ctx, models, models[:4], label="nat")

@@ -6,15 +6,18 @@ dotted keys and ``config.json`` records the resolved values) and what it needs: 
 (queries only), ``nominal`` or ``true`` (a simulator view), ``approximate`` (a model given by
 the user or the device).
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from blackbox_sat.devices.contract import UserError
+
 
 class UnknownMethod(UserError, KeyError):
     """No method is registered under that name."""
@@ -36,7 +39,7 @@ class MethodResult:
 class MethodSpec:
     name: str
     fn: Callable[..., MethodResult]
-    config: type                 # frozen dataclass of the method's options
+    config: type  # frozen dataclass of the method's options
     needs: str
     summary: str
 
@@ -64,7 +67,9 @@ def register(name: str, config: type, needs: str = "device", summary: str = ""):
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, fn, config, needs, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = MethodSpec(
+            name, fn, config, needs, summary or (fn.__doc__ or "").strip().split("\n")[0]
+        )
         return fn
 
     return deco
@@ -74,7 +79,9 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         close = difflib.get_close_matches(name, list(METHODS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UnknownMethod(f"unknown method {name!r}; {hint}registered: {', '.join(sorted(METHODS))}")
+        raise UnknownMethod(
+            f"unknown method {name!r}; {hint}registered: {', '.join(sorted(METHODS))}"
+        )
     return METHODS[name]
 
 

@@ -22,6 +22,7 @@ Usage (closure API, as in davda54/sam)::
         loss = loss_fn(theta); loss.backward(); return loss
     opt.step(closure)                         # perturb, closure at theta + eps, restore, step
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -55,7 +56,9 @@ def _scale_like(s, like: torch.Tensor, name: str = "scale") -> torch.Tensor | No
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"{name} of shape {tuple(s.shape)} does not broadcast to a parameter of shape {tuple(like.shape)}")
+        raise ValueError(
+            f"{name} of shape {tuple(s.shape)} does not broadcast to a parameter of shape {tuple(like.shape)}"
+        )
     if not bool(torch.all(torch.isfinite(s) & (s > 0))):
         raise ValueError(f"{name} must be finite and > 0 everywhere")
     return s
@@ -112,7 +115,9 @@ def sat_perturbation(
 
     dev = grads[0].device
     weighted = [gu if t is None else t * gu for gu, t in zip(gus, ts)]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w).to(dev) for w in weighted]))
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(w).to(dev) for w in weighted])
+    )
     coef = rho / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # zero gradient -> eps = 0
 
     eps = []
@@ -151,8 +156,14 @@ class Projector:
                 lo64 = torch.as_tensor(self.low, device=device)
                 hi64 = torch.as_tensor(self.high, device=device)
                 try:
-                    low = torch.where(low.double() < lo64, torch.nextafter(low, torch.full_like(low, np.inf)), low)
-                    high = torch.where(high.double() > hi64, torch.nextafter(high, torch.full_like(high, -np.inf)), high)
+                    low = torch.where(
+                        low.double() < lo64, torch.nextafter(low, torch.full_like(low, np.inf)), low
+                    )
+                    high = torch.where(
+                        high.double() > hi64,
+                        torch.nextafter(high, torch.full_like(high, -np.inf)),
+                        high,
+                    )
                 except RuntimeError:  # nextafter not implemented for this dtype
                     pass
             width = high - low
@@ -168,7 +179,9 @@ class Projector:
         clipped = torch.clamp(t, low, high)
         if bool(wrap.any()):
             wrapped = low + torch.remainder(t - low, period)
-            wrapped = torch.where(wrapped >= high, low, wrapped)  # rounding may hit high: keep [low, high)
+            wrapped = torch.where(
+                wrapped >= high, low, wrapped
+            )  # rounding may hit high: keep [low, high)
             clipped = torch.where(wrap, wrapped, clipped)
         t.copy_(clipped)
         return t
@@ -221,8 +234,15 @@ class SAT(torch.optim.Optimizer):
     ) -> None:
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
-        defaults = dict(rho=rho, adaptive=adaptive, scale=scale, project=project, eta=eta,
-                        project_perturbed=project_perturbed, **base_kwargs)
+        defaults = dict(
+            rho=rho,
+            adaptive=adaptive,
+            scale=scale,
+            project=project,
+            eta=eta,
+            project_perturbed=project_perturbed,
+            **base_kwargs,
+        )
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -244,9 +264,15 @@ class SAT(torch.optim.Optimizer):
             scales = _per_tensor(group["scale"], len(plist), "scale")
             projs = _per_tensor(group["project"], len(plist), "project")
             live = [i for i, p in enumerate(plist) if p.grad is not None]
-            eps = sat_perturbation([plist[i].grad for i in live], group["rho"], [scales[i] for i in live],
-                                   group["adaptive"], [plist[i] for i in live], group["eta"])
-            for i, p in enumerate(plist):
+            eps = sat_perturbation(
+                [plist[i].grad for i in live],
+                group["rho"],
+                [scales[i] for i in live],
+                group["adaptive"],
+                [plist[i] for i in live],
+                group["eta"],
+            )
+            for p in plist:
                 self.state[p]["eps"] = torch.zeros_like(p)
                 self.state[p].pop("old_p", None)
             for i, e in zip(live, eps):
@@ -284,10 +310,14 @@ class SAT(torch.optim.Optimizer):
         without zeroing; it is called once, at ``theta + eps``, after SAT zeroed the gradients.
         Returns what ``closure`` returned (the loss at ``theta + eps``)."""
         if closure is None:
-            raise ValueError("SAT.step needs a closure that does forward+backward; "
-                             "or call first_step() and second_step() yourself")
+            raise ValueError(
+                "SAT.step needs a closure that does forward+backward; "
+                "or call first_step() and second_step() yourself"
+            )
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
-            raise RuntimeError("SAT.step found no gradients: run forward+backward at theta before step(closure)")
+            raise RuntimeError(
+                "SAT.step found no gradients: run forward+backward at theta before step(closure)"
+            )
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             loss = closure()
@@ -297,7 +327,11 @@ class SAT(torch.optim.Optimizer):
     def perturbation(self) -> list[torch.Tensor]:
         """The ``eps`` of the last ``first_step``, one tensor per parameter (shapes of the
         parameters, all groups in order; zeros for parameters that had no gradient)."""
-        return [self.state[p].get("eps", torch.zeros_like(p)) for g in self.param_groups for p in g["params"]]
+        return [
+            self.state[p].get("eps", torch.zeros_like(p))
+            for g in self.param_groups
+            for p in g["params"]
+        ]
 
     def state_dict(self) -> dict:
         """The base optimizer's state dict (its moments, and the shared groups with SAT's

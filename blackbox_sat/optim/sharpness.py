@@ -12,6 +12,7 @@ functions look at ``d -> L(theta + scale * d)`` near ``d = 0``, so
 ``loss_fn`` maps a 1-D tensor ``(n_params,)`` to a scalar tensor and must be differentiable
 with torch autograd (twice, for the Hessian).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,7 +30,11 @@ def _setup(theta, scale) -> tuple[torch.Tensor, torch.Tensor]:
         theta = theta.to(torch.float64)
     if theta.ndim != 1:
         raise ValueError(f"theta must be 1-D (n_params,), got shape {tuple(theta.shape)}")
-    s = torch.ones_like(theta) if scale is None else torch.as_tensor(scale, dtype=theta.dtype, device=theta.device)
+    s = (
+        torch.ones_like(theta)
+        if scale is None
+        else torch.as_tensor(scale, dtype=theta.dtype, device=theta.device)
+    )
     s = torch.broadcast_to(s, theta.shape).clone()
     if not bool(torch.all(torch.isfinite(s) & (s > 0))):
         raise ValueError("scale must be finite and > 0 everywhere")
@@ -42,8 +47,13 @@ def _scalar(loss: torch.Tensor) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iters: int,
-                     tol: float, shift: float = 0.0) -> float:
+def _power_iteration(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    v: torch.Tensor,
+    iters: int,
+    tol: float,
+    shift: float = 0.0,
+) -> float:
     """Dominant (largest magnitude) eigenvalue of ``H - shift * I`` by power iteration with the
     Rayleigh quotient; stops when it changes by less than ``tol`` relative."""
     v = v / torch.linalg.vector_norm(v)
@@ -96,7 +106,9 @@ def top_hessian_eigenvalue(
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(theta.shape, generator=gen, dtype=theta.dtype).to(theta.device)
     lam = _power_iteration(hvp, v0, iters, tol)
-    if lam < 0:  # dominant eigenvalue negative: the largest one is lam + top eig of H - lam I (>= 0)
+    if (
+        lam < 0
+    ):  # dominant eigenvalue negative: the largest one is lam + top eig of H - lam I (>= 0)
         lam = lam + _power_iteration(hvp, v0, iters, tol, shift=lam)
     return float(lam)
 

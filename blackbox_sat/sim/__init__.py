@@ -1,4 +1,5 @@
 """Built-in simulated PNN platforms: ``mzi``, ``mrr`` and ``freespace``."""
+
 from .base import SimulatedDevice
 from .freespace import FreeSpaceVMM, freespace
 from .mrr import MRRWeightBank, mrr
@@ -7,4 +8,13 @@ from .mzi import MZIMesh, mzi
 #: Built-in device names accepted as device specs.
 BUILTINS = {"mzi": mzi, "mrr": mrr, "freespace": freespace}
 
-__all__ = ["BUILTINS", "SimulatedDevice", "MZIMesh", "MRRWeightBank", "FreeSpaceVMM", "mzi", "mrr", "freespace"]
+__all__ = [
+    "BUILTINS",
+    "FreeSpaceVMM",
+    "MRRWeightBank",
+    "MZIMesh",
+    "SimulatedDevice",
+    "freespace",
+    "mrr",
+    "mzi",
+]

@@ -12,6 +12,7 @@ and ``x (batch, in_dim)`` giving ``(batch, out_dim)``, differentiable in both, c
 the dtype of ``theta``. They exist for model-based methods and for measuring surrogates;
 black-box methods never see them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,19 +35,27 @@ class SimulatedDevice:
     #: Full-scale output, in output units: the unit of ``noise`` (read noise std).
     full_scale: float = 1.0
 
-    def __init__(self, seed: int = 0, noise: float = 0.01, programming_noise: float = 0.0,
-                 dac_bits: int | None = 12, **config):
+    def __init__(
+        self,
+        seed: int = 0,
+        noise: float = 0.01,
+        programming_noise: float = 0.0,
+        dac_bits: int | None = 12,
+        **config,
+    ):
         #: Every constructor keyword, so that :meth:`sibling` can rebuild this chip's kind.
-        self.config = dict(config, seed=seed, noise=noise, programming_noise=programming_noise, dac_bits=dac_bits)
+        self.config = dict(
+            config, seed=seed, noise=noise, programming_noise=programming_noise, dac_bits=dac_bits
+        )
         self.seed = int(seed)
-        self.chip_rng = np.random.default_rng([self.seed, 0])   # fabrication draws
+        self.chip_rng = np.random.default_rng([self.seed, 0])  # fabrication draws
         self._query_rng = np.random.default_rng([self.seed, 1])  # per-query noise
         self.dac = DACQuantisation(dac_bits)
         self.programming = ProgrammingNoise(programming_noise)
         self.read = ReadNoise(noise, self.full_scale)
         self._models: dict[bool, torch.nn.Module] = {}
 
-    def sibling(self, **overrides) -> "SimulatedDevice":
+    def sibling(self, **overrides) -> SimulatedDevice:
         """Another instance of the same kind, e.g. ``sibling(seed=101)`` for an unseen chip of
         the same error level or ``sibling(drift=1.0)`` for this chip after drift."""
         return type(self)(**{**self.config, **overrides})
@@ -78,6 +87,8 @@ class SimulatedDevice:
         """Program ``theta (n_params,)``, measure ``x (batch, in_dim)``; ``(batch, out_dim)``."""
         applied = self.applied_setting(theta)
         with torch.no_grad():
-            y = self.true_model()(torch.as_tensor(applied, dtype=torch.float64),
-                                  torch.as_tensor(np.asarray(x, float), dtype=torch.float64)).numpy()
+            y = self.true_model()(
+                torch.as_tensor(applied, dtype=torch.float64),
+                torch.as_tensor(np.asarray(x, float), dtype=torch.float64),
+            ).numpy()
         return self.read.apply(y, self._query_rng)

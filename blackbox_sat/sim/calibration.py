@@ -36,6 +36,7 @@ What is known and what is not (a choice per platform):
   gain is seen, and it trades with its row's detector gain): compare outputs or the
   geometric parameters, not single pixel gains.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,6 @@ import math
 import numpy as np
 import torch
 from torch import nn
-
 
 _F64 = torch.float64
 
@@ -62,8 +62,12 @@ class CalibrationModelBase(nn.Module):
         p = _param(value)
         self.register_parameter(name, p)
         self.register_buffer(f"_p0_{name}", p.detach().clone())
-        self.register_buffer(f"_scale_{name}", torch.broadcast_to(
-            torch.as_tensor(np.asarray(scale, float), dtype=_F64), p.shape).clone())
+        self.register_buffer(
+            f"_scale_{name}",
+            torch.broadcast_to(
+                torch.as_tensor(np.asarray(scale, float), dtype=_F64), p.shape
+            ).clone(),
+        )
 
     def batched(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -92,7 +96,9 @@ class CalibrationModelBase(nn.Module):
         """Set every parameter from ``truth`` (e.g. a simulator's ``calibration_truth()``)."""
         params = dict(self.named_parameters())
         if set(truth) != set(params):
-            raise ValueError(f"truth has {sorted(truth)}, the model's parameters are {sorted(params)}")
+            raise ValueError(
+                f"truth has {sorted(truth)}, the model's parameters are {sorted(params)}"
+            )
         for n, v in truth.items():
             params[n].copy_(torch.as_tensor(v, dtype=_F64).reshape(params[n].shape))
         return self

@@ -52,37 +52,50 @@ Implementation: the whole chain theta -> ``A`` is linear, so the warp, pixel gai
 pooling are precomputed into one ``(R C, R C)`` matrix (``R = 2 out_dim``, ``C = in_dim``);
 a forward pass is two small matrix products.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .calibration import _F64, CalibrationModelBase
 from .base import SimulatedDevice
+from .calibration import _F64, CalibrationModelBase
 from .mrr import start_weights
 
-SIGMA = 0.03               # per-pixel gain std (relative); detectors get SIGMA / 3
+SIGMA = 0.03  # per-pixel gain std (relative); detectors get SIGMA / 3
 DETECTOR_PER_SIGMA = 1 / 3
 PIXELS_PER_WEIGHT = 4
-READ_NOISE = 0.003         # fraction of full scale
+READ_NOISE = 0.003  # fraction of full scale
 PROGRAMMING_NOISE = 0.002  # grey levels
 
 
-def bilinear_taps(height: int, width: int, rotation: float = 0.0, shift: float | tuple[float, float] = 0.0,
-                  scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def bilinear_taps(
+    height: int,
+    width: int,
+    rotation: float = 0.0,
+    shift: float | tuple[float, float] = 0.0,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Where each optical-grid pixel samples the mask. Returns ``index (H*W, 4)`` into the
     flattened mask and ``weight (H*W, 4)`` (0 for taps outside the mask)."""
     dx, dy = (float(shift), float(shift)) if np.ndim(shift) == 0 else map(float, shift)
-    rows, cols = np.meshgrid(np.arange(height, dtype=float), np.arange(width, dtype=float), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(height, dtype=float), np.arange(width, dtype=float), indexing="ij"
+    )
     cx, cy = (width - 1) / 2, (height - 1) / 2
     a = np.deg2rad(rotation)
     cos, sin = np.cos(a), np.sin(a)
-    qx, qy = (cols - cx - dx) / scale, (rows - cy - dy) / scale    # inverse of the forward map
+    qx, qy = (cols - cx - dx) / scale, (rows - cy - dy) / scale  # inverse of the forward map
     mx, my = cx + cos * qx + sin * qy, cy - sin * qx + cos * qy
     x0, y0 = np.floor(mx), np.floor(my)
     fx, fy = mx - x0, my - y0
     index, weight = [], []
-    for oy, ox, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+    for oy, ox, w in (
+        (0, 0, (1 - fx) * (1 - fy)),
+        (0, 1, fx * (1 - fy)),
+        (1, 0, (1 - fx) * fy),
+        (1, 1, fx * fy),
+    ):
         xs, ys = x0 + ox, y0 + oy
         inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
         index.append(np.where(inside, ys * width + xs, 0).astype(np.int64).ravel())
@@ -95,7 +108,9 @@ class MaskModel(torch.nn.Module):
     ``theta``'s dtype. Buffers: ``transfer (R*C, R*C)`` theta -> cell means ``A``,
     ``det_gain (R,)``; ``saturation`` None or output units."""
 
-    def __init__(self, transfer: np.ndarray, det_gain: np.ndarray, in_dim: int, saturation: float | None):
+    def __init__(
+        self, transfer: np.ndarray, det_gain: np.ndarray, in_dim: int, saturation: float | None
+    ):
         super().__init__()
         self.in_dim, self.saturation = int(in_dim), saturation
         self.register_buffer("transfer", torch.as_tensor(transfer))
@@ -106,7 +121,7 @@ class MaskModel(torch.nn.Module):
         return (self.transfer.to(theta.dtype) @ theta).reshape(-1, self.in_dim)
 
     def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        det = x.to(theta.dtype) @ self.cells(theta).T                  # (batch, R)
+        det = x.to(theta.dtype) @ self.cells(theta).T  # (batch, R)
         if self.saturation is not None:
             det = self.saturation * -torch.expm1(-det / self.saturation)
         det = det * self.det_gain.to(theta.dtype)
@@ -122,9 +137,18 @@ class MaskCalibrationModel(CalibrationModelBase):
     the simulator's bilinear sampling written in torch, so the transfer matrix is
     differentiable in the geometry (piecewise: the taps move at pixel boundaries)."""
 
-    def __init__(self, out_dim: int, in_dim: int, pixels_per_weight: int, saturation: float | None,
-                 sigma: float = 0.03, detector_per_sigma: float = 1 / 3, rotation_scale: float = 1.0,
-                 shift_scale: float = 1.0, scale_scale: float = 0.02):
+    def __init__(
+        self,
+        out_dim: int,
+        in_dim: int,
+        pixels_per_weight: int,
+        saturation: float | None,
+        sigma: float = 0.03,
+        detector_per_sigma: float = 1 / 3,
+        rotation_scale: float = 1.0,
+        shift_scale: float = 1.0,
+        scale_scale: float = 0.02,
+    ):
         super().__init__()
         self.out_dim, self.in_dim, self.p = int(out_dim), int(in_dim), int(pixels_per_weight)
         self.rows = 2 * self.out_dim
@@ -136,11 +160,14 @@ class MaskCalibrationModel(CalibrationModelBase):
         self._add("scale", 1.0, scale_scale)
         self._add("log_pixel_gain", np.zeros((self.height, self.width)), max(sigma, 1e-3))
         self._add("log_det_gain", np.zeros(self.rows), max(sigma * detector_per_sigma, 1e-3))
-        rows, cols = np.meshgrid(np.arange(self.height, dtype=float), np.arange(self.width, dtype=float),
-                                 indexing="ij")
+        rows, cols = np.meshgrid(
+            np.arange(self.height, dtype=float), np.arange(self.width, dtype=float), indexing="ij"
+        )
         self.register_buffer("grid_r", torch.as_tensor(rows.ravel()))
         self.register_buffer("grid_c", torch.as_tensor(cols.ravel()))
-        cell = (rows.ravel().astype(np.int64) // self.p) * self.in_dim + cols.ravel().astype(np.int64) // self.p
+        cell = (rows.ravel().astype(np.int64) // self.p) * self.in_dim + cols.ravel().astype(
+            np.int64
+        ) // self.p
         self.register_buffer("cell", torch.as_tensor(cell))
 
     def transfer(self) -> torch.Tensor:
@@ -157,8 +184,12 @@ class MaskCalibrationModel(CalibrationModelBase):
         gain = torch.exp(self.log_pixel_gain).reshape(-1)
         n = self.n_params
         flat = torch.zeros(n * n, dtype=_F64, device=gain.device)
-        for oy, ox, wt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy),
-                           (1, 1, fx * fy)):
+        for oy, ox, wt in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (0, 1, fx * (1 - fy)),
+            (1, 0, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
             xs, ys = x0 + ox, y0 + oy
             inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
             xs_i = torch.where(inside, xs, torch.zeros_like(xs)).long()
@@ -167,12 +198,12 @@ class MaskCalibrationModel(CalibrationModelBase):
             block = (ys_i // self.p) * self.in_dim + xs_i // self.p
             contrib = torch.where(inside, wt, torch.zeros_like(wt)) * gain[index]
             flat = flat.index_add(0, self.cell * n + block, contrib)
-        return flat.reshape(n, n) / self.p ** 2
+        return flat.reshape(n, n) / self.p**2
 
     def batched(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         dt = thetas.dtype
         cells = (thetas @ self.transfer().to(dt).T).reshape(thetas.shape[0], self.rows, self.in_dim)
-        det = torch.matmul(x.to(dt), cells.transpose(1, 2))                 # (S, B, R)
+        det = torch.matmul(x.to(dt), cells.transpose(1, 2))  # (S, B, R)
         if self.saturation is not None:
             det = self.saturation * -torch.expm1(-det / self.saturation)
         det = det * torch.exp(self.log_det_gain.to(dt))
@@ -186,29 +217,56 @@ class FreeSpaceVMM(SimulatedDevice):
 
     input_bounds = (0.0, 1.0)
 
-    def __init__(self, seed: int = 0, sigma: float = SIGMA, noise: float = READ_NOISE, in_dim: int = 16,
-                 out_dim: int = 10, rotation: float = 0.0, shift: float | tuple[float, float] = 0.0, scale: float = 1.0,
-                 pixels_per_weight: int = PIXELS_PER_WEIGHT, nonlinearity: bool | float = False,
-                 programming_noise: float = PROGRAMMING_NOISE, dac_bits: int | None = 12):
+    def __init__(
+        self,
+        seed: int = 0,
+        sigma: float = SIGMA,
+        noise: float = READ_NOISE,
+        in_dim: int = 16,
+        out_dim: int = 10,
+        rotation: float = 0.0,
+        shift: float | tuple[float, float] = 0.0,
+        scale: float = 1.0,
+        pixels_per_weight: int = PIXELS_PER_WEIGHT,
+        nonlinearity: bool | float = False,
+        programming_noise: float = PROGRAMMING_NOISE,
+        dac_bits: int | None = 12,
+    ):
         if int(in_dim) < 1 or int(out_dim) < 1 or int(pixels_per_weight) < 1 or not scale > 0:
             raise ValueError("in_dim, out_dim, pixels_per_weight must be >= 1 and scale > 0")
         self.in_dim, self.out_dim, self.p = int(in_dim), int(out_dim), int(pixels_per_weight)
-        self.full_scale = float(self.in_dim)   # read by SimulatedDevice.__init__ for ReadNoise
-        super().__init__(seed=seed, noise=noise, programming_noise=programming_noise, dac_bits=dac_bits,
-                         sigma=sigma, in_dim=in_dim, out_dim=out_dim, rotation=rotation, shift=shift,
-                         scale=scale, pixels_per_weight=pixels_per_weight, nonlinearity=nonlinearity)
+        self.full_scale = float(self.in_dim)  # read by SimulatedDevice.__init__ for ReadNoise
+        super().__init__(
+            seed=seed,
+            noise=noise,
+            programming_noise=programming_noise,
+            dac_bits=dac_bits,
+            sigma=sigma,
+            in_dim=in_dim,
+            out_dim=out_dim,
+            rotation=rotation,
+            shift=shift,
+            scale=scale,
+            pixels_per_weight=pixels_per_weight,
+            nonlinearity=nonlinearity,
+        )
         self.rows = 2 * self.out_dim
         self.height, self.width = self.rows * self.p, self.in_dim * self.p
         self.n_params = self.rows * self.in_dim
         self.bounds = (np.zeros(self.n_params), np.ones(self.n_params))
-        self.sigma, self.rotation, self.shift, self.scale = float(sigma), float(rotation), shift, float(scale)
+        self.sigma, self.rotation, self.shift, self.scale = (
+            float(sigma),
+            float(rotation),
+            shift,
+            float(scale),
+        )
         if nonlinearity is True:
             self.saturation = self.in_dim / 4
         elif nonlinearity is False or nonlinearity is None:
             self.saturation = None
         else:
             self.saturation = float(nonlinearity)
-        z_pixel = self.chip_rng.standard_normal((self.height, self.width))   # fixed order
+        z_pixel = self.chip_rng.standard_normal((self.height, self.width))  # fixed order
         z_det = self.chip_rng.standard_normal(self.rows)
         self.pixel_gain = np.exp(self.sigma * z_pixel)
         self.detector_gain = np.exp(self.sigma * DETECTOR_PER_SIGMA * z_det)
@@ -230,19 +288,25 @@ class FreeSpaceVMM(SimulatedDevice):
     def warp(self, image: np.ndarray, nominal: bool = False) -> np.ndarray:
         """An ``(H, W)`` mask-plane image as it lands on the optical grid ``(H, W)``."""
         index, weight = self.taps(nominal)
-        return (np.asarray(image, float).ravel()[index] * weight).sum(1).reshape(self.height, self.width)
+        return (
+            (np.asarray(image, float).ravel()[index] * weight)
+            .sum(1)
+            .reshape(self.height, self.width)
+        )
 
     def _transfer(self, nominal: bool) -> np.ndarray:
         """``(R*C, R*C)``: block values -> mean of the warped, gain-weighted mask per grid cell."""
         index, weight = self.taps(nominal)
         gain = np.ones(self.height * self.width) if nominal else self.pixel_gain.ravel()
         rows, cols = np.divmod(np.arange(self.height * self.width), self.width)
-        cell = (rows // self.p) * self.in_dim + cols // self.p                       # optical-grid cell
+        cell = (rows // self.p) * self.in_dim + cols // self.p  # optical-grid cell
         src_r, src_c = np.divmod(index, self.width)
-        block = (src_r // self.p) * self.in_dim + src_c // self.p                    # mask block of each tap
+        block = (src_r // self.p) * self.in_dim + src_c // self.p  # mask block of each tap
         transfer = np.zeros((self.n_params, self.n_params))
-        np.add.at(transfer, (np.broadcast_to(cell[:, None], index.shape), block), weight * gain[index])
-        return transfer / self.p ** 2
+        np.add.at(
+            transfer, (np.broadcast_to(cell[:, None], index.shape), block), weight * gain[index]
+        )
+        return transfer / self.p**2
 
     def _build_model(self, nominal: bool) -> torch.nn.Module:
         gain = np.ones(self.rows) if nominal else self.detector_gain
@@ -253,18 +317,27 @@ class FreeSpaceVMM(SimulatedDevice):
         geometry and detector nonlinearity, unknown rotation, shift, scale, pixel and detector
         gains at their datasheet values (identity warp, unit gains); prior scales 1 deg, 1 px,
         0.02, ``sigma`` and ``sigma / 3`` (``sigma`` 0.03 where it is 0)."""
-        return MaskCalibrationModel(self.out_dim, self.in_dim, self.p, self.saturation, sigma=self.sigma or SIGMA,
-                                    detector_per_sigma=DETECTOR_PER_SIGMA)
+        return MaskCalibrationModel(
+            self.out_dim,
+            self.in_dim,
+            self.p,
+            self.saturation,
+            sigma=self.sigma or SIGMA,
+            detector_per_sigma=DETECTOR_PER_SIGMA,
+        )
 
     def calibration_truth(self) -> dict[str, torch.Tensor]:
         """This chip's values of :meth:`calibration_model`'s parameters: loaded with
         ``model.load_truth``, the model equals :meth:`true_model`."""
         f64 = torch.float64
         shift = (self.shift, self.shift) if np.ndim(self.shift) == 0 else tuple(self.shift)
-        return {"rotation": torch.tensor(self.rotation, dtype=f64), "shift": torch.tensor(shift, dtype=f64),
-                "scale": torch.tensor(self.scale, dtype=f64),
-                "log_pixel_gain": torch.as_tensor(np.log(self.pixel_gain), dtype=f64),
-                "log_det_gain": torch.as_tensor(np.log(self.detector_gain), dtype=f64)}
+        return {
+            "rotation": torch.tensor(self.rotation, dtype=f64),
+            "shift": torch.tensor(shift, dtype=f64),
+            "scale": torch.tensor(self.scale, dtype=f64),
+            "log_pixel_gain": torch.as_tensor(np.log(self.pixel_gain), dtype=f64),
+            "log_det_gain": torch.as_tensor(np.log(self.detector_gain), dtype=f64),
+        }
 
     def applied_setting(self, theta: np.ndarray) -> np.ndarray:
         """DAC, programming noise, then the display's range [0, 1]."""
@@ -277,14 +350,37 @@ class FreeSpaceVMM(SimulatedDevice):
             return model.cells(torch.as_tensor(np.asarray(theta, float))).numpy()
 
 
-def freespace(seed: int = 0, sigma: float = SIGMA, noise: float = READ_NOISE, in_dim: int = 16,
-              out_dim: int = 10, rotation: float = 0.0, shift: float | tuple[float, float] = 0.0, scale: float = 1.0,
-              pixels_per_weight: int = PIXELS_PER_WEIGHT, nonlinearity: bool | float = False,
-              programming_noise: float = PROGRAMMING_NOISE, dac_bits: int | None = 12, **kw) -> FreeSpaceVMM:
+def freespace(
+    seed: int = 0,
+    sigma: float = SIGMA,
+    noise: float = READ_NOISE,
+    in_dim: int = 16,
+    out_dim: int = 10,
+    rotation: float = 0.0,
+    shift: float | tuple[float, float] = 0.0,
+    scale: float = 1.0,
+    pixels_per_weight: int = PIXELS_PER_WEIGHT,
+    nonlinearity: bool | float = False,
+    programming_noise: float = PROGRAMMING_NOISE,
+    dac_bits: int | None = 12,
+    **kw,
+) -> FreeSpaceVMM:
     """A free-space VMM. ``sigma``: pixel gain std (relative; detectors ``sigma/3``). ``noise``: read noise
     std, fraction of full scale (``in_dim``). ``rotation`` degrees, ``shift`` pixels (both axes,
     or ``(dx, dy)``), ``scale`` magnification. ``nonlinearity``: False, True or a saturation level.
     ``programming_noise``: grey levels rms per query. ``dac_bits``: None for off."""
-    return FreeSpaceVMM(seed=seed, sigma=sigma, noise=noise, in_dim=in_dim, out_dim=out_dim, rotation=rotation,
-                        shift=shift, scale=scale, pixels_per_weight=pixels_per_weight, nonlinearity=nonlinearity,
-                        programming_noise=programming_noise, dac_bits=dac_bits, **kw)
+    return FreeSpaceVMM(
+        seed=seed,
+        sigma=sigma,
+        noise=noise,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        rotation=rotation,
+        shift=shift,
+        scale=scale,
+        pixels_per_weight=pixels_per_weight,
+        nonlinearity=nonlinearity,
+        programming_noise=programming_noise,
+        dac_bits=dac_bits,
+        **kw,
+    )

@@ -61,27 +61,28 @@ realised on the blue branch of each isolated *nominal* ring (crosstalk neglected
 response) and gives the readout gain a non-degenerate output spread; the bounds' midpoint
 would put every nominal weight at -0.57.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .calibration import CalibrationModelBase
 from .base import SimulatedDevice
+from .calibration import CalibrationModelBase
 
-FWHM = 0.15            # nm
-DETUNE0 = 2 * FWHM     # nm, cold detuning of every ring (channel minus resonance)
-HEATER_R = 1.0         # kOhm
-ETA = 0.1              # nm/mW
-I_MAX = 2.5            # mA
+FWHM = 0.15  # nm
+DETUNE0 = 2 * FWHM  # nm, cold detuning of every ring (channel minus resonance)
+HEATER_R = 1.0  # kOhm
+ETA = 0.1  # nm/mW
+I_MAX = 2.5  # mA
 THERMAL_SHIFT = 0.080  # nm/K
-CROSSTALK = 0.05       # unitless, nearest-neighbour heater fraction
-SIGMA = 0.2            # resonance-offset std, in FWHM
+CROSSTALK = 0.05  # unitless, nearest-neighbour heater fraction
+SIGMA = 0.2  # resonance-offset std, in FWHM
 SPREAD_PER_SIGMA = 0.25  # heater-efficiency and linewidth log-std per unit sigma
-READ_NOISE = 0.003     # fraction of full scale
+READ_NOISE = 0.003  # fraction of full scale
 PROGRAMMING_NOISE = 0.002  # mA
 THETA0_PATTERN_SEED = 20260  # seed of the fixed starting-weight pattern (not the chip seed)
-START_AMPLITUDE = 0.25     # starting weights are U(-START_AMPLITUDE, START_AMPLITUDE)
+START_AMPLITUDE = 0.25  # starting weights are U(-START_AMPLITUDE, START_AMPLITUDE)
 
 
 def start_weights(out_dim: int, in_dim: int) -> np.ndarray:
@@ -104,17 +105,24 @@ class RingBankModel(torch.nn.Module):
     ``efficiency (out, in)`` nm/mA^2 from a ring's own heater, ``fwhm (out, in)`` nm,
     ``coupling (in, in)`` heat-crosstalk matrix along a bus."""
 
-    def __init__(self, detune: np.ndarray, efficiency: np.ndarray, fwhm: np.ndarray, coupling: np.ndarray):
+    def __init__(
+        self, detune: np.ndarray, efficiency: np.ndarray, fwhm: np.ndarray, coupling: np.ndarray
+    ):
         super().__init__()
         self.out_dim, self.in_dim = detune.shape
-        for name, arr in (("detune", detune), ("efficiency", efficiency), ("fwhm", fwhm), ("coupling", coupling)):
+        for name, arr in (
+            ("detune", detune),
+            ("efficiency", efficiency),
+            ("fwhm", fwhm),
+            ("coupling", coupling),
+        ):
             self.register_buffer(name, torch.as_tensor(np.asarray(arr, float)))
 
     def weights(self, theta: torch.Tensor) -> torch.Tensor:
         """Heater currents ``(n_params,)`` mA -> signed weights ``(out, in)`` in [-1, 1]."""
         dt = theta.dtype
         current = theta.reshape(self.out_dim, self.in_dim)
-        shift = (self.efficiency.to(dt) * current * current) @ self.coupling.to(dt).T   # nm
+        shift = (self.efficiency.to(dt) * current * current) @ self.coupling.to(dt).T  # nm
         u = 2 * (self.detune.to(dt) - shift) / self.fwhm.to(dt)
         u2 = u * u
         return (1 - u2) / (1 + u2)
@@ -131,8 +139,14 @@ class RingCalibrationModel(CalibrationModelBase):
     gain; 0, ``sigma / 4``), ``log_width`` (log linewidth / FWHM; 0, ``sigma / 4``). Fixed:
     ``DETUNE0``, ``ETA * R``, ``FWHM`` and the crosstalk matrix."""
 
-    def __init__(self, out_dim: int, in_dim: int, kappa: float, sigma: float = 0.2,
-                 spread_per_sigma: float = 0.25):
+    def __init__(
+        self,
+        out_dim: int,
+        in_dim: int,
+        kappa: float,
+        sigma: float = 0.2,
+        spread_per_sigma: float = 0.25,
+    ):
         super().__init__()
         self.out_dim, self.in_dim = int(out_dim), int(in_dim)
         shape = (self.out_dim, self.in_dim)
@@ -163,15 +177,33 @@ class MRRWeightBank(SimulatedDevice):
 
     input_bounds = (0.0, 1.0)
 
-    def __init__(self, seed: int = 0, sigma: float = SIGMA, noise: float = READ_NOISE, in_dim: int = 16,
-                 out_dim: int = 10, drift: float = 0.0, crosstalk: float = CROSSTALK,
-                 programming_noise: float = PROGRAMMING_NOISE, dac_bits: int | None = 12):
+    def __init__(
+        self,
+        seed: int = 0,
+        sigma: float = SIGMA,
+        noise: float = READ_NOISE,
+        in_dim: int = 16,
+        out_dim: int = 10,
+        drift: float = 0.0,
+        crosstalk: float = CROSSTALK,
+        programming_noise: float = PROGRAMMING_NOISE,
+        dac_bits: int | None = 12,
+    ):
         if int(in_dim) < 1 or int(out_dim) < 1:
             raise ValueError(f"in_dim and out_dim must be >= 1, got {in_dim}, {out_dim}")
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        self.full_scale = float(self.in_dim)   # read by SimulatedDevice.__init__ for ReadNoise
-        super().__init__(seed=seed, noise=noise, programming_noise=programming_noise, dac_bits=dac_bits,
-                         sigma=sigma, in_dim=in_dim, out_dim=out_dim, drift=drift, crosstalk=crosstalk)
+        self.full_scale = float(self.in_dim)  # read by SimulatedDevice.__init__ for ReadNoise
+        super().__init__(
+            seed=seed,
+            noise=noise,
+            programming_noise=programming_noise,
+            dac_bits=dac_bits,
+            sigma=sigma,
+            in_dim=in_dim,
+            out_dim=out_dim,
+            drift=drift,
+            crosstalk=crosstalk,
+        )
         shape = (self.out_dim, self.in_dim)
         self.n_params = self.out_dim * self.in_dim
         self.bounds = (np.zeros(self.n_params), np.full(self.n_params, I_MAX))
@@ -190,33 +222,50 @@ class MRRWeightBank(SimulatedDevice):
         """Nominal (datasheet) heater currents ``(n_params,)`` mA that realise ``weights
         (out, in)`` in (-0.88, 1] on the blue branch (below the resonance crossing)."""
         w = np.clip(np.asarray(weights, float), -0.88, 1.0)
-        detune = FWHM / 2 * np.sqrt((1 - w) / (1 + w))          # nm, blue side (d >= 0)
-        power = (DETUNE0 - detune) / ETA                          # mW
+        detune = FWHM / 2 * np.sqrt((1 - w) / (1 + w))  # nm, blue side (d >= 0)
+        power = (DETUNE0 - detune) / ETA  # mW
         return np.sqrt(np.maximum(power, 0.0) / HEATER_R).ravel()
 
     def _build_model(self, nominal: bool) -> torch.nn.Module:
         shape = (self.out_dim, self.in_dim)
         if nominal:
-            return RingBankModel(np.full(shape, DETUNE0), np.full(shape, ETA * HEATER_R), np.full(shape, FWHM),
-                                 crosstalk_matrix(self.in_dim, self.crosstalk))
+            return RingBankModel(
+                np.full(shape, DETUNE0),
+                np.full(shape, ETA * HEATER_R),
+                np.full(shape, FWHM),
+                crosstalk_matrix(self.in_dim, self.crosstalk),
+            )
         detune = DETUNE0 - self.resonance_offset - THERMAL_SHIFT * self.drift
-        return RingBankModel(detune, ETA * HEATER_R * self.heater_gain, self.linewidth,
-                             crosstalk_matrix(self.in_dim, self.crosstalk))
+        return RingBankModel(
+            detune,
+            ETA * HEATER_R * self.heater_gain,
+            self.linewidth,
+            crosstalk_matrix(self.in_dim, self.crosstalk),
+        )
 
     def calibration_model(self) -> torch.nn.Module:
         """Grey-box model for calibration (:class:`~.calibration.RingCalibrationModel`): known
         datasheet ring design and crosstalk, unknown per-ring resonance offset, heater gain and
         linewidth at their datasheet values; prior scales from ``sigma`` (0.2 where it is 0)."""
-        return RingCalibrationModel(self.out_dim, self.in_dim, self.crosstalk, sigma=self.sigma or SIGMA,
-                                    spread_per_sigma=SPREAD_PER_SIGMA)
+        return RingCalibrationModel(
+            self.out_dim,
+            self.in_dim,
+            self.crosstalk,
+            sigma=self.sigma or SIGMA,
+            spread_per_sigma=SPREAD_PER_SIGMA,
+        )
 
     def calibration_truth(self) -> dict[str, torch.Tensor]:
         """This chip's values of :meth:`calibration_model`'s parameters (drift included in the
         offsets): loaded with ``model.load_truth``, the model equals :meth:`true_model`."""
         f64 = torch.float64
-        return {"offset": torch.as_tensor(self.resonance_offset + THERMAL_SHIFT * self.drift, dtype=f64),
-                "log_heater": torch.as_tensor(np.log(self.heater_gain), dtype=f64),
-                "log_width": torch.as_tensor(np.log(self.linewidth / FWHM), dtype=f64)}
+        return {
+            "offset": torch.as_tensor(
+                self.resonance_offset + THERMAL_SHIFT * self.drift, dtype=f64
+            ),
+            "log_heater": torch.as_tensor(np.log(self.heater_gain), dtype=f64),
+            "log_width": torch.as_tensor(np.log(self.linewidth / FWHM), dtype=f64),
+        }
 
     def applied_setting(self, theta: np.ndarray) -> np.ndarray:
         """DAC, programming noise, then the current source's range [0, I_MAX]."""
@@ -229,12 +278,31 @@ class MRRWeightBank(SimulatedDevice):
             return model.weights(torch.as_tensor(np.asarray(theta, float))).numpy()
 
 
-def mrr(seed: int = 0, sigma: float = SIGMA, noise: float = READ_NOISE, in_dim: int = 16, out_dim: int = 10,
-        drift: float = 0.0, crosstalk: float = CROSSTALK, programming_noise: float = PROGRAMMING_NOISE,
-        dac_bits: int | None = 12, **kw) -> MRRWeightBank:
+def mrr(
+    seed: int = 0,
+    sigma: float = SIGMA,
+    noise: float = READ_NOISE,
+    in_dim: int = 16,
+    out_dim: int = 10,
+    drift: float = 0.0,
+    crosstalk: float = CROSSTALK,
+    programming_noise: float = PROGRAMMING_NOISE,
+    dac_bits: int | None = 12,
+    **kw,
+) -> MRRWeightBank:
     """A weight-bank chip. ``sigma``: resonance-offset std in FWHM (heater and linewidth spreads
     ``sigma/4``). ``noise``: read noise std, fraction of full scale (``in_dim``). ``drift``: K.
     ``crosstalk``: neighbour heater fraction. ``programming_noise``: mA rms per query.
     ``dac_bits``: None for off."""
-    return MRRWeightBank(seed=seed, sigma=sigma, noise=noise, in_dim=in_dim, out_dim=out_dim, drift=drift,
-                         crosstalk=crosstalk, programming_noise=programming_noise, dac_bits=dac_bits, **kw)
+    return MRRWeightBank(
+        seed=seed,
+        sigma=sigma,
+        noise=noise,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        drift=drift,
+        crosstalk=crosstalk,
+        programming_noise=programming_noise,
+        dac_bits=dac_bits,
+        **kw,
+    )

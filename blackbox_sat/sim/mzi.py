@@ -54,13 +54,14 @@ Chip draws come from ``chip_rng`` in a fixed order (coupler errors, phase offset
 coefficients) as standard normals that are then scaled, so the draw never depends on
 ``sigma`` or ``drift``, and changing sigma rescales the same chip.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .calibration import CalibrationModelBase
 from .base import SimulatedDevice
+from .calibration import CalibrationModelBase
 
 #: Wavelength (m), silicon thermo-optic coefficient (1/K), heated length (m): see docstring.
 WAVELENGTH = 1.55e-6
@@ -79,8 +80,9 @@ _EPS_POWER = 1e-12
 
 def clements_layout(n_modes: int) -> np.ndarray:
     """``(M, 2)`` int array: ``(column, top mode)`` of each MZI, in parameter order."""
-    return np.array([(c, m) for c in range(n_modes) for m in range(c % 2, n_modes - 1, 2)],
-                    dtype=np.int64).reshape(-1, 2)
+    return np.array(
+        [(c, m) for c in range(n_modes) for m in range(c % 2, n_modes - 1, 2)], dtype=np.int64
+    ).reshape(-1, 2)
 
 
 def _neighbours(layout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,11 +90,12 @@ def _neighbours(layout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     same column; ``2M`` (a zero pad) where there is none. Shapes ``(2M,)``."""
     m = len(layout)
     prev, nxt = np.full(m, -1), np.full(m, -1)
-    j = np.nonzero(layout[1:, 0] == layout[:-1, 0])[0]   # consecutive MZIs sharing a column
+    j = np.nonzero(layout[1:, 0] == layout[:-1, 0])[0]  # consecutive MZIs sharing a column
     nxt[j], prev[j + 1] = j + 1, j
 
-    def both(idx: np.ndarray) -> np.ndarray:   # internal block, then external block
+    def both(idx: np.ndarray) -> np.ndarray:  # internal block, then external block
         return np.concatenate([np.where(idx >= 0, idx, 2 * m), np.where(idx >= 0, idx + m, 2 * m)])
+
     return both(prev), both(nxt)
 
 
@@ -102,8 +105,8 @@ def _column_maps(layout: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np
     ``A``/``B`` index into ``[T00 (M), T01 (M), T10 (M), T11 (M), 1, 0]``; ``perm`` is each
     mode's partner (itself when the mode has no MZI in that column). Shapes ``(n, n)``."""
     m = len(layout)
-    idx_a = np.full((n, n), 4 * m)        # untouched mode: coefficient 1
-    idx_b = np.full((n, n), 4 * m + 1)    # ... and no partner term
+    idx_a = np.full((n, n), 4 * m)  # untouched mode: coefficient 1
+    idx_b = np.full((n, n), 4 * m + 1)  # ... and no partner term
     perm = np.tile(np.arange(n), (n, 1))
     for j, (c, top) in enumerate(layout):
         idx_a[c, top], idx_b[c, top], perm[c, top] = j, m + j, top + 1
@@ -119,7 +122,7 @@ class MeshModel(torch.nn.Module):
         super().__init__()
         self.n_modes = n = int(n_modes)
         layout = clements_layout(n)
-        e = np.clip(bs_error, -1 + 1e-9, 1 - 1e-9)          # (M, 2): first, second coupler
+        e = np.clip(bs_error, -1 + 1e-9, 1 - 1e-9)  # (M, 2): first, second coupler
         self.register_buffer("t", torch.as_tensor(np.sqrt((1 + e) / 2)))
         self.register_buffer("k", torch.as_tensor(np.sqrt((1 - e) / 2)))
         self.register_buffer("bias", torch.as_tensor(np.asarray(phase_bias, float)))
@@ -147,8 +150,8 @@ class MeshModel(torch.nn.Module):
         m = a.shape[0] // 2
         t, k = self.t.to(real), self.k.to(real)
         t1, t2, k1, k2 = t[:, 0], t[:, 1], k[:, 0], k[:, 1]
-        e_th = torch.polar(torch.ones_like(a[:m]), a[:m])   # exp(i theta)
-        e_ph = torch.polar(torch.ones_like(a[m:]), a[m:])   # exp(i phi)
+        e_th = torch.polar(torch.ones_like(a[:m]), a[:m])  # exp(i theta)
+        e_ph = torch.polar(torch.ones_like(a[m:]), a[m:])  # exp(i phi)
         # DC(e2) P(theta) DC(e1) P(phi), multiplied out for all MZIs at once.
         t00 = e_ph * (t1 * t2 * e_th - k1 * k2)
         t01 = 1j * (k1 * t2 * e_th + t1 * k2)
@@ -160,7 +163,7 @@ class MeshModel(torch.nn.Module):
         col_a = coef[self.idx_a].unsqueeze(-1).unbind(0)
         col_b = coef[self.idx_b].unsqueeze(-1).unbind(0)
         u = torch.eye(self.n_modes, dtype=t00.dtype, device=t00.device)
-        for a_c, b_c, p_c in zip(col_a, col_b, self.perm.unbind(0)):   # columns only
+        for a_c, b_c, p_c in zip(col_a, col_b, self.perm.unbind(0)):  # columns only
             u = a_c * u + b_c * u[p_c]
         return u
 
@@ -169,7 +172,7 @@ class MeshModel(torch.nn.Module):
         x = x.to(theta.dtype)
         x = x / torch.sqrt((x * x).sum(-1, keepdim=True) + _EPS_POWER)
         field = x.to(u.dtype) @ u.transpose(0, 1)
-        return field.real ** 2 + field.imag ** 2
+        return field.real**2 + field.imag**2
 
 
 class MeshCalibrationModel(CalibrationModelBase):
@@ -181,8 +184,15 @@ class MeshCalibrationModel(CalibrationModelBase):
     crosstalk is not trusted. Fixed: topology (and ``kappa`` by default). Same physics as :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over
     settings."""
 
-    def __init__(self, n_modes: int, kappa: float, sigma: float = 0.15, sigma_phase: float = 0.15,
-                 fit_crosstalk: bool = False, kappa_scale: float = 0.01):
+    def __init__(
+        self,
+        n_modes: int,
+        kappa: float,
+        sigma: float = 0.15,
+        sigma_phase: float = 0.15,
+        fit_crosstalk: bool = False,
+        kappa_scale: float = 0.01,
+    ):
         super().__init__()
         self.n_modes = n = int(n_modes)
         layout = clements_layout(n)
@@ -195,7 +205,13 @@ class MeshCalibrationModel(CalibrationModelBase):
             self.kappa = float(kappa)
         up, down = _neighbours(layout)
         idx_a, idx_b, perm = _column_maps(layout, n)
-        for name, arr in (("up", up), ("down", down), ("idx_a", idx_a), ("idx_b", idx_b), ("perm", perm)):
+        for name, arr in (
+            ("up", up),
+            ("down", down),
+            ("idx_a", idx_a),
+            ("idx_b", idx_b),
+            ("perm", perm),
+        ):
             self.register_buffer(name, torch.as_tensor(arr))
 
     def transfer_matrices(self, thetas: torch.Tensor) -> torch.Tensor:
@@ -220,8 +236,8 @@ class MeshCalibrationModel(CalibrationModelBase):
         t11 = t1 * t2 - k1 * k2 * e_th
         s = thetas.shape[0]
         one = torch.ones(s, 1, dtype=t00.dtype, device=t00.device)
-        coef = torch.cat([t00, t01, t10, t11, one, torch.zeros_like(one)], 1)    # (S, 4M + 2)
-        col_a = coef[:, self.idx_a].unsqueeze(-1).unbind(1)    # each (S, N, 1)
+        coef = torch.cat([t00, t01, t10, t11, one, torch.zeros_like(one)], 1)  # (S, 4M + 2)
+        col_a = coef[:, self.idx_a].unsqueeze(-1).unbind(1)  # each (S, N, 1)
         col_b = coef[:, self.idx_b].unsqueeze(-1).unbind(1)
         u = torch.eye(self.n_modes, dtype=t00.dtype, device=t00.device).expand(s, -1, -1)
         for a_c, b_c, p_c in zip(col_a, col_b, self.perm.unbind(0)):
@@ -233,7 +249,7 @@ class MeshCalibrationModel(CalibrationModelBase):
         x = x.to(thetas.dtype)
         x = x / torch.sqrt((x * x).sum(-1, keepdim=True) + _EPS_POWER)
         field = torch.matmul(x.to(u.dtype), u.transpose(1, 2))
-        return field.real ** 2 + field.imag ** 2
+        return field.real**2 + field.imag**2
 
 
 class MZIMesh(SimulatedDevice):
@@ -247,17 +263,36 @@ class MZIMesh(SimulatedDevice):
     input_bounds = (-1.0, 1.0)
     full_scale = 1.0
 
-    def __init__(self, seed: int = 0, sigma: float = 0.15, noise: float = READ_NOISE,
-                 n_modes: int = 16, drift: float = 0.0, sigma_phase: float | None = None,
-                 crosstalk: float = CROSSTALK, programming_noise: float = 0.005,
-                 dac_bits: int | None = 12, beta: float = BETA, beta_spread: float = BETA_SPREAD):
+    def __init__(
+        self,
+        seed: int = 0,
+        sigma: float = 0.15,
+        noise: float = READ_NOISE,
+        n_modes: int = 16,
+        drift: float = 0.0,
+        sigma_phase: float | None = None,
+        crosstalk: float = CROSSTALK,
+        programming_noise: float = 0.005,
+        dac_bits: int | None = 12,
+        beta: float = BETA,
+        beta_spread: float = BETA_SPREAD,
+    ):
         n = int(n_modes)
         if n < 2:
             raise ValueError(f"n_modes must be >= 2, got {n_modes}")
-        super().__init__(seed=seed, noise=noise, programming_noise=programming_noise,
-                         dac_bits=dac_bits, sigma=sigma, n_modes=n_modes, drift=drift,
-                         sigma_phase=sigma_phase, crosstalk=crosstalk, beta=beta,
-                         beta_spread=beta_spread)
+        super().__init__(
+            seed=seed,
+            noise=noise,
+            programming_noise=programming_noise,
+            dac_bits=dac_bits,
+            sigma=sigma,
+            n_modes=n_modes,
+            drift=drift,
+            sigma_phase=sigma_phase,
+            crosstalk=crosstalk,
+            beta=beta,
+            beta_spread=beta_spread,
+        )
         self.n_modes = self.in_dim = self.out_dim = n
         self.layout = clements_layout(n)
         m = len(self.layout)
@@ -278,24 +313,37 @@ class MZIMesh(SimulatedDevice):
     def _build_model(self, nominal: bool) -> torch.nn.Module:
         m = len(self.layout)
         if nominal:
-            return MeshModel(self.n_modes, np.zeros((m, 2)), np.zeros(self.n_params), self.crosstalk)
+            return MeshModel(
+                self.n_modes, np.zeros((m, 2)), np.zeros(self.n_params), self.crosstalk
+            )
         bias = self.phase_offset + self.beta_j * self.drift
         return MeshModel(self.n_modes, self.bs_error, bias, self.crosstalk)
 
-    def calibration_model(self, fit_crosstalk: bool = False, crosstalk: float | None = None) -> torch.nn.Module:
+    def calibration_model(
+        self, fit_crosstalk: bool = False, crosstalk: float | None = None
+    ) -> torch.nn.Module:
         """Grey-box model for calibration (:class:`~.calibration.MeshCalibrationModel`): known
         topology and crosstalk, unknown coupler errors and phase offsets at their datasheet 0;
         prior scales ``sigma`` and ``sigma_phase`` (0.15 where those are 0). ``fit_crosstalk``
         makes ``kappa`` a parameter too, started at ``crosstalk`` (default: this chip's)."""
         kappa = self.crosstalk if crosstalk is None else float(crosstalk)
-        return MeshCalibrationModel(self.n_modes, kappa, sigma=self.sigma or 0.15,
-                                    sigma_phase=self.sigma_phase or 0.15, fit_crosstalk=fit_crosstalk)
+        return MeshCalibrationModel(
+            self.n_modes,
+            kappa,
+            sigma=self.sigma or 0.15,
+            sigma_phase=self.sigma_phase or 0.15,
+            fit_crosstalk=fit_crosstalk,
+        )
 
     def calibration_truth(self, fit_crosstalk: bool = False) -> dict[str, torch.Tensor]:
         """This chip's values of :meth:`calibration_model`'s parameters (drift included in the
         phase offsets): loaded with ``model.load_truth``, the model equals :meth:`true_model`."""
-        truth = {"bs_error": torch.as_tensor(self.bs_error, dtype=torch.float64).clone(),
-                 "phase_bias": torch.as_tensor(self.phase_offset + self.beta_j * self.drift, dtype=torch.float64)}
+        truth = {
+            "bs_error": torch.as_tensor(self.bs_error, dtype=torch.float64).clone(),
+            "phase_bias": torch.as_tensor(
+                self.phase_offset + self.beta_j * self.drift, dtype=torch.float64
+            ),
+        }
         if fit_crosstalk:
             truth["kappa"] = torch.tensor(self.crosstalk, dtype=torch.float64)
         return truth
@@ -307,14 +355,32 @@ class MZIMesh(SimulatedDevice):
             return model.transfer_matrix(torch.as_tensor(np.asarray(theta, float))).numpy()
 
 
-def mzi(seed: int = 0, sigma: float = 0.15, noise: float = READ_NOISE, n_modes: int = 16,
-        drift: float = 0.0, sigma_phase: float | None = None, crosstalk: float = CROSSTALK,
-        programming_noise: float = 0.005, dac_bits: int | None = 12, **kw) -> MZIMesh:
+def mzi(
+    seed: int = 0,
+    sigma: float = 0.15,
+    noise: float = READ_NOISE,
+    n_modes: int = 16,
+    drift: float = 0.0,
+    sigma_phase: float | None = None,
+    crosstalk: float = CROSSTALK,
+    programming_noise: float = 0.005,
+    dac_bits: int | None = 12,
+    **kw,
+) -> MZIMesh:
     """A Clements-mesh chip. ``sigma``: coupler splitting-ratio error std (unitless) and,
     unless ``sigma_phase`` is given, phase-offset std (rad). ``noise``: read noise std as a
     fraction of full scale. ``drift``: temperature change in K. ``crosstalk``: neighbour
     heater fraction. ``programming_noise``: rad per query. ``dac_bits``: None for off.
     Other keywords (``beta`` rad/K, ``beta_spread``) go to :class:`MZIMesh`."""
-    return MZIMesh(seed=seed, sigma=sigma, noise=noise, n_modes=n_modes, drift=drift,
-                   sigma_phase=sigma_phase, crosstalk=crosstalk,
-                   programming_noise=programming_noise, dac_bits=dac_bits, **kw)
+    return MZIMesh(
+        seed=seed,
+        sigma=sigma,
+        noise=noise,
+        n_modes=n_modes,
+        drift=drift,
+        sigma_phase=sigma_phase,
+        crosstalk=crosstalk,
+        programming_noise=programming_noise,
+        dac_bits=dac_bits,
+        **kw,
+    )

@@ -8,6 +8,7 @@ meaning and unit. Simulators compose them in ``query``:
 Thermal drift and misalignment are not here: they change the physics itself and enter
 each simulator's model (see the simulator docstrings).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ class SettingNoise:
     """An effect on the control vector as the device applies it. ``apply`` maps
     ``theta (n_params,)`` to the applied setting ``(n_params,)``."""
 
-    def apply(self, theta: np.ndarray, low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def apply(
+        self, theta: np.ndarray, low: np.ndarray, high: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -34,7 +37,7 @@ class DACQuantisation(SettingNoise):
         if self.bits is None:
             return theta
         span = high - low
-        step = span / (2 ** self.bits - 1)
+        step = span / (2**self.bits - 1)
         return np.where(np.isfinite(step), low + np.round((theta - low) / step) * step, theta)
 
 

@@ -7,6 +7,7 @@ text are coerced to the field's annotated type; an unknown key or an uncoercible
 :class:`ConfigError` naming the key, the expected type and the closest valid key, before any
 setting is spent. Nested overrides replace single fields, never a whole nested default.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,9 +32,11 @@ class ConfigError(UserError, ValueError):
 class RunConfig:
     """Options every method accepts besides its own."""
 
-    pnn: Literal["device", "hybrid"] = "device"  # device-only PNN, or digital layers around the device
-    threads: int = 1                             # torch threads of this run
-    sharpness_samples: int = 256                 # training inputs for result.json's Hessian eigenvalue
+    pnn: Literal["device", "hybrid"] = (
+        "device"  # device-only PNN, or digital layers around the device
+    )
+    threads: int = 1  # torch threads of this run
+    sharpness_samples: int = 256  # training inputs for result.json's Hessian eigenvalue
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -77,7 +80,7 @@ def _renamed(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         for old, new in renamed.items():
             if key == old or key.startswith(old + "."):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     return out
@@ -96,8 +99,10 @@ def _set(obj: Any, path: list[str], value: Any, key: str, what: str, prefix: str
         if len(path) == 1:
             scalar = getattr(current, "SCALAR_FIELD", None)
             if scalar is None or isinstance(value, Mapping):
-                raise ConfigError(f"{what}: {key!r} is a group of options; set one of them, e.g. "
-                                  f"{key}.{dataclasses.fields(current)[0].name}=...")
+                raise ConfigError(
+                    f"{what}: {key!r} is a group of options; set one of them, e.g. "
+                    f"{key}.{dataclasses.fields(current)[0].name}=..."
+                )
             path = [head, scalar]
         new = _set(current, path[1:], value, key, what, f"{prefix}{head}.")
     elif len(path) > 1:
@@ -141,9 +146,11 @@ def _coerce(value: Any, hint: Any) -> Any:
                 return a
         raise ValueError(value)
     if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (
+            isinstance(value, str) and value.strip().lower() in ("none", "null")
+        )
+        if is_none and type(None) in args:
+            return None
         for arm in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arm)
@@ -153,7 +160,11 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin in (tuple, list) or hint in (tuple, list):
         if isinstance(value, str):
             text = value.strip()
-            value = _literal(text) if text[:1] in "([" else [v.strip() for v in text.split(",") if v.strip()]
+            value = (
+                _literal(text)
+                if text[:1] in "(["
+                else [v.strip() for v in text.split(",") if v.strip()]
+            )
         if not isinstance(value, (list, tuple)):
             raise TypeError(value)
         inner = args[0] if args else Any

@@ -4,6 +4,7 @@ Black-box methods use only ``ctx.device`` (metered queries) and the arrays here.
 device object (``ctx.source``) is for model-based methods, which ask it for
 ``nominal_model()`` or ``true_model()`` through :meth:`TrainContext.model`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 
 from blackbox_sat.devices.contract import MissingCapability
 from blackbox_sat.devices.metered import MeteredDevice
+
 from .pnn import PNN
 
 #: Settings at which ``curve`` snapshots are taken (docs/protocol.md), scaled by budget / 2000.
@@ -37,9 +39,9 @@ class TrainContext:
     y_val: np.ndarray
     f_test: np.ndarray
     y_test: np.ndarray
-    theta0: np.ndarray   # (n_params,)
+    theta0: np.ndarray  # (n_params,)
     seed: int
-    config: Any          # the method's frozen configuration dataclass
+    config: Any  # the method's frozen configuration dataclass
     budget: int
     progress: object = None
     curve: list = field(default_factory=list)
@@ -49,7 +51,7 @@ class TrainContext:
         if self.rng is None:
             self.rng = np.random.default_rng([self.seed, 1234])
         scale = self.budget / CURVE_CHECKPOINTS[-1]
-        self._checkpoints = sorted({max(1, int(round(c * scale))) for c in CURVE_CHECKPOINTS})
+        self._checkpoints = sorted({max(1, round(c * scale)) for c in CURVE_CHECKPOINTS})
 
     @property
     def info(self):
@@ -92,8 +94,13 @@ class TrainContext:
         used = self.device.settings_used
         while self._checkpoints and used >= self._checkpoints[0]:
             cp = self._checkpoints.pop(0)
-            self.curve.append({"settings": cp, "settings_used": used,
-                               "accuracy": self.device_accuracy(theta, "test", "eval")})
+            self.curve.append(
+                {
+                    "settings": cp,
+                    "settings_used": used,
+                    "accuracy": self.device_accuracy(theta, "test", "eval"),
+                }
+            )
         if self.progress is not None:
             self.progress.n = used
             self.progress.refresh()
@@ -104,7 +111,9 @@ class TrainContext:
         if self._checkpoints and self.device.settings_used >= self._checkpoints[-1] - 2:
             acc = self.device_accuracy(theta, "test", "eval")
             for cp in self._checkpoints:
-                self.curve.append({"settings": cp, "settings_used": self.device.settings_used, "accuracy": acc})
+                self.curve.append(
+                    {"settings": cp, "settings_used": self.device.settings_used, "accuracy": acc}
+                )
             self._checkpoints = []
 
     def minibatches(self, size: int = MINIBATCH):
@@ -113,4 +122,4 @@ class TrainContext:
         while True:
             order = self.rng.permutation(n)
             for i in range(0, n - size + 1 if n >= size else 1, size):
-                yield order[i:i + size]
+                yield order[i : i + size]

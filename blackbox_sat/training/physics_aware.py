@@ -12,6 +12,7 @@ setting, the paper's in-situ SAT) or to the stand-in (``ascent="surrogate"``: no
 setting; the perturbed outputs are the measured ones plus the stand-in's predicted change,
 ``y + f_hat(theta + eps) - f_hat(theta)``, so the stand-in's bias cancels).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,18 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .context import TrainContext
 from blackbox_sat.optim.sat import sat_perturbation
+
+from .context import TrainContext
 
 ASCENTS = ("device", "surrogate")
 
 
 @dataclass
 class StepResult:
-    loss: float          # device loss at theta on this minibatch
-    grad: np.ndarray     # (n_params,) gradient at theta (rho = 0) or at theta + eps
-    eps: np.ndarray      # (n_params,) the SAT perturbation used (zeros when rho = 0)
-    settings: int        # device settings this step paid
+    loss: float  # device loss at theta on this minibatch
+    grad: np.ndarray  # (n_params,) gradient at theta (rho = 0) or at theta + eps
+    eps: np.ndarray  # (n_params,) the SAT perturbation used (zeros when rho = 0)
+    settings: int  # device settings this step paid
     x: np.ndarray | None = None  # (B, in_dim) device inputs measured at theta
     y: np.ndarray | None = None  # (B, out_dim) their measured outputs: data for a surrogate
     y_hat: np.ndarray | None = None  # (B, out_dim) the stand-in's prediction of them at theta
@@ -42,8 +44,9 @@ def _as_model(stand_in):
     return stand_in.predict if hasattr(stand_in, "predict") else stand_in
 
 
-def _vjp(model, theta: np.ndarray, x: torch.Tensor,
-         g_y: torch.Tensor) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray]:
+def _vjp(
+    model, theta: np.ndarray, x: torch.Tensor, g_y: torch.Tensor
+) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray]:
     """``J^T g_y`` with respect to ``theta``, with respect to ``x`` when ``x`` needs it, and
     the stand-in's prediction ``(B, out_dim)`` at ``theta`` that the product came with."""
     th = torch.tensor(theta, dtype=torch.float32, requires_grad=True)
@@ -52,12 +55,21 @@ def _vjp(model, theta: np.ndarray, x: torch.Tensor,
     s = (y_hat.to(g_y.dtype) * g_y).sum()
     wrt = [th, xin] if x.requires_grad else [th]
     grads = torch.autograd.grad(s, wrt)
-    return (grads[0].detach().double().numpy(), (grads[1].to(x.dtype) if x.requires_grad else None),
-            y_hat.detach().double().numpy())
+    return (
+        grads[0].detach().double().numpy(),
+        (grads[1].to(x.dtype) if x.requires_grad else None),
+        y_hat.detach().double().numpy(),
+    )
 
 
-def device_loss(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, purpose: str = "train",
-                x: torch.Tensor | None = None, digital: bool = True) -> tuple[float, torch.Tensor, torch.Tensor, np.ndarray]:
+def device_loss(
+    ctx: TrainContext,
+    theta: np.ndarray,
+    idx: np.ndarray,
+    purpose: str = "train",
+    x: torch.Tensor | None = None,
+    digital: bool = True,
+) -> tuple[float, torch.Tensor, torch.Tensor, np.ndarray]:
     """Measure ``theta`` on training rows ``idx``: (loss, dL/dy, device inputs, raw outputs).
 
     With ``digital`` and a hybrid PNN, the readout's gradient is accumulated in ``.grad``."""
@@ -73,8 +85,16 @@ def device_loss(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, purpose: 
     return float(loss.detach()), g_y, x, y
 
 
-def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, stand_in, rho: float = 0.0,
-                       ascent: str = "surrogate", adaptive: bool = False, purpose: str = "train") -> StepResult:
+def physics_aware_step(
+    ctx: TrainContext,
+    theta: np.ndarray,
+    idx: np.ndarray,
+    stand_in,
+    rho: float = 0.0,
+    ascent: str = "surrogate",
+    adaptive: bool = False,
+    purpose: str = "train",
+) -> StepResult:
     """One physics-aware (SAT) gradient at ``theta`` on training rows ``idx``.
 
     Leaves the hybrid PNN's digital gradients in ``.grad`` (the caller's optimizer steps
@@ -90,14 +110,18 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
     eps = np.zeros_like(theta)
     if rho > 0 and np.any(grad):
         scale = torch.as_tensor(ctx.info.scale)
-        eps = sat_perturbation(torch.as_tensor(grad), rho, scale, adaptive=adaptive, theta=torch.as_tensor(theta)).numpy()
+        eps = sat_perturbation(
+            torch.as_tensor(grad), rho, scale, adaptive=adaptive, theta=torch.as_tensor(theta)
+        ).numpy()
         theta_eps = ctx.info.project(theta + eps)
         if ascent == "device":
             _, g_y, _, _ = device_loss(ctx, theta_eps, idx, purpose, x, digital=False)
             settings += 1
         else:
             with torch.no_grad():  # the change from y_hat, the prediction at theta the VJP made
-                y_eps = model(torch.as_tensor(theta_eps, dtype=torch.float32), x.detach().to(torch.float32))
+                y_eps = model(
+                    torch.as_tensor(theta_eps, dtype=torch.float32), x.detach().to(torch.float32)
+                )
             yt = (torch.as_tensor(y) + y_eps.double() - torch.as_tensor(y_hat)).requires_grad_(True)
             loss_eps = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
             (g_y,) = torch.autograd.grad(loss_eps, yt)
@@ -107,8 +131,13 @@ def physics_aware_step(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray, st
     return StepResult(loss, grad, eps, settings, x.detach().numpy(), np.asarray(y), y_hat)
 
 
-def normalized_step(opt: torch.optim.Optimizer, u: torch.Tensor, grad: np.ndarray, info,
-                    box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def normalized_step(
+    opt: torch.optim.Optimizer,
+    u: torch.Tensor,
+    grad: np.ndarray,
+    info,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Step ``opt`` on ``u = theta / scale`` with the physical gradient ``grad (n_params,)``,
     optionally clip ``u`` to a box ``(lo, hi)`` in ``u`` units, project onto the device
     domain, and return the new setting ``theta (n_params,)``."""
@@ -134,7 +163,7 @@ class Anchors:
 
     def __init__(self, n_train: int, out_dim: int):
         self.y = np.zeros((n_train, out_dim))
-        self.setting = np.full(n_train, -1)   # index into self.thetas; -1: never measured
+        self.setting = np.full(n_train, -1)  # index into self.thetas; -1: never measured
         self.thetas: list[np.ndarray] = []
         self.resid: torch.Tensor | None = None
 
@@ -161,8 +190,15 @@ class Anchors:
                 resid[rows] = torch.as_tensor(self.y[rows]) - pred
         return resid
 
-    def step_gradient(self, ctx: TrainContext, stand_in, theta: np.ndarray, idx: np.ndarray,
-                      rho: float = 0.0, adaptive: bool = False) -> np.ndarray | None:
+    def step_gradient(
+        self,
+        ctx: TrainContext,
+        stand_in,
+        theta: np.ndarray,
+        idx: np.ndarray,
+        rho: float = 0.0,
+        adaptive: bool = False,
+    ) -> np.ndarray | None:
         """The (SAT) gradient ``(n_params,)`` at ``theta`` of the anchored loss on rows ``idx``
         (those measured so far; None when there are none). Costs no setting."""
         idx = idx[self.setting[idx] >= 0]
@@ -182,15 +218,30 @@ class Anchors:
 
         g = grad_at(theta)
         if rho > 0 and bool(g.any()):
-            eps = sat_perturbation(g, rho, torch.as_tensor(ctx.info.scale), adaptive=adaptive,
-                                   theta=torch.as_tensor(theta)).numpy()
+            eps = sat_perturbation(
+                g,
+                rho,
+                torch.as_tensor(ctx.info.scale),
+                adaptive=adaptive,
+                theta=torch.as_tensor(theta),
+            ).numpy()
             g = grad_at(ctx.info.project(theta + eps))
         return g.numpy()
 
 
-def anchored_steps(ctx: TrainContext, anchors: Anchors, stand_in, opt: torch.optim.Optimizer, u: torch.Tensor,
-                   theta: np.ndarray, batches, n: int, rho: float = 0.0, adaptive: bool = False,
-                   box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def anchored_steps(
+    ctx: TrainContext,
+    anchors: Anchors,
+    stand_in,
+    opt: torch.optim.Optimizer,
+    u: torch.Tensor,
+    theta: np.ndarray,
+    batches,
+    n: int,
+    rho: float = 0.0,
+    adaptive: bool = False,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """``n`` optimizer steps of ``theta (n_params,)`` on anchored outputs (no setting), one
     minibatch from ``batches`` each; returns the new ``theta``. Digital layers of a hybrid PNN
     stay put: their gradients come from real outputs only."""

@@ -76,6 +76,7 @@ it pays.
 off by default because it measured worse on mrr (0.578 against 0.714); so did annealing the
 step size over the budget (cosine, 0.732 against 0.748), which is not kept.
 """
+
 from __future__ import annotations
 
 import time
@@ -86,13 +87,14 @@ import numpy as np
 import torch
 
 import surrogates
+from blackbox_sat.devices.metered import BudgetExhausted
 from surrogates.registry import family_options
 
 from .config import RunConfig
 from .context import TrainContext
-from blackbox_sat.devices.metered import BudgetExhausted
-from .refine import RefineConfig, refine
 from .physics_aware import Anchors, anchored_steps, device_loss, normalized_step, physics_aware_step
+from .refine import RefineConfig, refine
+
 
 def _family(kind: str, **overrides: Any) -> Any:
     """A field defaulting to ``kind``'s options with ``overrides``."""
@@ -109,18 +111,20 @@ class SurrogateConfig:
     gp_max_params: int = 50
     # 3 members and a first fit of at most 3000 steps, for time: the loop refits anyway
     # (docs/experiments.md, "Pipeline design choices").
-    hyper: Any = _family("hyper", n_members=3, max_steps=3000)
-    hyper_additive: Any = _family("hyper-additive", n_members=3)
-    mlp: Any = _family("mlp", n_members=3)
-    interferometric: Any = _family("interferometric")
-    interferometric_layers: Any = _family("interferometric-layers")
-    gp: Any = _family("gp")
+    hyper: Any = _family("hyper", n_members=3, max_steps=3000)  # noqa: RUF009 (frozen)
+    hyper_additive: Any = _family("hyper-additive", n_members=3)  # noqa: RUF009 (frozen)
+    mlp: Any = _family("mlp", n_members=3)  # noqa: RUF009 (frozen)
+    interferometric: Any = _family("interferometric")  # noqa: RUF009 (frozen)
+    interferometric_layers: Any = _family("interferometric-layers")  # noqa: RUF009 (frozen)
+    gp: Any = _family("gp")  # noqa: RUF009 (frozen)
 
     def __post_init__(self) -> None:
         kinds = set(surrogates.surrogate_kinds())
         for name in (self.family, *self.candidates):
             if name != "auto" and name not in kinds:
-                raise ValueError(f"unknown surrogate family {name!r}; known: auto, {', '.join(sorted(kinds))}")
+                raise ValueError(
+                    f"unknown surrogate family {name!r}; known: auto, {', '.join(sorted(kinds))}"
+                )
 
     def options(self, kind: str) -> dict[str, Any]:
         """``kind``'s constructor keywords that differ from the family's own defaults."""
@@ -133,8 +137,11 @@ class PipelineConfig(RunConfig):
     """Options of the loop in the module docstring (radii and rho in normalized units)."""
 
     RENAMED: ClassVar[dict[str, str]] = {  # keys of runs written before the typed configuration
-        "refine_rule": "refine.rule", "surrogate_kw": "surrogate", "surrogate_candidates": "surrogate.candidates",
-        "gp_max_params": "surrogate.gp_max_params"}
+        "refine_rule": "refine.rule",
+        "surrogate_kw": "surrogate",
+        "surrogate_candidates": "surrogate.candidates",
+        "gp_max_params": "surrogate.gp_max_params",
+    }
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     rho: float = 0.02
     rho_ramp: float = 1.0
@@ -165,8 +172,14 @@ class PipelineConfig(RunConfig):
     refresh_after: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 < self.init_fraction < 1 and 0 <= self.refine_fraction < 1 and self.init_fraction + self.refine_fraction < 1):
-            raise ValueError("need 0 < init_fraction, 0 <= refine_fraction, init_fraction + refine_fraction < 1")
+        if not (
+            0 < self.init_fraction < 1
+            and 0 <= self.refine_fraction < 1
+            and self.init_fraction + self.refine_fraction < 1
+        ):
+            raise ValueError(
+                "need 0 < init_fraction, 0 <= refine_fraction, init_fraction + refine_fraction < 1"
+            )
         if not (0 < self.radius_min <= self.radius <= self.radius_max):
             raise ValueError("need 0 < radius_min <= radius <= radius_max")
 
@@ -193,8 +206,10 @@ REFIT_BY_FAMILY = {
 def refit_plan(cfg: PipelineConfig, family: str) -> tuple[int, int]:
     """``(refit_steps, refit_window)`` for ``family``: the user's numbers, else the family's."""
     rule = REFIT_BY_FAMILY.get(family, REFIT_BY_FAMILY["default"])
-    return (cfg.refit_steps if cfg.refit_steps is not None else rule["refit_steps"],
-            cfg.refit_window if cfg.refit_window is not None else rule["refit_window"])
+    return (
+        cfg.refit_steps if cfg.refit_steps is not None else rule["refit_steps"],
+        cfg.refit_window if cfg.refit_window is not None else rule["refit_window"],
+    )
 
 
 class Dataset:
@@ -214,8 +229,12 @@ class Dataset:
     def arrays(self, last: int | None = None):
         """All rows, or those of the ``last`` settings measured."""
         sl = slice(-last, None) if last else slice(None)
-        return (np.concatenate(self.theta[sl]), np.concatenate(self.x[sl]), np.concatenate(self.y[sl]),
-                np.concatenate(self.groups[sl]))
+        return (
+            np.concatenate(self.theta[sl]),
+            np.concatenate(self.x[sl]),
+            np.concatenate(self.y[sl]),
+            np.concatenate(self.groups[sl]),
+        )
 
 
 def candidate_families(ctx: TrainContext, cfg: PipelineConfig) -> list[str]:
@@ -237,8 +256,14 @@ def candidate_families(ctx: TrainContext, cfg: PipelineConfig) -> list[str]:
 
 def _new_surrogate(kind: str, ctx: TrainContext):
     kw = ctx.config.surrogate.options(kind)
-    return surrogates.make_surrogate(kind, theta_low=ctx.info.low, theta_high=ctx.info.high,
-                                     periodic=ctx.info.periodic, seed=ctx.seed, **kw)
+    return surrogates.make_surrogate(
+        kind,
+        theta_low=ctx.info.low,
+        theta_high=ctx.info.high,
+        periodic=ctx.info.periodic,
+        seed=ctx.seed,
+        **kw,
+    )
 
 
 def paired_delta_r2(pred: np.ndarray, y: np.ndarray, x: np.ndarray) -> float:
@@ -256,7 +281,7 @@ def paired_delta_r2(pred: np.ndarray, y: np.ndarray, x: np.ndarray) -> float:
     if len(a) == 0:
         return float("nan")
     d_true, d_pred = y[a] - y[b], pred[a] - pred[b]
-    return float(1 - ((d_pred - d_true) ** 2).sum() / (d_true ** 2).sum())
+    return float(1 - ((d_pred - d_true) ** 2).sum() / (d_true**2).sum())
 
 
 def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> tuple[object, dict]:
@@ -267,7 +292,9 @@ def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> t
     the rest). Ranking by plain output error picked ``mlp`` on mzi, whose gradients were the
     worst there (docs/experiments.md#surrogate-quality-on-mzi)."""
     theta, x, y, groups = data.arrays()
-    fams = [cfg.surrogate.family] if cfg.surrogate.family != "auto" else candidate_families(ctx, cfg)
+    fams = (
+        [cfg.surrogate.family] if cfg.surrogate.family != "auto" else candidate_families(ctx, cfg)
+    )
     if len(fams) == 1:
         return _new_surrogate(fams[0], ctx).fit(theta, x, y, groups), {"chosen": fams[0]}
     rng = np.random.default_rng([ctx.seed, 77])
@@ -279,8 +306,14 @@ def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> t
     for fam in fams:
         model = _new_surrogate(fam, ctx).fit(theta[~test], x[~test], y[~test], groups[~test])
         with torch.no_grad():
-            pred = model.predict(torch.as_tensor(theta[test], dtype=torch.float32),
-                                 torch.as_tensor(x[test], dtype=torch.float32)).double().numpy()
+            pred = (
+                model.predict(
+                    torch.as_tensor(theta[test], dtype=torch.float32),
+                    torch.as_tensor(x[test], dtype=torch.float32),
+                )
+                .double()
+                .numpy()
+            )
         r2[fam] = float(1 - ((pred - y[test]) ** 2).mean(axis=0).sum() / var)
         delta = paired_delta_r2(pred, y[test], x[test])
         scores[fam] = delta if np.isfinite(delta) else r2[fam]
@@ -288,8 +321,11 @@ def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> t
     # A fresh fit on all settings, not a warm refit of the held-out model: on mzi (seeds 0 / 1,
     # side by side) the warm refit saved 14-20 % of the run's time but gave 0.412 / 0.398
     # against 0.442 / 0.502.
-    return _new_surrogate(best, ctx).fit(theta, x, y, groups), {"chosen": best, "heldout_delta_r2": scores,
-                                                                 "heldout_r2": r2}
+    return _new_surrogate(best, ctx).fit(theta, x, y, groups), {
+        "chosen": best,
+        "heldout_delta_r2": scores,
+        "heldout_r2": r2,
+    }
 
 
 class Timer:
@@ -300,8 +336,15 @@ class Timer:
         self.s[key] = self.s.get(key, 0.0) + time.perf_counter() - t0
 
 
-def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius: float, n: int, cfg: PipelineConfig,
-                   seed: int) -> None:
+def measure_design(
+    ctx: TrainContext,
+    data: Dataset,
+    center: np.ndarray,
+    radius: float,
+    n: int,
+    cfg: PipelineConfig,
+    seed: int,
+) -> None:
     """Measure ``n`` designed settings around ``center`` (purpose ``probe``) into ``data``."""
     info = ctx.info
     n = min(n, ctx.device.remaining or n)
@@ -309,8 +352,17 @@ def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius:
         return
     from surrogates.design import design_settings, inputs_per_setting
 
-    settings = design_settings(center, radius, n, info.low, info.high, global_fraction=cfg.global_fraction,
-                               periodic=info.periodic, seed=seed, spread=cfg.spread)
+    settings = design_settings(
+        center,
+        radius,
+        n,
+        info.low,
+        info.high,
+        global_fraction=cfg.global_fraction,
+        periodic=info.periodic,
+        seed=seed,
+        spread=cfg.spread,
+    )
     settings = getattr(settings, "settings", settings)
     pool = ctx.device_inputs(ctx.f_train)
     xs = inputs_per_setting(pool, len(settings), min(cfg.inputs_per_setting, len(pool)), ctx.rng)
@@ -320,14 +372,15 @@ def measure_design(ctx: TrainContext, data: Dataset, center: np.ndarray, radius:
         ctx.snapshot(center)  # the centre is the current training point
 
 
-def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
-                 with_refinement: bool = True) -> tuple[np.ndarray, dict]:
+def run_pipeline(
+    ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True, with_refinement: bool = True
+) -> tuple[np.ndarray, dict]:
     """The loop of the module docstring. Returns ``(theta, extra)``.
 
     ``rounds=False`` is ``pat``: one surrogate fit, then plain physics-aware steps with no
     trust region, refits or refinement.
     """
-    
+
     info, scale, budget, rho = ctx.info, ctx.info.scale, ctx.budget, cfg.rho
     refine_rule = cfg.refine.rule if (with_refinement and cfg.refine_fraction > 0) else None
     timer = Timer()
@@ -345,6 +398,7 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
     refit_steps, refit_window = refit_plan(cfg, choice["chosen"])
 
     u = torch.tensor(theta / scale, requires_grad=True)
+
     def step_size(r):
         return cfg.lr if cfg.lr else cfg.lr_factor * r
 
@@ -352,7 +406,9 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
     if ctx.pnn.trainable:
         opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
     batches = ctx.minibatches(min(128, len(ctx.y_train)))
-    check_idx = np.random.default_rng([ctx.seed, 5]).choice(len(ctx.y_train), min(128, len(ctx.y_train)), replace=False)
+    check_idx = np.random.default_rng([ctx.seed, 5]).choice(
+        len(ctx.y_train), min(128, len(ctx.y_train)), replace=False
+    )
     history, round_log, n_rounds, accepted, rejected_run, refreshes = [], [], 0, 0, 0, 0
     anchors = Anchors(len(ctx.y_train), info.out_dim)
     check_loss, check_std, tol = np.inf, 0.0, 0.0
@@ -362,30 +418,63 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
         # round is accepted unless its end is worse by more than that (``accept_tol="auto"``).
         # A plain "not worse" test throws away improving rounds half the time once the
         # per-round gain is below the noise (freespace: check-loss std 0.055 nats).
-        repeats = [device_loss(ctx, theta, check_idx, digital=False)[0] for _ in range(max(1, cfg.check_repeats))]
-        check_loss, check_std = float(np.mean(repeats)), float(np.std(repeats, ddof=1)) if len(repeats) > 1 else 0.0
+        repeats = [
+            device_loss(ctx, theta, check_idx, digital=False)[0]
+            for _ in range(max(1, cfg.check_repeats))
+        ]
+        check_loss, check_std = (
+            float(np.mean(repeats)),
+            float(np.std(repeats, ddof=1)) if len(repeats) > 1 else 0.0,
+        )
         tol = check_std if cfg.accept_tol == "auto" else float(cfg.accept_tol)
         while True:
-            affordable = (ctx.device.remaining - reserve - 1) // per_step  # one setting kept for the check
+            affordable = (
+                ctx.device.remaining - reserve - 1
+            ) // per_step  # one setting kept for the check
             steps = min(cfg.steps_per_round, affordable) if rounds else affordable
             if steps <= 0:
                 break
             theta_start, center_u = theta.copy(), (theta / scale).copy()
-            rho_now = rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * budget)) \
-                if cfg.rho_ramp else rho
+            rho_now = (
+                rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * budget))
+                if cfg.rho_ramp
+                else rho
+            )
             for _ in range(steps):
                 idx = next(batches)
                 t0 = time.perf_counter()
                 opt.zero_grad()
-                step = physics_aware_step(ctx, theta, idx, surrogate, rho=rho_now, ascent=cfg.ascent,
-                                          adaptive=cfg.adaptive)
-                box = (center_u - radius, center_u + radius) if rounds and cfg.clip_to_region else None
+                step = physics_aware_step(
+                    ctx,
+                    theta,
+                    idx,
+                    surrogate,
+                    rho=rho_now,
+                    ascent=cfg.ascent,
+                    adaptive=cfg.adaptive,
+                )
+                box = (
+                    (center_u - radius, center_u + radius)
+                    if rounds and cfg.clip_to_region
+                    else None
+                )
                 if cfg.learn_from_steps:
                     data.add(theta, step.x, step.y)
                 anchors.record(step, idx, theta)
                 theta = normalized_step(opt, u, step.grad, info, box)
-                theta = anchored_steps(ctx, anchors, surrogate, opt, u, theta, batches, cfg.inner_steps if rounds else 0,
-                                       rho=rho_now, adaptive=cfg.adaptive, box=box)
+                theta = anchored_steps(
+                    ctx,
+                    anchors,
+                    surrogate,
+                    opt,
+                    u,
+                    theta,
+                    batches,
+                    cfg.inner_steps if rounds else 0,
+                    rho=rho_now,
+                    adaptive=cfg.adaptive,
+                    box=box,
+                )
                 timer.add("sat_steps", t0)
                 history.append({"settings": ctx.device.settings_used, "loss": step.loss})
                 ctx.snapshot(theta)
@@ -393,8 +482,14 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
                 break
             n_rounds += 1
             end_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
-            round_log.append({"radius": radius, "start_loss": check_loss, "end_loss": end_loss,
-                              "step_losses": [h["loss"] for h in history[-steps:]]})
+            round_log.append(
+                {
+                    "radius": radius,
+                    "start_loss": check_loss,
+                    "end_loss": end_loss,
+                    "step_losses": [h["loss"] for h in history[-steps:]],
+                }
+            )
             if end_loss <= check_loss + tol:
                 accepted, rejected_run = accepted + 1, 0
                 check_loss = end_loss
@@ -408,8 +503,15 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
             for group in opt.param_groups[:1]:
                 group["lr"] = step_size(radius)
             t0 = time.perf_counter()
-            measure_design(ctx, data, theta, radius, min(cfg.probes_per_round, ctx.device.remaining - reserve),
-                           cfg, seed=ctx.seed * 1000 + n_rounds)
+            measure_design(
+                ctx,
+                data,
+                theta,
+                radius,
+                min(cfg.probes_per_round, ctx.device.remaining - reserve),
+                cfg,
+                seed=ctx.seed * 1000 + n_rounds,
+            )
             timer.add("probe_queries", t0)
             t0 = time.perf_counter()
             th, x, y, g = data.arrays(refit_window)
@@ -422,10 +524,19 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
             timer.add("surrogate_fit", t0)
     except BudgetExhausted:
         pass
-    extra = {"check_loss_std": check_std, "accept_tol": tol,
-             "surrogate": choice["chosen"], "surrogate_selection": choice, "rounds": n_rounds,
-             "accepted_rounds": accepted, "final_radius": radius, "round_log": round_log,
-             "refit_steps": refit_steps, "refit_window": refit_window, "refreshes": refreshes}
+    extra = {
+        "check_loss_std": check_std,
+        "accept_tol": tol,
+        "surrogate": choice["chosen"],
+        "surrogate_selection": choice,
+        "rounds": n_rounds,
+        "accepted_rounds": accepted,
+        "final_radius": radius,
+        "round_log": round_log,
+        "refit_steps": refit_steps,
+        "refit_window": refit_window,
+        "refreshes": refreshes,
+    }
     if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
         t0 = time.perf_counter()
         refined, ref_hist = refine(ctx, theta, ctx.device.remaining - 1, config=cfg.refine)
@@ -435,7 +546,12 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True,
         kept = refined_loss <= check_loss
         theta = refined if kept else theta
         timer.add("refine", t0)
-        extra["refine"] = {"rule": refine_rule, "steps": len(ref_hist), "check_loss_before": check_loss,
-                           "check_loss_after": refined_loss, "kept": bool(kept)}
+        extra["refine"] = {
+            "rule": refine_rule,
+            "steps": len(ref_hist),
+            "check_loss_before": check_loss,
+            "check_loss_after": refined_loss,
+            "kept": bool(kept),
+        }
     extra["time_s"] = {**timer.s, "device_queries": ctx.device.device_time}
     return theta, extra

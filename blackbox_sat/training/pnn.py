@@ -10,6 +10,7 @@
 The readout gain is measured once from the device's output spread at ``theta0`` and frozen
 (:func:`calibrate_gain`); ``evaluate`` never re-measures it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,14 +52,29 @@ class PNN(nn.Module):
     (within ``input_bounds``); ``forward(y) -> logits (n, n_classes)``.
     """
 
-    def __init__(self, encoding: FixedEncoding, n_classes: int, out_dim: int, input_low: np.ndarray,
-                 input_high: np.ndarray, mode: str = "device", gain: float = 1.0):
+    def __init__(
+        self,
+        encoding: FixedEncoding,
+        n_classes: int,
+        out_dim: int,
+        input_low: np.ndarray,
+        input_high: np.ndarray,
+        mode: str = "device",
+        gain: float = 1.0,
+    ):
         super().__init__()
         if mode not in PNN_MODES:
             raise ValueError(f"pnn must be one of {PNN_MODES}, got {mode!r}")
         if n_classes > out_dim:
-            raise ValueError(f"the task has {n_classes} classes but the device has only {out_dim} outputs")
-        self.encoding, self.mode, self.n_classes, self.out_dim = encoding, mode, int(n_classes), int(out_dim)
+            raise ValueError(
+                f"the task has {n_classes} classes but the device has only {out_dim} outputs"
+            )
+        self.encoding, self.mode, self.n_classes, self.out_dim = (
+            encoding,
+            mode,
+            int(n_classes),
+            int(out_dim),
+        )
         self.register_buffer("gain", torch.tensor(float(gain), dtype=torch.float64))
         self.register_buffer("in_low", torch.as_tensor(np.asarray(input_low, float)))
         self.register_buffer("in_high", torch.as_tensor(np.asarray(input_high, float)))
@@ -74,11 +90,17 @@ class PNN(nn.Module):
                 self.readout.bias.zero_()
 
     @classmethod
-    def build(cls, x_train: np.ndarray, n_classes: int, info, mode: str = "device") -> "PNN":
+    def build(cls, x_train: np.ndarray, n_classes: int, info, mode: str = "device") -> PNN:
         """Fit the fixed encoding on ``x_train (n, n_raw)`` for a device described by ``info``."""
         if mode == "hybrid":
-            enc = FixedEncoding.fit(x_train, info.in_dim, info.input_low, info.input_high,
-                                    n_components=min(HYBRID_FEATURES, x_train.shape[1]), map_to_bounds=False)
+            enc = FixedEncoding.fit(
+                x_train,
+                info.in_dim,
+                info.input_low,
+                info.input_high,
+                n_components=min(HYBRID_FEATURES, x_train.shape[1]),
+                map_to_bounds=False,
+            )
         else:
             enc = FixedEncoding.fit(x_train, info.in_dim, info.input_low, info.input_high)
         return cls(enc, n_classes, info.out_dim, info.input_low, info.input_high, mode)
@@ -103,21 +125,40 @@ class PNN(nn.Module):
         z = self.gain.to(y.dtype) * y
         if self.mode == "device":
             return z[:, : self.n_classes]
-        return nn.functional.linear(z, self.readout.weight.to(y.dtype), self.readout.bias.to(y.dtype))
+        return nn.functional.linear(
+            z, self.readout.weight.to(y.dtype), self.readout.bias.to(y.dtype)
+        )
 
     # --- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {"mode": self.mode, "n_classes": self.n_classes, "out_dim": self.out_dim, "gain": float(self.gain),
-             "input_low": self.in_low.tolist(), "input_high": self.in_high.tolist(),
-             "encoding": self.encoding.to_dict()}
+        d = {
+            "mode": self.mode,
+            "n_classes": self.n_classes,
+            "out_dim": self.out_dim,
+            "gain": float(self.gain),
+            "input_low": self.in_low.tolist(),
+            "input_high": self.in_high.tolist(),
+            "encoding": self.encoding.to_dict(),
+        }
         if self.mode == "hybrid":
-            d["digital"] = {k: v.tolist() for k, v in self.state_dict().items() if k.startswith(("input_layer", "readout"))}
+            d["digital"] = {
+                k: v.tolist()
+                for k, v in self.state_dict().items()
+                if k.startswith(("input_layer", "readout"))
+            }
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PNN":
-        pnn = cls(FixedEncoding.from_dict(d["encoding"]), d["n_classes"], d["out_dim"], np.asarray(d["input_low"]),
-                  np.asarray(d["input_high"]), d["mode"], d["gain"])
+    def from_dict(cls, d: dict) -> PNN:
+        pnn = cls(
+            FixedEncoding.from_dict(d["encoding"]),
+            d["n_classes"],
+            d["out_dim"],
+            np.asarray(d["input_low"]),
+            np.asarray(d["input_high"]),
+            d["mode"],
+            d["gain"],
+        )
         if d["mode"] == "hybrid":
             state = {k: torch.tensor(v, dtype=torch.float64) for k, v in d["digital"].items()}
             pnn.load_state_dict(state, strict=False)

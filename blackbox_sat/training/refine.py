@@ -111,6 +111,7 @@ first, and a :class:`~blackbox_sat.devices.metered.BudgetExhausted` from the dev
 user of the budget) ends refinement with the current point. ``ctx.snapshot`` is called
 after every step with the point refine would return at that moment.
 """
+
 from __future__ import annotations
 
 import math
@@ -133,35 +134,49 @@ ALPHA, GAMMA = 0.602, 0.101
 #: Stability constant ``A`` as a fraction of the planned number of steps (Spall).
 A_FRACTION = 0.1
 
+
 @dataclass(frozen=True)
 class RefineConfig:
     """Every option of :func:`refine` (normalized units; module docstring)."""
 
     rule: Literal["spsa", "rdsa", "sa-spsa"] = "spsa"
-    c: float = 0.02            # perturbation per coordinate (fraction of bound width)
-    step: float = 0.002        # first-step size per coordinate (RMS), normalized
-    a: float | None = None     # None: gain calibration; a number: fixed a
-    calibration: int = 4       # gradient estimates spent on gain calibration
-    resamples: int = 1         # direction pairs averaged per step (rdsa: k directions)
-    directions: Literal["rademacher", "gaussian", "sphere"] | None = None  # None: gaussian for rdsa, else rademacher
+    c: float = 0.02  # perturbation per coordinate (fraction of bound width)
+    step: float = 0.002  # first-step size per coordinate (RMS), normalized
+    a: float | None = None  # None: gain calibration; a number: fixed a
+    calibration: int = 4  # gradient estimates spent on gain calibration
+    resamples: int = 1  # direction pairs averaged per step (rdsa: k directions)
+    directions: Literal["rademacher", "gaussian", "sphere"] | None = (
+        None  # None: gaussian for rdsa, else rademacher
+    )
     blocking: bool = False
-    block_tol: float = 0.0     # nats
-    normalize: Literal["adam", "none"] | None = "adam"  # Adam-normalised steps, or plain SPSA with gain calibration
-    rho: float = 0.05          # sa-spsa radius, normalized L2 (SAT's default rho)
+    block_tol: float = 0.0  # nats
+    normalize: Literal["adam", "none"] | None = (
+        "adam"  # Adam-normalised steps, or plain SPSA with gain calibration
+    )
+    rho: float = 0.05  # sa-spsa radius, normalized L2 (SAT's default rho)
     sa: Literal["random", "ascent"] = "random"
     alpha: float = ALPHA
     gamma: float = GAMMA
-    A: float | None = None     # None: A_FRACTION of the planned steps
-    average: float = 0.25      # fraction of steps averaged at the end (0: none)
+    A: float | None = None  # None: A_FRACTION of the planned steps
+    average: float = 0.25  # fraction of steps averaged at the end (0: none)
     select: Literal["average", "last", "val"] = "average"
     batch: int = MINIBATCH
     purpose: str = "refine"
 
     def __post_init__(self) -> None:
-        if not (self.c > 0 and self.step > 0 and self.resamples >= 1 and 0 <= self.average < 1 and self.rho >= 0
-                and self.calibration >= 1 and 1 <= self.batch <= MINIBATCH):
-            raise ValueError(f"need c > 0, step > 0, resamples >= 1, 0 <= average < 1, rho >= 0, calibration >= 1, "
-                             f"1 <= batch <= {MINIBATCH}")
+        if not (
+            self.c > 0
+            and self.step > 0
+            and self.resamples >= 1
+            and 0 <= self.average < 1
+            and self.rho >= 0
+            and self.calibration >= 1
+            and 1 <= self.batch <= MINIBATCH
+        ):
+            raise ValueError(
+                f"need c > 0, step > 0, resamples >= 1, 0 <= average < 1, rho >= 0, calibration >= 1, "
+                f"1 <= batch <= {MINIBATCH}"
+            )
 
     @property
     def direction_kind(self) -> str:
@@ -213,7 +228,9 @@ class DeviceObjective:
     def _batch(self, idx):
         idx = np.asarray(idx)
         if idx.ndim != 1 or len(idx) < 1 or len(idx) > MINIBATCH:
-            raise ValueError(f"idx must be 1-D with 1..{MINIBATCH} training indices, got shape {idx.shape}")
+            raise ValueError(
+                f"idx must be 1-D with 1..{MINIBATCH} training indices, got shape {idx.shape}"
+            )
         if self._cache is None or not np.array_equal(self._cache[0], idx):
             x = self.ctx.device_inputs(self.ctx.f_train[idx])
             self._cache = (idx.copy(), x, torch.as_tensor(self.ctx.y_train[idx]))
@@ -237,13 +254,23 @@ class DeviceObjective:
     def accuracy(self, theta, split: str = "val", purpose: str = "train") -> float:
         """Accuracy on ``split`` measured in chunks of at most ``MINIBATCH`` inputs, each a
         setting; ``purpose='train'`` is charged (model selection on validation)."""
-        f, y = (self.ctx.f_val, self.ctx.y_val) if split == "val" else (self.ctx.f_train, self.ctx.y_train)
+        f, y = (
+            (self.ctx.f_val, self.ctx.y_val)
+            if split == "val"
+            else (self.ctx.f_train, self.ctx.y_train)
+        )
         theta = self.info.project(theta)
         correct = 0
         for i in range(0, len(y), MINIBATCH):
-            out = self.ctx.device.query(theta, self.ctx.device_inputs(f[i:i + MINIBATCH]), purpose=purpose)
+            out = self.ctx.device.query(
+                theta, self.ctx.device_inputs(f[i : i + MINIBATCH]), purpose=purpose
+            )
             with torch.no_grad():
-                correct += int((self.ctx.pnn(torch.as_tensor(out)).argmax(1).numpy() == y[i:i + MINIBATCH]).sum())
+                correct += int(
+                    (
+                        self.ctx.pnn(torch.as_tensor(out)).argmax(1).numpy() == y[i : i + MINIBATCH]
+                    ).sum()
+                )
         return correct / len(y)
 
     def accuracy_cost(self, split: str = "val") -> int:
@@ -317,8 +344,14 @@ class RefineHistory(list):
     summary: dict
 
 
-def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "spsa",
-           config: RefineConfig | None = None, **options: Any) -> tuple[np.ndarray, RefineHistory]:
+def refine(
+    ctx: TrainContext,
+    theta: np.ndarray,
+    n_settings: int,
+    rule: str = "spsa",
+    config: RefineConfig | None = None,
+    **options: Any,
+) -> tuple[np.ndarray, RefineHistory]:
     """Zeroth-order refinement of ``theta`` on ``ctx.device`` within ``n_settings`` settings.
 
     Returns ``(theta, history)``: the refined setting (device units, projected) and a
@@ -348,8 +381,14 @@ def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "s
     n_steps = (left() - cal_cost - sel_cost) // step_cost
     u = obj.keep(obj.to_u(theta))
     history = RefineHistory()
-    summary = history.summary = {"rule": rule, "planned_steps": int(max(n_steps, 0)), "steps": 0, "rejected": 0,
-               "a": None, "settings_start": start_used}
+    summary = history.summary = {
+        "rule": rule,
+        "planned_steps": int(max(n_steps, 0)),
+        "steps": 0,
+        "rejected": 0,
+        "a": None,
+        "settings_start": start_used,
+    }
     if n_steps < 1:
         summary.update(settings_used=dev.settings_used, chosen="start")
         return obj.to_theta(u), history
@@ -358,7 +397,7 @@ def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "s
     big_a = A_FRACTION * n_steps if opt.A is None else opt.A
     c = opt.c
     est = _Estimator(obj, opt, rng)
-    avg_from = int(round((1 - opt.average) * n_steps)) if opt.average > 0 else n_steps
+    avg_from = round((1 - opt.average) * n_steps) if opt.average > 0 else n_steps
     u_sum, n_avg = np.zeros_like(u), 0
     u_t = torch.zeros(len(u), dtype=torch.float64)
     adam = torch.optim.Adam([u_t], betas=(0.9, 0.999), eps=1e-12) if opt.adam else None
@@ -375,7 +414,9 @@ def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "s
                 cal.append(g)
             est.momentum = None
             # each calibration estimate has the form of a step's estimate (resamples averaged)
-            rms = max(math.sqrt(float(np.mean(np.sum(np.asarray(cal) ** 2, axis=1)) / obj.n)), 1e-12)
+            rms = max(
+                math.sqrt(float(np.mean(np.sum(np.asarray(cal) ** 2, axis=1)) / obj.n)), 1e-12
+            )
             a = opt.step * (1 + big_a) ** alpha / rms
             summary["calibration_rms"] = rms
         elif opt.adam:
@@ -390,7 +431,9 @@ def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "s
             idx = next(batches)
             ak, ck = a / (k + 1 + big_a) ** alpha, c / (k + 1) ** gamma
             g, ref_loss, offs = est(u, idx, ck)
-            if adam is not None:  # Adam's normalised step with Spall's decaying gain a_k as its rate
+            if (
+                adam is not None
+            ):  # Adam's normalised step with Spall's decaying gain a_k as its rate
                 adam.param_groups[0]["lr"] = ak
                 u_t.data = torch.from_numpy(u.copy())
                 u_t.grad = torch.from_numpy(g)
@@ -399,8 +442,13 @@ def refine(ctx: TrainContext, theta: np.ndarray, n_settings: int, rule: str = "s
             else:
                 move = -ak * g
             u_new = obj.keep(u + move)
-            entry = {"step": k, "loss": ref_loss, "a_k": ak, "c_k": ck,
-                     "step_rms": float(np.sqrt(np.mean((u_new - u) ** 2)))}
+            entry = {
+                "step": k,
+                "loss": ref_loss,
+                "a_k": ak,
+                "c_k": ck,
+                "step_rms": float(np.sqrt(np.mean((u_new - u) ** 2))),
+            }
             accepted = True
             if opt.blocking:
                 new_loss = obj.loss_u(u_new + offs[0], idx)
