@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all install clean
+.PHONY: run test test-all lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m blackbox_sat.harness.quickstart
 
-test: $(STAMP)
+# Lint first: a style or type finding fails the suite as a test would.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest
 
-test-all: $(STAMP)
+test-all: lint
 	$(BIN)/python -m pytest -m ""
 
 clean:
