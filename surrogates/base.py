@@ -69,6 +69,7 @@ class SurrogateBase(ABC):
     def periodic_mask(self, n_params: int | None = None) -> np.ndarray:
         """``(n_params,)`` bool mask from the ``periodic`` argument."""
         n_params = self.n_params if n_params is None else n_params
+        assert n_params is not None, "n_params is known once fitted, or must be given"
         if self.periodic is None:
             return np.zeros(n_params, bool)
         return np.broadcast_to(np.asarray(self.periodic, bool), (n_params,)).copy()

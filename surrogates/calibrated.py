@@ -91,7 +91,8 @@ HUBER_K = 1.345
 DEFAULT_NOISE = 0.01
 
 
-def _check_model(model) -> None:
+def _check_model(model: object) -> nn.Module:
+    """``model`` itself once it is a usable calibration model; raises otherwise."""
     if model is None:
         raise TypeError(
             "a calibrated surrogate needs model=...: a torch.nn.Module model(theta, x) -> y whose "
@@ -107,6 +108,7 @@ def _check_model(model) -> None:
             f"the calibration model {type(model).__name__} has no nn.Parameter (with requires_grad): "
             "nothing to identify; register the unknown error parameters as nn.Parameter"
         )
+    return model
 
 
 class _Call(nn.Module):
@@ -123,8 +125,9 @@ class _Call(nn.Module):
         if what == "prior":
             prior = getattr(self.model, "prior_loss", None)
             return prior() if callable(prior) else None
-        if self.native:
-            return self.model.batched(thetas, x)
+        batched = getattr(self.model, "batched", None)  # the user model's optional method
+        if self.native and callable(batched):
+            return batched(thetas, x)
         if self.use_vmap:
             try:
                 return torch.vmap(self.model)(thetas, x)
@@ -175,8 +178,10 @@ class ResidualNet(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden, out_dim, dtype=_F64),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, y_norm: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([y_norm, x_norm], -1))
@@ -242,12 +247,12 @@ class CalibratedSurrogate(SurrogateBase):
         super().__init__(
             theta_low=theta_low, theta_high=theta_high, periodic=periodic, seed=seed, dtype=dtype
         )
-        _check_model(model)
+        checked = _check_model(model)
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
         if loss not in ("huber", "soft_l1", "mse"):
             raise ValueError(f"loss must be 'huber', 'soft_l1' or 'mse', got {loss!r}")
-        self.model = model.to(_F64)
+        self.model = checked.to(_F64)
         self._call = _Call(self.model)
         self.residual, self.optimizer, self.max_iter, self.tol, self.loss = (
             bool(residual),
@@ -335,6 +340,7 @@ class CalibratedSurrogate(SurrogateBase):
     def _residuals(self, z, data: _Packed, with_correction: bool = False):
         """Normalised residuals ``(S, B, out)`` (zeros on padding); with ``with_correction``
         also the residual network's output (normalised; None when it is off)."""
+        assert data.y is not None, "residuals need measured rows"
         pred = self._forward(z, data.thetas, data.x)
         corr = None
         if self.residual_active and self.net is not None:
@@ -375,6 +381,7 @@ class CalibratedSurrogate(SurrogateBase):
     @torch.no_grad()
     def _check_outputs(self, data: _Packed, out_dim: int) -> None:
         """Shape and finiteness of the model's outputs at its datasheet values."""
+        assert data.y is not None, "checked against measured rows"
         name = type(self.model).__name__
         b = min(4, data.x.shape[1])
         y1 = self.model(data.thetas[0], data.x[0, :b])
@@ -576,7 +583,7 @@ class CalibratedSurrogate(SurrogateBase):
         self._write(z)
         self.n_params, self.in_dim, self.out_dim = theta.shape[1], x.shape[1], y.shape[1]
         fit_te = self._nrmse(z, test)
-        report = {
+        report: dict[str, Any] = {
             "settings": n_groups,
             "train_settings": len(train),
             "heldout_settings": 0 if test is None else len(test),
@@ -614,6 +621,7 @@ class CalibratedSurrogate(SurrogateBase):
     # -- residual -----------------------------------------------------------------------------
     def _correction(self, pred: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The residual network's output, in output spreads."""
+        assert self.net is not None, "the residual network is built first"
         return self.net(
             (pred - self.y_loc) / self.y_spread, (x.to(_F64) - self.x_loc) / self.x_scale
         )
@@ -622,6 +630,8 @@ class CalibratedSurrogate(SurrogateBase):
         return pred + self.y_spread * self._correction(pred, x)
 
     def _train_residual(self, data: _Packed, steps: int) -> None:
+        net = self.net
+        assert net is not None and data.y is not None, "a built network and measured rows"
         with torch.no_grad():
             base = self._forward(None, data.thetas, data.x)[data.mask]
         x, y = data.x[data.mask], data.y[data.mask]
@@ -630,11 +640,11 @@ class CalibratedSurrogate(SurrogateBase):
             (x - self.x_loc) / self.x_scale,
             (y - base) / self.y_spread,
         )
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.residual_lr)
+        opt = torch.optim.Adam(net.parameters(), lr=self.residual_lr)
         delta = self._delta if math.isfinite(self._delta) else float("inf")
         for _ in range(steps):
             opt.zero_grad()
-            r = self.net(yn, xn)
+            r = net(yn, xn)
             loss = self._rho(r - target, delta).mean() + self.residual_l2 * (r * r).mean()
             loss.backward()
             opt.step()
@@ -643,6 +653,7 @@ class CalibratedSurrogate(SurrogateBase):
         t0 = time.perf_counter()
         before = {n: v.detach().clone() for n, v in self._z().items()}
         torch.manual_seed(self.seed)
+        assert self.in_dim is not None and self.out_dim is not None, "fitted dimensions"
         self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
         self._train_residual(train, self.residual_steps)
         self.residual_active = True
@@ -783,6 +794,7 @@ class CalibratedSurrogate(SurrogateBase):
         self._delta, self._prior_w = float(state["delta"]), float(state["prior_w"])
         self.residual_active = bool(state["residual_active"])
         if state["net"] is not None:
+            assert self.in_dim is not None and self.out_dim is not None, "loaded dimensions"
             self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
             self.net.load_state_dict(state["net"])
         self.report = json.loads(state["report"])

@@ -111,7 +111,7 @@ class MemberSplit:
         # K rows of each of S held-out settings, S * K <= max_val_rows, all rows when they fit.
         k = int(max(1, min(np.median(counts), max_val_rows // n_out)))
         n_val = int(min(n_out, max(1, max_val_rows // k)))
-        train_groups, val_idx = [], []
+        train_groups, val_rows = [], []
         for _ in range(n_members):
             held = np.zeros(n_groups, bool)
             held[rng.choice(n_groups, n_out, replace=False)] = True
@@ -123,10 +123,10 @@ class MemberSplit:
             keys = rng.random((n_val, max(int(c.max()), k)))
             keys[np.arange(keys.shape[1])[None, :] >= c] = np.inf
             within = np.argsort(keys, axis=1)[:, :k] % c
-            val_idx.append(order[starts[val_groups][:, None] + within])
+            val_rows.append(order[starts[val_groups][:, None] + within])
         n_max = max(len(g) for g in train_groups)
         train = torch.stack([torch.from_numpy(np.resize(g, n_max)) for g in train_groups])
-        val_idx = torch.from_numpy(np.stack(val_idx))
+        val_idx = torch.from_numpy(np.stack(val_rows))
         return cls(train, torch.tensor([len(g) for g in train_groups]), *layout, val_idx)
 
     def sample(

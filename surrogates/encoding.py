@@ -19,6 +19,9 @@ from torch import nn
 class PeriodicEncoding(nn.Module):
     """``(..., n_params) -> (..., n_params + n_periodic)``: plain columns, then sin, then cos."""
 
+    periodic_idx: torch.Tensor
+    plain_idx: torch.Tensor
+
     def __init__(self, periodic: np.ndarray | torch.Tensor):
         super().__init__()
         mask = torch.as_tensor(np.asarray(periodic, dtype=bool))

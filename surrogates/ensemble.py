@@ -40,7 +40,7 @@ class EnsembleLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(n_members, in_features, out_features).uniform_(-bound, bound)
         )
-        self.bias = (
+        self.bias: nn.Parameter | None = (
             nn.Parameter(torch.empty(n_members, 1, out_features).uniform_(-bound, bound))
             if bias
             else None
@@ -64,8 +64,9 @@ class EnsembleLinear(nn.Module):
     def absorb_input_shift(self, shift: torch.Tensor, start: int = 0) -> None:
         """Re-express the map for inputs ``z' = z - shift`` on input rows
         ``start .. start + len(shift)``: ``W z + b = W z' + (b + shift W)``."""
+        assert self.bias is not None, "an input shift is absorbed into the bias"
         rows = self.weight[:, start : start + shift.shape[-1], :]
-        self.bias += torch.einsum("i,mio->mo", shift.to(rows.dtype), rows).unsqueeze(1)
+        self.bias.add_(torch.einsum("i,mio->mo", shift.to(rows.dtype), rows).unsqueeze(1))
 
     def extra_repr(self) -> str:
         return f"members={self.n_members}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -129,4 +130,4 @@ class ColumnUnits(nn.Module):
     @torch.no_grad()
     def absorb_input_shift(self, shift: torch.Tensor) -> None:
         """Re-express for inputs ``z' = z - shift`` (``shift (C,)``): same outputs."""
-        self.b += self.a * shift[:, None]
+        self.b.add_(self.a * shift[:, None])

@@ -182,18 +182,26 @@ class GPSurrogate(SurrogateBase):
         )
         self.fit_steps, self.update_steps, self.lr = fit_steps, update_steps, lr
         self.batch_size = int(batch_size)
-        self.model = self.likelihood = self.mode = None
-        self.theta_norm = self.x_norm = self.y_norm = self.encode = None
-        self.train_z = self.train_y = None
+        self.model: BatchExactGP | BatchVariationalGP | None = None
+        self.likelihood: gpytorch.likelihoods.Likelihood | None = None
+        self.mode: str | None = None
+        self.theta_norm: AffineNormalizer | None = None
+        self.x_norm: AffineNormalizer | None = None
+        self.y_norm: AffineNormalizer | None = None
+        self.encode: PeriodicEncoding | None = None
+        self.train_z: torch.Tensor | None = None
+        self.train_y: torch.Tensor | None = None
         self._rng = np.random.default_rng(self.seed)
 
     # -- inputs -------------------------------------------------------------------------------
     def _features(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[phi(z_theta), z_x]`` of ``theta (1|m, n_params)``, ``x (m, in_dim)``: ``(m, d)``."""
+        assert self.encode is not None and self.theta_norm is not None and self.x_norm is not None
         phi = self.encode(self.theta_norm(theta)).expand(x.shape[0], -1)
         return torch.cat([phi, self.x_norm(x)], dim=-1)
 
     def _training_rows(self, theta, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.y_norm is not None, "normalisers are set before the rows"
         with torch.no_grad():
             z = self._features(
                 torch.from_numpy(theta).to(self.dtype), torch.from_numpy(x).to(self.dtype)
@@ -211,6 +219,7 @@ class GPSurrogate(SurrogateBase):
     def _build(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """New model and likelihood; inducing points start at random rows of ``z``."""
         n_tasks = self.out_dim
+        assert n_tasks is not None, "dimensions are set before the model"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if self.mode == "exact":
@@ -246,6 +255,7 @@ class GPSurrogate(SurrogateBase):
         unchanged for the LMC, whose distribution is over ``(n, T)``."""
         if self._lmc:
             return z, y
+        assert self.out_dim is not None, "fitted"
         return z.expand(self.out_dim, *z.shape), y.T.contiguous()
 
     def _init_hyperparameters(self, z: torch.Tensor) -> None:
@@ -253,6 +263,7 @@ class GPSurrogate(SurrogateBase):
         # at first, whatever the column's scale (a trust region spans a small part of the
         # bounds), then shrunk by the likelihood where the response needs it.
         spread = z.std(dim=0).clamp_min(1e-3) * math.sqrt(z.shape[-1])
+        assert self.model is not None and self.likelihood is not None, "built first"
         base = self.model.covar_module.base_kernel
         base.lengthscale = spread.expand_as(base.lengthscale)
         self.model.covar_module.outputscale = torch.ones_like(self.model.covar_module.outputscale)
@@ -261,18 +272,21 @@ class GPSurrogate(SurrogateBase):
             self.likelihood.task_noises = torch.full_like(self.likelihood.task_noises, 1e-2)
 
     def _set_trainable(self, flag: bool) -> None:
+        assert self.model is not None and self.likelihood is not None, "built first"
         for p in [*self.model.parameters(), *self.likelihood.parameters()]:
             p.requires_grad_(flag)
 
     def _train(self, steps: int, lr: float) -> list[float]:
         """Adam on the negative marginal likelihood (exact) or ELBO (variational)."""
+        assert self.model is not None and self.likelihood is not None, "built first"
+        assert self.train_z is not None and self.train_y is not None, "rows stored first"
         self._set_trainable(True)
         self.model.train()
         self.likelihood.train()
         params = list(self.model.parameters()) + list(self.likelihood.parameters())
         params = list({id(p): p for p in params}.values())  # the exact GP owns its likelihood too
         optimizer = torch.optim.Adam(params, lr=lr)
-        losses = []
+        losses: list[float] = []
         n = len(self.train_z)
         if self.mode == "exact":
             mll = gpytorch.mlls.ExactMarginalLogLikelihood(self.likelihood, self.model)
@@ -356,6 +370,7 @@ class GPSurrogate(SurrogateBase):
         theta, x, y, _ = self._check_rows(theta, x, y, groups)
         z, yz = self._training_rows(theta, x, y)
         if append and self.train_z is not None:
+            assert self.train_y is not None, "rows are stored with their targets"
             z, yz = torch.cat([self.train_z, z]), torch.cat([self.train_y, yz])
         if self._choose_mode(len(z)) != self.mode and self.method == "auto":
             self.mode = self._choose_mode(len(z))
@@ -366,12 +381,14 @@ class GPSurrogate(SurrogateBase):
             return self
         self.train_z, self.train_y = self._select_rows(z, yz)
         if self.mode == "exact":
+            assert self.model is not None, "fitted"
             self.model.set_train_data(*self._batch_rows(self.train_z, self.train_y), strict=False)
         _, update_steps, lr = self._defaults()
         self.last_losses = self._train(update_steps if steps is None else int(steps), lr)
         return self
 
     def _posterior(self, z: torch.Tensor):
+        assert self.model is not None and self.out_dim is not None, "fitted"
         return self.model(z if self._lmc else z.expand(self.out_dim, *z.shape))
 
     def _rows(self, values: torch.Tensor) -> torch.Tensor:
@@ -390,6 +407,7 @@ class GPSurrogate(SurrogateBase):
         ):
             posterior = self._posterior(z)
             mean, var = self._rows(posterior.mean), self._rows(posterior.variance)
+        assert self.y_norm is not None, "fitted"
         return self.y_norm.inverse(mean), self.y_norm.inverse_std(var.clamp_min(0).sqrt())
 
     def predict(self, theta: ArrayLike, x: ArrayLike) -> torch.Tensor:
@@ -402,6 +420,7 @@ class GPSurrogate(SurrogateBase):
             gpytorch.settings.max_cholesky_size(_CHOLESKY_ALWAYS),
         ):
             mean = self._rows(self._posterior(z).mean)
+        assert self.y_norm is not None, "fitted"
         return self.y_norm.inverse(mean)
 
     # -- persistence ------------------------------------------------------------------------------
@@ -424,9 +443,13 @@ class GPSurrogate(SurrogateBase):
         # An exact GP's posterior is its training rows; a variational one needs only its
         # inducing points (in the state dict), so its rows are not saved.
         exact = self.mode == "exact"
+        assert self.model is not None and self.likelihood is not None, "fitted"
+        assert self.theta_norm is not None and self.x_norm is not None and self.y_norm is not None
         state = self.model.state_dict()
-        inducing = (
-            None if exact else next(v for k, v in state.items() if k.endswith("inducing_points"))
+        inducing_shape = (
+            None
+            if exact
+            else list(next(v for k, v in state.items() if k.endswith("inducing_points")).shape)
         )
         return {
             "mode": self.mode,
@@ -434,7 +457,7 @@ class GPSurrogate(SurrogateBase):
             "likelihood": self.likelihood.state_dict(),
             "train_z": self.train_z if exact else None,
             "train_y": self.train_y if exact else None,
-            "inducing_shape": None if exact else list(inducing.shape),
+            "inducing_shape": inducing_shape,
             "theta_norm": self.theta_norm.state_dict(),
             "x_norm": self.x_norm.state_dict(),
             "y_norm": self.y_norm.state_dict(),
@@ -452,9 +475,11 @@ class GPSurrogate(SurrogateBase):
             self._build(self.train_z, self.train_y)
         else:  # placeholders of the right shape; the state dict overwrites them
             _, n_inducing, d = state["inducing_shape"]
+            assert self.out_dim is not None, "load() sets the dimensions first"
             self._build(
                 torch.zeros(n_inducing, d, dtype=self.dtype), torch.zeros(n_inducing, self.out_dim)
             )
+        assert self.model is not None and self.likelihood is not None, "built just above"
         self.model.load_state_dict(state["model"])
         self.likelihood.load_state_dict(state["likelihood"])
         self._set_trainable(False)

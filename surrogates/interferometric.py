@@ -160,6 +160,10 @@ class InterferometricStructure(nn.Module):
     and the ensemble's per-member snapshots treat them like any other parameter.
     """
 
+    centre: torch.Tensor
+    periodic: torch.Tensor
+    unit_power: torch.Tensor
+
     def __init__(
         self,
         n_members: int,
@@ -329,6 +333,12 @@ class InterferometricSurrogate(EnsembleSurrogate):
     def _structure_class(self) -> type[nn.Module]:
         return InterferometricStructure
 
+    @property
+    def _structure(self) -> InterferometricStructure:
+        """The fitted model, as the structure it is built as."""
+        assert isinstance(self.model, InterferometricStructure), "fitted"
+        return self.model
+
     # -- centre ---------------------------------------------------------------------------
     def _data_centre(self, z: torch.Tensor) -> torch.Tensor:
         """Centre ``(n_params,)`` of normalised rows ``z (n, n_params)``; circular mean for
@@ -341,22 +351,24 @@ class InterferometricSurrogate(EnsembleSurrogate):
     @property
     def centre(self) -> np.ndarray:
         """Current expansion centre ``(n_params,)`` in ``theta`` units."""
-        return self.theta_norm.inverse(self.model.centre).double().numpy()
+        assert self.theta_norm is not None, "fitted"
+        return self.theta_norm.inverse(self._structure.centre).double().numpy()
 
     def recentre(self, centre: np.ndarray) -> None:
         """Re-express the model around ``centre (n_params,)`` (``theta`` units) without
         changing its predictions; follow with :meth:`update` on data around it."""
+        assert self.theta_norm is not None, "fitted"
         z = self.theta_norm(torch.as_tensor(np.asarray(centre, np.float64)).to(self.dtype))
-        self.model.recentre(z)
+        self._structure.recentre(z)
 
     def _initialise(self, data) -> None:
         """Centre the expansion on the data, then choose the input model and start ``U0`` from
         the convex readout fit (module docstring)."""
-        self.model.recentre(self._data_centre(data.theta))
+        self._structure.recentre(self._data_centre(data.theta))
         d = data.x.shape[1]
         if d > QUADRATIC_MAX_INPUTS:
             self.readout_r2 = {}
-            self.model.unit_power.fill_(self.input_power == "fixed")
+            self._structure.unit_power.fill_(self.input_power == "fixed")
             return
         n_rows = min(
             QUADRATIC_ROWS, 50_000_000 // (d * (d + 1) // 2 + 1)
@@ -369,10 +381,10 @@ class InterferometricSurrogate(EnsembleSurrogate):
         fits = {p: quadratic_readout(x, y, p == "fixed") for p in powers}
         self.readout_r2 = {p: r2 for p, (_, r2) in fits.items()}
         best = max(fits, key=lambda p: fits[p][1])
-        self.model.unit_power.fill_(best == "fixed")
+        self._structure.unit_power.fill_(best == "fixed")
         if self.readout_init:  # the winner refitted on every row
             w, _ = quadratic_readout(x, y, best == "fixed", holdout=0.0)
-            self.model.init_readout(*readout_matrices(w, d, best == "fixed"))
+            self._structure.init_readout(*readout_matrices(w, d, best == "fixed"))
 
     def _before_update(self, centre: np.ndarray | None) -> None:
         self._centre_from_data = centre is None
@@ -381,13 +393,14 @@ class InterferometricSurrogate(EnsembleSurrogate):
 
     def _after_data(self, new) -> None:
         if self._centre_from_data:
-            self.model.recentre(self._data_centre(new.theta))
+            self._structure.recentre(self._data_centre(new.theta))
 
     def training_data(self):
         """Stored rows, restricted to ``local_radius`` around the centre when it is set."""
         if self.local_radius is None:
             return self.data
-        diff = self.data.theta - self.model.centre
+        assert self.data is not None, "fitted"
+        diff = self.data.theta - self._structure.centre
         periodic = torch.as_tensor(self.periodic_mask())
         diff = torch.where(periodic, torch.remainder(diff + 1, 2) - 1, diff)
         # z spans 2 units per bound width (or per 2 std for unbounded columns).

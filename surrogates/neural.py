@@ -30,6 +30,7 @@ times 2-25 times slower than one (OpenMP threads spinning against other processe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from .base import SurrogateBase
 from .dataset import MemberSplit, SettingsDataset
 from .normalize import AffineNormalizer
 from .protocol import ArrayLike
-from .structures import STRUCTURES
+from .structures import STRUCTURES, ThetaShiftable
 from .training import TrainReport, train_ensemble
 
 
@@ -109,7 +110,9 @@ class EnsembleSurrogate(SurrogateBase):
         )
         self.weight_decay = float(weight_decay)
         self.model: nn.Module | None = None
-        self.theta_norm = self.x_norm = self.y_norm = None
+        self.theta_norm: AffineNormalizer | None = None
+        self.x_norm: AffineNormalizer | None = None
+        self.y_norm: AffineNormalizer | None = None
         self.data: SettingsDataset | None = None
         self.last_report: TrainReport | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -117,7 +120,7 @@ class EnsembleSurrogate(SurrogateBase):
         self._generator = torch.Generator().manual_seed(self.seed)
 
     # -- construction ----------------------------------------------------------------------
-    def _structure_class(self) -> type[nn.Module]:
+    def _structure_class(self) -> Callable[..., nn.Module]:
         if self.structure_name not in STRUCTURES:
             raise ValueError(
                 f"unknown structure {self.structure_name!r}; known: {sorted(STRUCTURES)}"
@@ -140,6 +143,7 @@ class EnsembleSurrogate(SurrogateBase):
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         # The fused kernel does Adam's element-wise work in one pass: with ~10^5-10^6
         # parameters it is a sizeable share of a step on a CPU.
+        assert self.model is not None, "the model is built before its optimizer"
         return torch.optim.AdamW(
             self.model.parameters(), lr=lr, weight_decay=self.weight_decay, fused=True
         )
@@ -147,10 +151,12 @@ class EnsembleSurrogate(SurrogateBase):
     def _set_trainable(self, flag: bool) -> None:
         # Frozen outside training, so that predict() records no graph towards the weights and
         # autograd.grad(loss, theta) costs only the path to theta.
+        assert self.model is not None, "fitted"
         for p in self.model.parameters():
             p.requires_grad_(flag)
 
     def _dataset(self, theta, x, y, groups) -> SettingsDataset:
+        assert self.theta_norm is not None and self.x_norm is not None and self.y_norm is not None
         with torch.no_grad():
             t = self.theta_norm(torch.from_numpy(theta).to(self.dtype))
             xs = self.x_norm(torch.from_numpy(x).to(self.dtype))
@@ -193,19 +199,22 @@ class EnsembleSurrogate(SurrogateBase):
 
     def training_data(self) -> SettingsDataset:
         """The rows the next training run uses (all stored rows; families may select)."""
+        assert self.data is not None, "fitted"
         return self.data
 
     def _train(self, data: SettingsDataset, steps: int, scheduler=None) -> TrainReport:
         split = self._split(data)
         rows_per_setting = int(max(1, min(self.rows_per_setting, np.median(split.counts.numpy()))))
+        model, optimizer = self.model, self._optimizer
+        assert model is not None and optimizer is not None, "built before training"
         self._set_trainable(True)
-        self.model.train()
+        model.train()
         try:
             self.last_report = train_ensemble(
-                self.model,
+                model,
                 data,
                 split,
-                self._optimizer,
+                optimizer,
                 steps=steps,
                 n_settings=max(1, self.batch_size // rows_per_setting),
                 rows_per_setting=rows_per_setting,
@@ -216,7 +225,7 @@ class EnsembleSurrogate(SurrogateBase):
             )
         finally:
             self._set_trainable(False)
-            self.model.eval()
+            model.eval()
         return self.last_report
 
     def update(
@@ -269,6 +278,8 @@ class EnsembleSurrogate(SurrogateBase):
         predictions are unchanged (up to rounding). Keeps the inputs the networks see near
         unit scale as training walks ``theta`` away from where the surrogate was first fit;
         the stored rows are re-normalised accordingly."""
+        assert self.theta_norm is not None, "fitted"
+        assert isinstance(self.model, ThetaShiftable), "the structure can shift its theta origin"
         plain = torch.as_tensor(~self.periodic_mask())
         new_loc = torch.as_tensor(np.asarray(centre, np.float64)).to(self.dtype)
         shift = torch.where(plain, (new_loc - self.theta_norm.loc) / self.theta_norm.scale, 0.0)
@@ -282,6 +293,8 @@ class EnsembleSurrogate(SurrogateBase):
     def member_predictions(self, theta: ArrayLike, x: ArrayLike) -> torch.Tensor:
         """Every member's prediction ``(M, m, out_dim)`` in output units."""
         theta, x = self._as_query(theta, x)
+        assert self.model is not None and self.theta_norm is not None
+        assert self.x_norm is not None and self.y_norm is not None
         z = self.model(self.theta_norm(theta).unsqueeze(0), self.x_norm(x).unsqueeze(0))
         return self.y_norm.inverse(z)
 
@@ -317,6 +330,8 @@ class EnsembleSurrogate(SurrogateBase):
         }
 
     def _state(self) -> dict[str, Any]:
+        assert self.model is not None and self.theta_norm is not None
+        assert self.x_norm is not None and self.y_norm is not None
         return {
             "model": self.model.state_dict(),
             "theta_norm": self.theta_norm.state_dict(),

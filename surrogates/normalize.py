@@ -36,6 +36,9 @@ _MIN_SCALE = 1e-8
 class AffineNormalizer(nn.Module):
     """Column-wise ``z = (v - loc) / scale`` with ``loc``, ``scale`` of shape ``(dim,)``."""
 
+    loc: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.register_buffer("loc", torch.as_tensor(loc).clone())

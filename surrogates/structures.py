@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +38,15 @@ from torch import nn
 
 from .encoding import PeriodicEncoding
 from .ensemble import ColumnUnits, EnsembleLinear, EnsembleMLP
+
+
+@runtime_checkable
+class ThetaShiftable(Protocol):
+    """A structure that re-expresses itself for plain ``theta`` columns ``z' = z - shift``,
+    which is what lets :meth:`~surrogates.neural.EnsembleSurrogate.recentre` keep its
+    predictions."""
+
+    def shift_theta(self, shift: torch.Tensor) -> None: ...
 
 
 class HyperStructure(nn.Module):
@@ -137,6 +147,7 @@ class HyperStructure(nn.Module):
         self.coef_linear = EnsembleLinear(n_members, p + self.n_squares, rank)
         # The core starts near 1 so that W(theta) starts as a random full map P V, and the
         # nonlinear path starts small so that early fitting finds the linear picture first.
+        assert self.coef_linear.bias is not None
         with torch.no_grad():
             self.coef_linear.bias.fill_(1.0)
         self.coef_mlp = EnsembleMLP(n_members, p, [coef_hidden], rank, final_init_scale=0.1)
@@ -174,7 +185,9 @@ class HyperStructure(nn.Module):
     def shift_theta(self, shift: torch.Tensor) -> None:
         """Re-express the model for plain ``theta`` columns ``z' = z - shift`` (``shift`` of
         shape ``(n_plain,)``); predictions are unchanged up to rounding."""
-        self.coef_mlp.layers[0].absorb_input_shift(shift)
+        first = self.coef_mlp.layers[0]
+        assert isinstance(first, EnsembleLinear)
+        first.absorb_input_shift(shift)
         for units in (self.warp, self.feat):
             if units is not None:
                 units.absorb_input_shift(shift)
@@ -183,7 +196,8 @@ class HyperStructure(nn.Module):
             # z^2 = z'^2 + 2 shift z' + shift^2: the squares feed the linear rows and the bias.
             p = self.encode.out_dim
             squares = lin.weight[:, p : p + self.n_squares, :]
-            lin.bias += torch.einsum("i,mio->mo", shift**2, squares).unsqueeze(1)
+            assert lin.bias is not None
+            lin.bias.add_(torch.einsum("i,mio->mo", shift**2, squares).unsqueeze(1))
             lin.absorb_input_shift(shift)
             lin.weight[:, : self.n_squares, :] += 2 * shift[None, :, None] * squares
         else:

@@ -41,14 +41,17 @@ def validation_mse(
 ) -> torch.Tensor:
     """Per-member MSE ``(M,)`` on each member's held-out rows ``(M, S, K)``, about ``chunk``
     rows at a time."""
-    per = max(1, chunk // split.val_idx.shape[2])
-    total = None
+    val_idx = split.val_idx
+    assert val_idx is not None, "the split holds no settings out"
+    per = max(1, chunk // val_idx.shape[2])
+    total: torch.Tensor | None = None
     with torch.no_grad():
-        for start in range(0, split.val_idx.shape[1], per):
-            rows = split.val_idx[:, start : start + per]
+        for start in range(0, val_idx.shape[1], per):
+            rows = val_idx[:, start : start + per]
             part = _member_mse(structure, data, rows) * rows.shape[1]
             total = part if total is None else total + part
-    return total / split.val_idx.shape[1]
+    assert total is not None, "the split holds at least one setting out"
+    return total / val_idx.shape[1]
 
 
 def train_ensemble(
@@ -71,6 +74,8 @@ def train_ensemble(
     t0 = time.perf_counter()
     params = dict(structure.named_parameters())
     validate = split.val_idx is not None
+    # A structure may define penalty(scale (M,) | None): a regulariser added to the loss.
+    penalty = getattr(structure, "penalty", None)
     if validate:
         best = validation_mse(structure, data, split)
         best_state = {k: p.detach().clone() for k, p in params.items()}
@@ -80,10 +85,10 @@ def train_ensemble(
     for step in range(1, steps + 1):
         rows = split.sample(n_settings, rows_per_setting, generator)
         loss = _member_mse(structure, data, rows).sum()
-        if hasattr(structure, "penalty"):
+        if penalty is not None:
             # Scaled by each member's held-out RMS error (normalised units), an estimate of
             # the noise it fits against: a lasso's weight grows with the noise level.
-            loss = loss + structure.penalty(best.sqrt() if validate else None)
+            loss = loss + penalty(best.sqrt() if validate else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -137,7 +137,7 @@ class Task:
 # IDX reader
 # --------------------------------------------------------------------------------------------
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),

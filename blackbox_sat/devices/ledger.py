@@ -131,6 +131,7 @@ class Ledger:
                 None if y is None else _blob(y),
             ),
         )
+        assert cur.lastrowid is not None, "an INSERT sets the row id"
         return int(cur.lastrowid)
 
     def set_meta(self, key: str, value) -> None:

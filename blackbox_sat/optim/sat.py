@@ -26,7 +26,7 @@ Usage (closure API, as in davda54/sam)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -64,6 +64,28 @@ def _scale_like(s, like: torch.Tensor, name: str = "scale") -> torch.Tensor | No
     return s
 
 
+@overload
+def sat_perturbation(
+    grad: torch.Tensor,
+    rho: float,
+    scale: TensorLike | Sequence[TensorLike] | None = None,
+    adaptive: bool = False,
+    theta: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    eta: float = ASAM_ETA,
+) -> torch.Tensor: ...
+
+
+@overload
+def sat_perturbation(
+    grad: Sequence[torch.Tensor],
+    rho: float,
+    scale: TensorLike | Sequence[TensorLike] | None = None,
+    adaptive: bool = False,
+    theta: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    eta: float = ASAM_ETA,
+) -> list[torch.Tensor]: ...
+
+
 def sat_perturbation(
     grad: torch.Tensor | Sequence[torch.Tensor],
     rho: float,
@@ -89,7 +111,7 @@ def sat_perturbation(
     perturbation in normalized coordinates. A zero gradient gives ``eps = 0`` (no NaN).
     """
     single = isinstance(grad, torch.Tensor)
-    grads = [grad] if single else list(grad)
+    grads = [grad] if isinstance(grad, torch.Tensor) else list(grad)
     if not grads:
         return []
     if rho < 0:

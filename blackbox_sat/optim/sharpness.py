@@ -70,6 +70,7 @@ def _power_iteration(
         if lam is not None and abs(lam_new - lam) <= tol * max(abs(lam_new), 1e-30):
             return lam_new
         lam = lam_new
+    assert lam is not None, "the loop runs at least once"
     return lam
 
 

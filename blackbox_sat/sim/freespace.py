@@ -78,7 +78,8 @@ def bilinear_taps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where each optical-grid pixel samples the mask. Returns ``index (H*W, 4)`` into the
     flattened mask and ``weight (H*W, 4)`` (0 for taps outside the mask)."""
-    dx, dy = (float(shift), float(shift)) if np.ndim(shift) == 0 else map(float, shift)
+    pair = np.asarray(shift, float)
+    dx, dy = (float(pair), float(pair)) if pair.ndim == 0 else map(float, pair)
     rows, cols = np.meshgrid(
         np.arange(height, dtype=float), np.arange(width, dtype=float), indexing="ij"
     )
@@ -108,6 +109,9 @@ class MaskModel(torch.nn.Module):
     ``theta``'s dtype. Buffers: ``transfer (R*C, R*C)`` theta -> cell means ``A``,
     ``det_gain (R,)``; ``saturation`` None or output units."""
 
+    transfer: torch.Tensor
+    det_gain: torch.Tensor
+
     def __init__(
         self, transfer: np.ndarray, det_gain: np.ndarray, in_dim: int, saturation: float | None
     ):
@@ -136,6 +140,15 @@ class MaskCalibrationModel(CalibrationModelBase):
     (H, W)`` (0, ``sigma``), ``log_det_gain (2 out_dim,)`` (0, ``sigma / 3``). The warp is
     the simulator's bilinear sampling written in torch, so the transfer matrix is
     differentiable in the geometry (piecewise: the taps move at pixel boundaries)."""
+
+    rotation: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+    log_pixel_gain: torch.Tensor
+    log_det_gain: torch.Tensor
+    grid_r: torch.Tensor
+    grid_c: torch.Tensor
+    cell: torch.Tensor
 
     def __init__(
         self,
@@ -260,6 +273,7 @@ class FreeSpaceVMM(SimulatedDevice):
             shift,
             float(scale),
         )
+        self.saturation: float | None
         if nonlinearity is True:
             self.saturation = self.in_dim / 4
         elif nonlinearity is False or nonlinearity is None:
@@ -330,7 +344,8 @@ class FreeSpaceVMM(SimulatedDevice):
         """This chip's values of :meth:`calibration_model`'s parameters: loaded with
         ``model.load_truth``, the model equals :meth:`true_model`."""
         f64 = torch.float64
-        shift = (self.shift, self.shift) if np.ndim(self.shift) == 0 else tuple(self.shift)
+        pair = np.asarray(self.shift, float)
+        shift = (float(pair), float(pair)) if pair.ndim == 0 else tuple(pair)
         return {
             "rotation": torch.tensor(self.rotation, dtype=f64),
             "shift": torch.tensor(shift, dtype=f64),
@@ -346,6 +361,7 @@ class FreeSpaceVMM(SimulatedDevice):
     def cells(self, theta: np.ndarray, nominal: bool = False) -> np.ndarray:
         """``A (2 out_dim, in_dim)`` of this chip (or the datasheet) at ``theta``."""
         model = self.nominal_model() if nominal else self.true_model()
+        assert isinstance(model, MaskModel)
         with torch.no_grad():
             return model.cells(torch.as_tensor(np.asarray(theta, float))).numpy()
 

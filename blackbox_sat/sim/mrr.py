@@ -105,6 +105,11 @@ class RingBankModel(torch.nn.Module):
     ``efficiency (out, in)`` nm/mA^2 from a ring's own heater, ``fwhm (out, in)`` nm,
     ``coupling (in, in)`` heat-crosstalk matrix along a bus."""
 
+    detune: torch.Tensor
+    efficiency: torch.Tensor
+    fwhm: torch.Tensor
+    coupling: torch.Tensor
+
     def __init__(
         self, detune: np.ndarray, efficiency: np.ndarray, fwhm: np.ndarray, coupling: np.ndarray
     ):
@@ -138,6 +143,11 @@ class RingCalibrationModel(CalibrationModelBase):
     datasheet; datasheet 0, scale ``sigma * FWHM``), ``log_heater`` (log heater-efficiency
     gain; 0, ``sigma / 4``), ``log_width`` (log linewidth / FWHM; 0, ``sigma / 4``). Fixed:
     ``DETUNE0``, ``ETA * R``, ``FWHM`` and the crosstalk matrix."""
+
+    offset: torch.Tensor
+    log_heater: torch.Tensor
+    log_width: torch.Tensor
+    coupling: torch.Tensor
 
     def __init__(
         self,
@@ -274,6 +284,7 @@ class MRRWeightBank(SimulatedDevice):
     def weights(self, theta: np.ndarray, nominal: bool = False) -> np.ndarray:
         """Signed weights ``(out_dim, in_dim)`` of this chip (or the datasheet) at ``theta``."""
         model = self.nominal_model() if nominal else self.true_model()
+        assert isinstance(model, RingBankModel)
         with torch.no_grad():
             return model.weights(torch.as_tensor(np.asarray(theta, float))).numpy()
 

@@ -118,6 +118,15 @@ class MeshModel(torch.nn.Module):
     """``model(theta (n_params,), x (batch, N)) -> (batch, N)`` intensities, differentiable
     in both, computed in ``theta``'s dtype (complex64 for float32, complex128 for float64)."""
 
+    t: torch.Tensor
+    k: torch.Tensor
+    bias: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    idx_a: torch.Tensor
+    idx_b: torch.Tensor
+    perm: torch.Tensor
+
     def __init__(self, n_modes: int, bs_error: np.ndarray, phase_bias: np.ndarray, kappa: float):
         super().__init__()
         self.n_modes = n = int(n_modes)
@@ -183,6 +192,15 @@ class MeshCalibrationModel(CalibrationModelBase):
     the scalar ``kappa`` (datasheet ``kappa``, scale ``kappa_scale``), for a design whose
     crosstalk is not trusted. Fixed: topology (and ``kappa`` by default). Same physics as :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over
     settings."""
+
+    bs_error: torch.Tensor
+    phase_bias: torch.Tensor
+    kappa: float | torch.Tensor  # a parameter with fit_crosstalk, else a fixed float
+    up: torch.Tensor
+    down: torch.Tensor
+    idx_a: torch.Tensor
+    idx_b: torch.Tensor
+    perm: torch.Tensor
 
     def __init__(
         self,
@@ -351,6 +369,7 @@ class MZIMesh(SimulatedDevice):
     def transfer_matrix(self, theta: np.ndarray, nominal: bool = False) -> np.ndarray:
         """``U (N, N)`` complex128 of this chip (or the datasheet) at setting ``theta``."""
         model = self.nominal_model() if nominal else self.true_model()
+        assert isinstance(model, MeshModel)
         with torch.no_grad():
             return model.transfer_matrix(torch.as_tensor(np.asarray(theta, float))).numpy()
 

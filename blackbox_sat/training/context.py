@@ -43,9 +43,9 @@ class TrainContext:
     seed: int
     config: Any  # the method's frozen configuration dataclass
     budget: int
-    progress: object = None
+    progress: Any = None  # a progress bar (tqdm: ``n``, ``refresh()``) or None
     curve: list = field(default_factory=list)
-    rng: np.random.Generator = None
+    rng: np.random.Generator | None = None  # None: seeded from ``seed`` in __post_init__
 
     def __post_init__(self):
         if self.rng is None:
@@ -119,6 +119,7 @@ class TrainContext:
     def minibatches(self, size: int = MINIBATCH):
         """Endless seeded stream of index arrays over the training set, one epoch at a time."""
         n = len(self.y_train)
+        assert self.rng is not None, "set in __post_init__"
         while True:
             order = self.rng.permutation(n)
             for i in range(0, n - size + 1 if n >= size else 1, size):

@@ -174,6 +174,7 @@ class Anchors:
         self.setting[idx] = len(self.thetas) - 1
         self.y[idx] = step.y
         if self.resid is not None:
+            assert step.y is not None and step.y_hat is not None, "a step records both"
             self.resid[idx] = torch.as_tensor(step.y - step.y_hat)
 
     def invalidate(self) -> None:

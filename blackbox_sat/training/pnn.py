@@ -52,6 +52,12 @@ class PNN(nn.Module):
     (within ``input_bounds``); ``forward(y) -> logits (n, n_classes)``.
     """
 
+    gain: torch.Tensor
+    in_low: torch.Tensor
+    in_high: torch.Tensor
+    input_layer: nn.Linear  # hybrid mode only, as is readout
+    readout: nn.Linear
+
     def __init__(
         self,
         encoding: FixedEncoding,
