@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def train_on_models(
         info.low / info.scale, info.high / info.scale, info.periodic
     )  # in u = theta / scale
     digital0 = copy.deepcopy(ctx.pnn.state_dict())
-    best = {"val": -1.0}
+    best: dict[str, Any] = {"val": -1.0}
     runs = []
     for lr in cfg.lr_grid:
         ctx.pnn.load_state_dict(digital0)
@@ -95,7 +96,8 @@ def train_on_models(
             else torch.optim.Adam(groups)
         )
         batches = ctx.minibatches()
-        run_best, since, curve, step = (-1.0, None, None), 0, [], 0
+        run_best: tuple[float, Any, Any] = (-1.0, None, None)
+        since, curve, step = 0, [], 0
         steps_per_epoch = max(1, len(ctx.y_train) // 128)
         for epoch in range(cfg.epochs):
             for _ in range(steps_per_epoch):
