@@ -137,6 +137,16 @@ def start_server_process(
     return proc, m.group(1)
 
 
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until it holds; ``timeout`` is a generous bound that only turns a
+    hang into a failure (the test never depends on how long the wait takes)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not reached within {timeout:g} s")
+        time.sleep(0.02)  # the poll interval
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.kill()

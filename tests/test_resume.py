@@ -15,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.remote import query_digest
 from blackbox_sat.devices.server import DeviceServer
 
-from .conftest import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop
+from .conftest import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop, wait_for
 
 BUDGET = 150
 TRAIN = ["--task", "iris", "--method", "spsa", "--budget", str(BUDGET), "--seed", "0", "--quiet"]
@@ -105,14 +104,6 @@ def lost_queries(journal, rows) -> int:
     return missing
 
 
-def wait_for(predicate, timeout=60.0):
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.02)
-
-
 def test_sigkill_trainer_mid_query_then_resume(tmp_path, monkeypatch, capsys):
     """SIGKILL the trainer while the device measures query 61; resume; the final ledger equals
     an uninterrupted run's, query 61 comes from the journal, and nothing is measured twice."""
@@ -181,7 +172,6 @@ def test_server_restart_mid_run_is_ridden_out(tmp_path):
     try:
         assert dev_a.reached.wait(90), finish(proc, 1)
         srv_a.close()  # connections dropped: the trainer sees EOF and starts retrying
-        time.sleep(0.3)
         dev_a.release.set()  # the call in flight completes and is journaled
         wait_for(lambda: len(srv_a.journal) == 41)
         dev_b = Faulty(mrr4(**QUIET))

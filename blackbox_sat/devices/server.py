@@ -231,6 +231,12 @@ class DeviceServer:
         host, port = self.address
         return f"tcp://{host}:{port}"
 
+    @property
+    def connections(self) -> int:
+        """Client connections open now (an idle one is closed after ``idle_timeout``)."""
+        with self._state:
+            return len(self._conns)
+
     def serve_forever(self) -> None:
         self._tcp.serve_forever(poll_interval=0.2)
 
