@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -519,6 +522,53 @@ def test_token_is_never_written_to_the_run(served, tmp_path, monkeypatch):
     assert json.loads((out / "config.json").read_text())["device_kw"] == {"timeout": 5.0}
 
 
+def test_a_device_kw_token_appears_in_no_output(served, tmp_path, monkeypatch, capsys, caplog):
+    """Given only by ``--device-kw token=...``: it opens the device for train, evaluate and
+    collect, and shows up in no file, no printed line, no returned dict and no log record."""
+    srv, _ = served
+    monkeypatch.delenv("BLACKBOX_SAT_TOKEN", raising=False)
+    caplog.set_level(logging.DEBUG)
+    kw = ["--device-kw", f"token={TOKEN}", "--device-kw", "timeout=5.0"]
+    run, col = tmp_path / "run", tmp_path / "col"
+    train = ["train", "--device", srv.url, *kw, "--task", "iris", "--method", "spsa"]
+    assert main([*train, "--budget", "12", "--out", str(run), "--quiet"]) == 0
+    ev = ["evaluate", "--run", str(run), "--device", srv.url, *kw]
+    assert main([*ev, "--json", str(tmp_path / "e.json")]) == 0
+    collect = ["collect", "--device", srv.url, *kw, "--settings", "3", "--random"]
+    assert main([*collect, "--inputs", "4", "--task", "iris", "--out", str(col)]) == 0
+    returned = bs.evaluate(run, srv.url, {"token": TOKEN})
+    assert returned["device_kw"] == {}
+    printed = capsys.readouterr()
+    assert TOKEN not in printed.out + printed.err and TOKEN not in caplog.text
+    assert TOKEN not in json.dumps(returned)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"config.json", "result.json", "e.json", "ledger.sqlite"} <= {p.name for p in written}
+    for path in written:
+        assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_collect_binds_request_ids_so_a_rerun_pays_nothing_twice(served, tmp_path):
+    """A collect killed after the device measured a setting but before the ledger kept it,
+    then re-run: the settings in the ledger are replayed and the one in flight comes from the
+    server's journal; the device measures each setting once."""
+    from blackbox_sat.harness.collect import collect
+
+    srv, dev = served
+    remote, out = RemoteDevice(srv.url, token=TOKEN), tmp_path / "col"
+    first = collect(remote, 6, out, inputs=8, task="iris")
+    with Ledger(out / "ledger.sqlite") as ledger:
+        namespace = ledger.get_meta("request_namespace")
+    assert namespace and remote.last_request_id.startswith(f"{namespace}:6:")
+    calls = dev.calls
+    with contextlib.closing(sqlite3.connect(out / "ledger.sqlite")) as db, db:
+        db.execute("DELETE FROM queries WHERE id = (SELECT max(id) FROM queries)")  # the kill
+    again = collect(RemoteDevice(srv.url, token=TOKEN), 6, out, inputs=8, task="iris")
+    assert dev.calls == calls and srv.stats["journal_hits"] == 1
+    assert again["settings"] == first["settings"] == 6
+    with Ledger(out / "ledger.sqlite") as ledger:
+        assert ledger.counts()["settings"] == 6
+
+
 def test_device_object_reusable_after_a_run(served, tmp_path):
     srv, dev = served
     remote = RemoteDevice(srv.url, token=TOKEN, timeout=5.0)
@@ -541,6 +591,27 @@ def test_cli_serve_device_requires_a_token(monkeypatch, capsys, tmp_path):
         == 2
     )
     assert "needs a token" in capsys.readouterr().err
+
+
+def test_cli_serve_device_runs_one_torch_thread_unless_told(monkeypatch, tmp_path, capsys):
+    import blackbox_sat.devices.server as server_mod
+
+    monkeypatch.setenv("BLACKBOX_SAT_TOKEN", TOKEN)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's SIGTERM handler
+    monkeypatch.setattr(server_mod.log, "handlers", [logging.NullHandler()])
+    seen = []
+    monkeypatch.setattr(
+        DeviceServer, "serve_forever", lambda self: seen.append(torch.get_num_threads())
+    )
+    args = ["serve-device", "--device", "mrr", "--port", "0", "--journal", str(tmp_path / "j")]
+    try:
+        for extra in ([], ["--threads", "2"], ["--threads", "0"]):
+            torch.set_num_threads(3)  # what torch would pick on a 3-core machine
+            assert main(args + extra) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1, 2, 3]  # 0 keeps torch's own choice
+    assert "serve-device stopped" in capsys.readouterr().out
 
 
 def test_idle_and_unauthenticated_connections_are_closed(monkeypatch):

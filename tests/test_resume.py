@@ -10,6 +10,7 @@ called in exactly the same sequence, so nothing was re-measured or lost.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -190,9 +191,12 @@ def test_server_restart_mid_run_is_ridden_out(tmp_path):
     assert lost_queries(journal_digests(journal), rows) == 0
 
 
-def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, capsys):
+def test_server_down_for_good_fails_clearly_then_resumes_on_its_new_port(
+    tmp_path, monkeypatch, capsys
+):
     """The server stays down past the retries: the trainer stops with a message that says what
-    to do, the ledger stays readable, and `train --resume` finishes once the server is back."""
+    to do, the ledger stays readable, and `train --resume DIR --device tcp://host:NEWPORT`
+    finishes once the server is back on another port, with the same journal."""
     journal = tmp_path / "journal.sqlite"
     dev_a = Faulty(mrr4(), mode="gate", after=30)
     srv_a = DeviceServer(dev_a, TOKEN, journal=journal).start()
@@ -227,9 +231,11 @@ def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, 
     assert "DeviceConnectionError" in rows[30].error
     wait_for(lambda: len(srv_a.journal) == 31)  # the call in flight still completed on the device
     dev_b = Faulty(mrr4())
-    with DeviceServer(dev_b, TOKEN, host=host, port=port, journal=journal) as srv_b:
+    with DeviceServer(dev_b, TOKEN, host=host, port=0, journal=journal) as srv_b:
+        assert srv_b.address[1] != port
         monkeypatch.setenv("BLACKBOX_SAT_TOKEN", TOKEN)
-        assert main(["train", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        resumed = ["train", "--resume", str(out), "--device", srv_b.url, "--quiet"]
+        assert main(resumed) == 0, capsys.readouterr().err
         hits = srv_b.stats["journal_hits"]
     rows = ledger_rows(out / "ledger.sqlite")
     result = bs.resume(out)
@@ -239,6 +245,9 @@ def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, 
     assert lost_queries(journal_digests(journal), rows) == 0
     assert result["bad_queries"] == 1 and result["settings_used"] <= BUDGET
     assert len(rows) == result["settings_used"] + result["eval_settings"]
+    # the run now names the device where it is, so evaluate and a later resume find it there
+    assert result["device"] == srv_b.url
+    assert json.loads((out / "config.json").read_text())["device"] == srv_b.url
 
 
 @pytest.mark.slow
