@@ -114,8 +114,8 @@ def resume(
     """Continue a killed run in ``out`` from its ledger (``train --resume``).
 
     ``device`` and ``device_kw`` say where the device is now (a server restarted on another
-    port): they replace the stored ones, in config.json too, so that a later ``evaluate``
-    finds the device where it is."""
+    port): a spec string and keywords replace the stored ones, in config.json too, so that a
+    later ``evaluate`` finds the device where it is (a device object is used as it is)."""
     out = Path(out)
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
@@ -123,9 +123,9 @@ def resume(
         raise FileNotFoundError(f"{out} has no config.json: it is not a resumable run directory")
     run_cfg = json.loads((out / "config.json").read_text())
     new_kw, secret_kw = _split_secrets(device_kw)
-    if device is not None or new_kw:
-        if device is not None:
-            run_cfg["device"] = device if isinstance(device, str) else type(device).__name__
+    if isinstance(device, str) or new_kw:
+        if isinstance(device, str):
+            run_cfg["device"] = device
         run_cfg["device_kw"] = {**run_cfg["device_kw"], **new_kw}
         write_json_atomic(out / "config.json", run_cfg)
     return _execute(
