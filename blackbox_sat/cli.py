@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="blackbox-sat", help="one of the methods below")
     p.add_argument("--budget", type=int, default=2000, help="device settings (calls of query)")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue a killed run")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a killed run (with --device: the device's new address, e.g. tcp://host:PORT)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser(
@@ -123,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         metavar="ADDR",
         help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)",
+    )
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="rerun finished trials in --out whose configuration differs (default: refuse)",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -191,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=64 * 1024 * 1024,
         help="largest message (default 64 MiB)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the served device (0: torch's default, one per core)",
+    )
     return ap
 
 
@@ -214,8 +229,13 @@ def _dispatch(args) -> int:
     if args.command == "train":
         from blackbox_sat.harness.run import resume, train
 
-        if args.resume:
-            result = resume(args.resume, progress=not args.quiet)
+        if args.resume:  # --device/--device-kw: where the device is now (e.g. a new port)
+            result = resume(
+                args.resume,
+                device=args.device,
+                device_kw=parse_kv(args.device_kw),
+                progress=not args.quiet,
+            )
         else:
             if not args.device or not args.out:
                 raise InvalidInput("train needs --device and --out (or --resume DIR)")
@@ -269,6 +289,7 @@ def _dispatch(args) -> int:
             progress=not args.quiet,
             backend=args.backend,
             address=args.address,
+            rerun_changed=args.rerun_changed,
         )
         print(summary_table(res["summary"]))
         print("wrote " + ", ".join(res["files"]))
@@ -328,6 +349,7 @@ def _dispatch(args) -> int:
             token_file=args.token_file,
             journal=args.journal,
             max_message_bytes=args.max_message_bytes,
+            threads=args.threads,
         )
     raise AssertionError(args.command)
 

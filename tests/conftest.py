@@ -1,6 +1,7 @@
 """Shared test settings: one torch thread, as every trial runs (a 2-core CI box is easily
 oversubscribed, and tiny simulator matmuls then take milliseconds instead of microseconds)."""
 
+import inspect
 import os
 import re
 import subprocess
@@ -136,6 +137,16 @@ def start_server_process(
     return proc, m.group(1)
 
 
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until it holds; ``timeout`` is a generous bound that only turns a
+    hang into a failure (the test never depends on how long the wait takes)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not reached within {timeout:g} s")
+        time.sleep(0.02)  # the poll interval
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.kill()
@@ -214,6 +225,33 @@ def true_loss(ctx: TrainContext, theta) -> float:
         x = ctx.pnn.device_inputs(ctx.f_train)
         y = model(torch.as_tensor(np.asarray(theta, float)), x)
         return float(F.cross_entropy(ctx.pnn(y), torch.as_tensor(ctx.y_train)))
+
+
+def assert_meets_protocol(obj, protocol) -> None:
+    """What ``isinstance(obj, protocol)`` cannot check (for a runtime-checkable protocol it
+    only asks that the names exist): each method takes the protocol's parameters under the
+    same names, kinds and optionality, so a renamed or dropped keyword fails here."""
+    members = [n for n in vars(protocol) if not n.startswith("_")]
+    members += list(getattr(protocol, "__annotations__", {}))
+    assert members, f"{protocol.__name__} declares no members"
+    for name in members:
+        assert hasattr(obj, name), f"{type(obj).__name__} lacks {name}"
+        declared = getattr(protocol, name, None)
+        if not callable(declared):
+            continue
+        want = inspect.signature(declared).parameters
+        have = inspect.signature(getattr(obj, name)).parameters
+        for pname, p in want.items():
+            if pname in ("self", "cls"):
+                continue
+            assert pname in have, f"{type(obj).__name__}.{name} has no parameter {pname!r}"
+            q = have[pname]
+            assert q.kind == p.kind, (
+                f"{type(obj).__name__}.{name}({pname}) is {q.kind}, not {p.kind}"
+            )
+            assert (q.default is q.empty) == (p.default is p.empty), (
+                f"{type(obj).__name__}.{name}({pname}): optional in one, required in the other"
+            )
 
 
 def small_mrr(**kw):

@@ -17,6 +17,8 @@ from blackbox_sat.sim.calibration import parameter_rms
 from blackbox_sat.sim.mzi import MeshCalibrationModel
 from surrogates import CalibratedSurrogate, Surrogate, load_surrogate, make_surrogate
 
+from .conftest import assert_meets_protocol
+
 QUIET = {"noise": 0.0, "programming_noise": 0.0, "dac_bits": None}
 
 
@@ -191,7 +193,8 @@ def test_protocol_predict_grouping_gradients_and_save_load(tmp_path):
     sur = make_surrogate("calibrated", model=dev.calibration_model(), max_iter=100).fit(
         theta, x, y, g
     )
-    assert isinstance(sur, Surrogate)
+    assert_meets_protocol(sur, Surrogate)
+    assert (sur.n_params, sur.in_dim, sur.out_dim) == (theta.shape[1], x.shape[1], y.shape[1])
     # Rows of mixed settings equal per-setting predictions.
     rows = np.array([0, 40, 1, 200, 41, 2])
     mixed = sur.predict(theta[rows], x[rows])

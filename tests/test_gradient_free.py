@@ -99,12 +99,12 @@ def test_ng_cma_one_minibatch_per_generation_and_mean_recommendation(monkeypatch
     # the returned setting is the CMA distribution mean, not the best single noisy evaluation
     opt, space = box["opt"], box["space"]
     obj = DeviceObjective(ctx)
-    mean_theta = obj.to_theta(space.from_standardized(opt._es.mean))
+    mean_theta = obj.to_theta(space.from_standardized(opt.es.mean))
     np.testing.assert_allclose(out.theta, mean_theta)
     best_theta = obj.to_theta(space.to_u(opt.provide_recommendation().value))
     assert not np.allclose(out.theta, best_theta)
     # non-elitist, full covariance, initial step sigma0 in normalized units
-    assert opt._es.opts["CMA_elitist"] is False and not opt._es.opts["CMA_diagonal"]
+    assert opt.es.opts["CMA_elitist"] is False and not opt.es.opts["CMA_diagonal"]
     assert (
         0.2 * gf.NevergradConfig().sigma0
         < out.extra["final_sigma"]

@@ -209,6 +209,8 @@ def test_trials_on_a_served_device_are_serialised_on_it(local_ray, served_mzi, t
     assert all(a[1] < b[0] for a, b in itertools.pairwise(spans)), (
         spans
     )  # no two trials on the device at once
+    for path in (tmp_path / "tcp").rglob("*"):  # the token opened the device, and is nowhere
+        assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_the_gate_is_taken_at_the_first_query_and_held_to_the_end(served_mzi):

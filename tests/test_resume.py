@@ -10,12 +10,12 @@ called in exactly the same sequence, so nothing was re-measured or lost.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.remote import query_digest
 from blackbox_sat.devices.server import DeviceServer
 
-from .conftest import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop
+from .conftest import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop, wait_for
 
 BUDGET = 150
 TRAIN = ["--task", "iris", "--method", "spsa", "--budget", str(BUDGET), "--seed", "0", "--quiet"]
@@ -105,14 +105,6 @@ def lost_queries(journal, rows) -> int:
     return missing
 
 
-def wait_for(predicate, timeout=60.0):
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.02)
-
-
 def test_sigkill_trainer_mid_query_then_resume(tmp_path, monkeypatch, capsys):
     """SIGKILL the trainer while the device measures query 61; resume; the final ledger equals
     an uninterrupted run's, query 61 comes from the journal, and nothing is measured twice."""
@@ -181,7 +173,6 @@ def test_server_restart_mid_run_is_ridden_out(tmp_path):
     try:
         assert dev_a.reached.wait(90), finish(proc, 1)
         srv_a.close()  # connections dropped: the trainer sees EOF and starts retrying
-        time.sleep(0.3)
         dev_a.release.set()  # the call in flight completes and is journaled
         wait_for(lambda: len(srv_a.journal) == 41)
         dev_b = Faulty(mrr4(**QUIET))
@@ -200,9 +191,12 @@ def test_server_restart_mid_run_is_ridden_out(tmp_path):
     assert lost_queries(journal_digests(journal), rows) == 0
 
 
-def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, capsys):
+def test_server_down_for_good_fails_clearly_then_resumes_on_its_new_port(
+    tmp_path, monkeypatch, capsys
+):
     """The server stays down past the retries: the trainer stops with a message that says what
-    to do, the ledger stays readable, and `train --resume` finishes once the server is back."""
+    to do, the ledger stays readable, and `train --resume DIR --device tcp://host:NEWPORT`
+    finishes once the server is back on another port, with the same journal."""
     journal = tmp_path / "journal.sqlite"
     dev_a = Faulty(mrr4(), mode="gate", after=30)
     srv_a = DeviceServer(dev_a, TOKEN, journal=journal).start()
@@ -237,9 +231,11 @@ def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, 
     assert "DeviceConnectionError" in rows[30].error
     wait_for(lambda: len(srv_a.journal) == 31)  # the call in flight still completed on the device
     dev_b = Faulty(mrr4())
-    with DeviceServer(dev_b, TOKEN, host=host, port=port, journal=journal) as srv_b:
+    with DeviceServer(dev_b, TOKEN, host=host, port=0, journal=journal) as srv_b:
+        assert srv_b.address[1] != port
         monkeypatch.setenv("BLACKBOX_SAT_TOKEN", TOKEN)
-        assert main(["train", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        resumed = ["train", "--resume", str(out), "--device", srv_b.url, "--quiet"]
+        assert main(resumed) == 0, capsys.readouterr().err
         hits = srv_b.stats["journal_hits"]
     rows = ledger_rows(out / "ledger.sqlite")
     result = bs.resume(out)
@@ -249,6 +245,9 @@ def test_server_down_for_good_fails_clearly_then_resumes(tmp_path, monkeypatch, 
     assert lost_queries(journal_digests(journal), rows) == 0
     assert result["bad_queries"] == 1 and result["settings_used"] <= BUDGET
     assert len(rows) == result["settings_used"] + result["eval_settings"]
+    # the run now names the device where it is, so evaluate and a later resume find it there
+    assert result["device"] == srv_b.url
+    assert json.loads((out / "config.json").read_text())["device"] == srv_b.url
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The ``mzi`` simulator: a Clements mesh against a plain per-MZI reference, unitarity, the
-three views, chip draws, drift, and autograd against finite differences."""
+three views, chip draws, drift and float32 (the contract it shares with the other simulators
+is in ``test_sim_contract.py``)."""
 
 from __future__ import annotations
 
@@ -124,12 +125,6 @@ def test_bar_state_is_identity_on_nominal():
     np.testing.assert_allclose(y, x**2 / (x**2).sum(1, keepdims=True), atol=1e-12)
 
 
-def test_query_equals_true_model_without_noise():
-    dev = mzi(n_modes=8, drift=0.5, **QUIET)
-    theta, x = _theta(dev), _inputs(8)
-    np.testing.assert_allclose(dev.query(theta, x), _true(dev, theta, x), atol=1e-10)
-
-
 def test_read_noise_at_documented_level():
     dev = mzi(n_modes=16, programming_noise=0.0, dac_bits=None)  # default read noise only
     theta, x = _theta(dev), _inputs(16, 128)
@@ -161,9 +156,6 @@ def test_chip_draws():
     for name in ("bs_error", "phase_offset", "beta_j"):
         assert np.array_equal(getattr(a, name), getattr(b, name))
         assert not np.allclose(getattr(a, name), getattr(c, name))
-    theta, x = _theta(a), _inputs(6)
-    assert np.array_equal(_true(a, theta, x), _true(b, theta, x))
-    assert np.abs(_true(a, theta, x) - _true(c, theta, x)).max() > 1e-3
     big = mzi(seed=0, n_modes=6, sigma=0.3, drift=2.0)
     np.testing.assert_allclose(big.bs_error, 2 * a.bs_error, rtol=1e-12)
     np.testing.assert_allclose(big.phase_offset, 2 * a.phase_offset, rtol=1e-12)
@@ -201,36 +193,6 @@ def test_drift_is_not_common_mode():
     assert (
         np.abs(_true(uniform.sibling(drift=1.0), theta, x) - _true(uniform, theta, x)).mean() > 5e-3
     )
-
-
-def test_periodic():
-    dev = mzi(n_modes=6)
-    theta, x = _theta(dev), _inputs(6)
-    np.testing.assert_allclose(_true(dev, theta + TWO_PI, x), _true(dev, theta, x), atol=1e-10)
-    np.testing.assert_allclose(_true(dev, theta - TWO_PI, x), _true(dev, theta, x), atol=1e-10)
-
-
-def test_gradients_match_finite_differences():
-    dev = mzi(n_modes=6, drift=0.5)
-    model = dev.true_model()
-    theta = torch.as_tensor(_theta(dev), dtype=torch.float64).requires_grad_(True)
-    x = torch.as_tensor(_inputs(6, 5), dtype=torch.float64).requires_grad_(True)
-    w = torch.as_tensor(np.random.default_rng(5).normal(size=(5, 6)))
-    loss = lambda th, xx: (model(th, xx) * w).sum()  # noqa: E731
-    g_theta, g_x = torch.autograd.grad(loss(theta, x), (theta, x))
-    h = 1e-6
-    with torch.no_grad():
-        for i in range(dev.n_params):
-            e = torch.zeros_like(theta)
-            e[i] = h
-            fd = (loss(theta + e, x) - loss(theta - e, x)) / (2 * h)
-            assert abs(fd.item() - g_theta[i].item()) < 1e-6
-        for i, j in [(0, 0), (2, 3), (4, 5)]:
-            e = torch.zeros_like(x)
-            e[i, j] = h
-            fd = (loss(theta, x + e) - loss(theta, x - e)) / (2 * h)
-            assert abs(fd.item() - g_x[i, j].item()) < 1e-6
-    assert g_theta.abs().max() > 1e-3
 
 
 def test_float32_model():

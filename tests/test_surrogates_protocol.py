@@ -18,6 +18,8 @@ from surrogates import (
 )
 from surrogates.dataset import groups_from_theta
 
+from .conftest import assert_meets_protocol
+
 P, IN, OUT = 3, 3, 2
 
 # Small, fast configurations of every kind; the round trip must hold for each.
@@ -86,8 +88,10 @@ def test_registry():
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_save_load_round_trip_gives_identical_predictions(name, rows, tmp_path):
     theta, x, y = rows
-    model = _make(name).fit(theta, x, y)
-    assert isinstance(model, Surrogate)
+    model = _make(name)
+    assert model.fit(theta, x, y) is model
+    assert_meets_protocol(model, Surrogate)
+    assert (model.n_params, model.in_dim, model.out_dim) == (P, IN, OUT)
     mean, std = model.predict_with_uncertainty(theta[:17], x[:17])
     assert mean.shape == std.shape == (17, OUT) and torch.all(std >= 0)
     model.save(tmp_path / "s.pt")

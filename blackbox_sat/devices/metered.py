@@ -49,6 +49,11 @@ class MeteredDevice:
         self.device_time = 0.0
         self._replay = list(ledger.rows()) if (ledger is not None and replay) else []
         self._replay_pos = 0
+        if ledger is not None and callable(getattr(device, "bind_ledger", None)):
+            # A served device derives its request ids from the ledger, so that a query retried
+            # after a kill, by this or a later process, is answered from the server's journal
+            # instead of being measured and paid for twice (see .remote).
+            device.bind_ledger(ledger)
 
     @property
     def remaining(self) -> int | None:

@@ -23,7 +23,7 @@ journal) or ``stats``; or ``{"v": 1, "id": ID, "status": "error", "error": {"typ
 distinct query and reused when the query is retried. The server keeps a durable journal of
 id -> result, so a retried id is answered from it, never measured or counted twice, even
 after a server restart. Bound to a run's ledger (:meth:`RemoteDevice.bind_ledger`, done by
-``train``), ids are ``<run namespace>:<good ledger rows + 1>:<digest of theta and x>``: a
+:class:`~.metered.MeteredDevice` for ``train`` and ``collect``), ids are ``<run namespace>:<good ledger rows + 1>:<digest of theta and x>``: a
 resumed run re-sends the query that was in flight when it was killed under the same id and
 gets the already-paid measurement back from the journal.
 
@@ -310,7 +310,8 @@ class RemoteDevice:
     def bind_ledger(self, ledger) -> None:
         """Derive request ids from ``ledger`` (a :class:`~.ledger.Ledger`) so that they
         survive a kill: ``<namespace>:<good rows + 1>:<digest>``, the namespace stored in the
-        ledger's meta. ``train`` calls this; without it ids are random per client."""
+        ledger's meta. A metered device with a ledger calls this; without it ids are random
+        per client."""
         ns = ledger.get_meta("request_namespace")
         if ns is None:
             ns = uuid.uuid4().hex

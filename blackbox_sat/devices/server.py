@@ -231,6 +231,12 @@ class DeviceServer:
         host, port = self.address
         return f"tcp://{host}:{port}"
 
+    @property
+    def connections(self) -> int:
+        """Client connections open now (an idle one is closed after ``idle_timeout``)."""
+        with self._state:
+            return len(self._conns)
+
     def serve_forever(self) -> None:
         self._tcp.serve_forever(poll_interval=0.2)
 
@@ -562,15 +568,24 @@ def serve(
     journal: str | Path | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     out=None,
+    threads: int = 1,
 ) -> int:
     """``blackbox-sat serve-device``: load ``spec``, listen, print the address, serve until
     SIGINT/SIGTERM. Prints ``listening on tcp://HOST:PORT`` (with the port picked when 0)
-    as its first stdout line, flushed."""
+    as its first stdout line, flushed.
+
+    ``threads``: torch threads (0 keeps torch's default). One, as for trials: the device
+    answers one small query at a time, and a thread pool per core only competes with the
+    trainers on the same machine."""
     import signal
     import sys
 
+    import torch
+
     from .spec import load_device
 
+    if threads:
+        torch.set_num_threads(threads)
     out = out or sys.stdout
     token = read_token(token_file)
     journal = Path(journal) if journal is not None else default_journal(token_file)

@@ -15,6 +15,15 @@ import inspect
 
 from .contract import DeviceContractError, InvalidInput, describe
 
+#: Device keywords that are secrets: given to the device, never written, returned or printed
+#: (a resumed run or an evaluation reads the token from $BLACKBOX_SAT_TOKEN instead).
+SECRET_DEVICE_KW = ("token",)
+
+
+def public_kw(kw: dict | None) -> dict:
+    """``kw`` without its secrets (:data:`SECRET_DEVICE_KW`): what may be stored or shown."""
+    return {k: v for k, v in (kw or {}).items() if k not in SECRET_DEVICE_KW}
+
 
 def parse_kv(items: list[str] | None) -> dict:
     """``["a=1", "b=mzi", "c=[1,2]"]`` -> ``{"a": 1, "b": "mzi", "c": [1, 2]}``."""

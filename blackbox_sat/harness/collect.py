@@ -2,7 +2,8 @@
 
 ``collect`` measures a designed set of settings (a trust region around a centre, or Sobol
 over the whole box) on training inputs of a task, into ``DIR/ledger.sqlite`` (purpose
-``probe``), with the centre in ``DIR/centre.npy``.
+``probe``), with the centre in ``DIR/centre.npy``. Re-run into the same ``DIR`` after a kill,
+it replays the ledger and pays only for the settings not yet measured.
 
 ``fit_surrogate`` fits one surrogate family on a ledger, holding out whole settings, and
 reports its held-out error. Given the simulator the ledger came from, it also reports the
@@ -27,7 +28,7 @@ from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
-from blackbox_sat.devices.spec import load_device
+from blackbox_sat.devices.spec import load_device, public_kw
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
 from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
 
@@ -73,14 +74,17 @@ def collect(
     xs = inputs_per_setting(pool, len(thetas), min(inputs, len(pool)), np.random.default_rng(seed))
     t0 = time.perf_counter()
     with Ledger(out / "ledger.sqlite") as ledger:
-        meter = MeteredDevice(source, ledger, replay=False)
+        # Replay, as ``train --resume`` does: a collect re-run after a kill takes the settings
+        # already in the ledger from it, and the query in flight at the kill from the server's
+        # journal (the meter binds request ids to the ledger), so nothing is paid twice.
+        meter = MeteredDevice(source, ledger)
         for theta, x in zip(thetas, xs):
             meter.query(info.project(theta), x, purpose="probe")
         ledger.set_meta(
             "collect",
             {
                 "device": device if isinstance(device, str) else type(device).__name__,
-                "device_kw": dict(device_kw or {}),
+                "device_kw": public_kw(device_kw),
                 "settings": settings,
                 "radius": radius,
                 "inputs": inputs,

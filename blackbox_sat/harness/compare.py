@@ -22,7 +22,16 @@ from blackbox_sat.devices.contract import InvalidInput
 
 from .backends import run_trials
 from .run import write_json_atomic
-from .trials import DEFAULT_SWEEPS, UNSEEN_SEEDS, Study, Trial, run_trial, seedable  # noqa: F401  (Trial, run_trial: public names)
+from .trials import (  # noqa: F401  (Trial, run_trial: public names)
+    DEFAULT_SWEEPS,
+    UNSEEN_SEEDS,
+    Study,
+    Trial,
+    config_diff,
+    run_trial,
+    seedable,
+    trial_config,
+)
 
 SUMMARY_FIELDS = (
     "acc_chip",
@@ -52,6 +61,7 @@ def compare(
     rerun_failed: bool = True,
     backend: str = "local",
     address: str | None = None,
+    rerun_changed: bool = False,
 ) -> dict:
     """Run a study and write ``results.csv`` and ``summary.md`` into ``out``.
 
@@ -59,7 +69,9 @@ def compare(
     101-105 for a seedable device, none otherwise). ``sweep``: ``{key: [values]}`` of device
     keywords (default per built-in). ``backend``: ``local`` (``workers`` processes) or
     ``ray`` (a local Ray instance, or the cluster at ``address``); see :mod:`.backends`.
-    Returns ``{"rows", "summary", "out"}``.
+    A finished trial in ``out`` is reused only if its stored configuration equals the one
+    requested; a different one raises :class:`InvalidInput` naming the keys, unless
+    ``rerun_changed`` (then it runs afresh). Returns ``{"rows", "summary", "out"}``.
     """
     if not isinstance(device, str):
         raise InvalidInput(
@@ -78,16 +90,26 @@ def compare(
         sweep,
         str(out),
     )
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(out) / "study.json", _public(study.__dict__))
-    todo, rows = [], {}
+    todo, rows, changed = [], {}, {}
     for t in study.trials():
         if t.row_path.exists():
             prev = json.loads(t.row_path.read_text())
             if prev["status"] == "ok" or not rerun_failed:
-                rows[t.key] = prev
-                continue
+                diff = config_diff(prev.get("trial"), trial_config(t))
+                if not diff:
+                    rows[t.key] = prev
+                    continue
+                if not rerun_changed:
+                    changed[t.key] = diff
         todo.append(t)
+    if changed:  # refused before anything is written or run
+        raise InvalidInput(
+            f"{Path(out) / 'trials'} holds finished trials of another configuration: "
+            + "; ".join(f"{key} differs in {', '.join(d)}" for key, d in changed.items())
+            + ". Choose another --out, or pass --rerun-changed to run them afresh"
+        )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "study.json", _public(study.__dict__))
     if rows:
         # Reused rows come from whatever code wrote them: say so, since a changed method or
         # default would otherwise be silently mixed with old results.
@@ -209,7 +231,7 @@ def summary_table(summary: dict) -> str:
 
 def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> list[str]:
     """Write ``results.csv``, ``summary.md`` and the plots; return the paths written."""
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "traceback"))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("traceback", "trial")))
     tmp = out / "results.csv.tmp"
     with tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

@@ -16,7 +16,7 @@ import torch
 from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
-from blackbox_sat.devices.spec import load_device
+from blackbox_sat.devices.spec import load_device, public_kw
 from blackbox_sat.training.pnn import PNN
 
 
@@ -37,7 +37,8 @@ def evaluate(
 ) -> dict:
     """Test accuracy of ``run`` on ``device`` (object or spec; default: the training device).
 
-    Returns ``{"accuracy", "n_test", "settings", "device", "device_kw"}``.
+    Returns ``{"accuracy", "n_test", "settings", "device", "device_kw"}`` (``device_kw``
+    without secrets such as a token).
     """
     pnn, theta, cfg = load_run(run)
     if device is None:
@@ -57,5 +58,5 @@ def evaluate(
         "n_test": len(data.y_test),
         "settings": metered.eval_settings,
         "device": device if isinstance(device, str) else type(device).__name__,
-        "device_kw": dict(device_kw or {}),
+        "device_kw": public_kw(device_kw),  # a token is used, never returned
     }

@@ -26,16 +26,12 @@ from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
-from blackbox_sat.devices.spec import load_device
+from blackbox_sat.devices.spec import SECRET_DEVICE_KW, load_device, public_kw
 from blackbox_sat.methods.registry import get_method
 from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
 from blackbox_sat.training.config import as_dict, build
 from blackbox_sat.training.context import TrainContext
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
-
-#: Device keywords never written to config.json, the ledger or result.json (a resumed run
-#: reads the token from $BLACKBOX_SAT_TOKEN instead).
-SECRET_DEVICE_KW = ("token",)
 
 
 class RunExists(FileExistsError):
@@ -90,8 +86,7 @@ def train(
             f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume {out}`"
         )
     cfg = method_config(method, config)
-    device_kw = dict(device_kw or {})
-    secret_kw = {k: device_kw.pop(k) for k in SECRET_DEVICE_KW if k in device_kw}
+    device_kw, secret_kw = _split_secrets(device_kw)
     run_cfg = {
         "method": method,
         "task": task if isinstance(task, str) else None,
@@ -113,17 +108,40 @@ def train(
     return _execute(device, task, run_cfg, out, progress, secret_kw)
 
 
-def resume(out: str | Path, device=None, progress: bool = True) -> dict:
-    """Continue a killed run in ``out`` from its ledger (``train --resume``)."""
+def resume(
+    out: str | Path, device=None, progress: bool = True, device_kw: dict | None = None
+) -> dict:
+    """Continue a killed run in ``out`` from its ledger (``train --resume``).
+
+    ``device`` and ``device_kw`` say where the device is now (a server restarted on another
+    port): a spec string and keywords replace the stored ones, in config.json too, so that a
+    later ``evaluate`` finds the device where it is (a device object is used as it is)."""
     out = Path(out)
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"{out} has no config.json: it is not a resumable run directory")
     run_cfg = json.loads((out / "config.json").read_text())
+    new_kw, secret_kw = _split_secrets(device_kw)
+    if isinstance(device, str) or new_kw:
+        if isinstance(device, str):
+            run_cfg["device"] = device
+        run_cfg["device_kw"] = {**run_cfg["device_kw"], **new_kw}
+        write_json_atomic(out / "config.json", run_cfg)
     return _execute(
-        device if device is not None else run_cfg["device"], run_cfg["task"], run_cfg, out, progress
+        device if device is not None else run_cfg["device"],
+        run_cfg["task"],
+        run_cfg,
+        out,
+        progress,
+        secret_kw,
     )
+
+
+def _split_secrets(device_kw: dict | None) -> tuple[dict, dict]:
+    """``(public, secret)`` parts of device keywords: only the public part is ever written."""
+    kw = dict(device_kw or {})
+    return public_kw(kw), {k: kw[k] for k in SECRET_DEVICE_KW if k in kw}
 
 
 def _execute(
@@ -142,10 +160,6 @@ def _execute(
     ledger = Ledger(out / "ledger.sqlite")
     ledger.set_meta("config", run_cfg)
     metered = MeteredDevice(source, ledger, budget=0 if spec.model_based else budget)
-    if callable(
-        getattr(source, "bind_ledger", None)
-    ):  # request ids that survive a kill (devices/remote.py)
-        source.bind_ledger(ledger)
     pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg.pnn)
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)

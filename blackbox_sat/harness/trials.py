@@ -3,6 +3,8 @@ trained chip, on unseen chips and over the device's sweep (drift or misalignment
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -10,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from blackbox_sat.devices.spec import accepts_seed, resolve_factory
+from blackbox_sat.devices.contract import UserError
+from blackbox_sat.devices.spec import accepts_seed, public_kw, resolve_factory
+from blackbox_sat.training.config import as_dict
 
 from .evaluate import evaluate
-from .run import train, write_json_atomic
+from .run import method_config, train, write_json_atomic
 
 UNSEEN_SEEDS = (101, 102, 103, 104, 105)
 #: Post-deployment sweeps of the built-in simulators (docs/protocol.md).
@@ -37,7 +41,7 @@ class Trial:
     method: str
     seed: int
     device: str
-    device_kw: dict
+    device_kw: dict = field(repr=False)  # may hold a token
     task: str
     budget: int
     config: dict
@@ -129,6 +133,47 @@ def seedable(device) -> bool:
         return False
 
 
+def trial_config(trial: Trial) -> dict:
+    """Everything that decides a trial's row, as JSON data without secrets; stored in the row
+    so that ``compare`` reuses it only for the same request. The method's configuration is
+    resolved (defaults included), so a changed default counts as a change too."""
+    cfg = {**trial.config, "threads": trial.config.get("threads", trial.threads)}
+    with contextlib.suppress(UserError):  # an unknown method or key: the trial records it
+        cfg = as_dict(method_config(trial.method, cfg))
+    public = {
+        "method": trial.method,
+        "seed": trial.seed,
+        "device": trial.device,
+        "device_kw": public_kw(trial.device_kw),
+        "task": trial.task,
+        "budget": trial.budget,
+        "config": cfg,
+        "unseen": list(trial.unseen),
+        "sweep": trial.sweep,
+        "sigmas": list(trial.sigmas),
+    }
+    return json.loads(json.dumps(public, default=lambda a: a.tolist()))  # numpy values
+
+
+def config_diff(stored: dict | None, wanted: dict) -> list[str]:
+    """Dotted keys whose values differ between a stored trial configuration and a requested
+    one (``["<not recorded>"]`` for a row written before configurations were stored)."""
+    if stored is None:
+        return ["<not recorded>"]
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b, missing = flat(stored), flat(wanted), object()
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
+
+
 def run_trial(trial: Trial) -> dict:
     """Train and evaluate one trial; never raises (a failure becomes a ``failed`` row)."""
     import torch
@@ -143,6 +188,7 @@ def run_trial(trial: Trial) -> dict:
         "budget": trial.budget,
         "status": "ok",
         "error": "",
+        "trial": trial_config(trial),  # what compare checks before reusing this row
     }
     try:
         cfg = dict(trial.config)

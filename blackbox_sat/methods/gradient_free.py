@@ -25,7 +25,7 @@ looks at the test set: test accuracy is only read by ``snapshot`` (purpose ``eva
     CMA-ES, population ``4 + floor(3 ln n)`` (CMA's own rule; 19 for 160 parameters),
     initial step ``sigma0 = 0.02`` of the normalized range per coordinate, and it
     **recommends the distribution mean** (``es.mean`` of the wrapped pycma strategy, read
-    from the optimizer's ``_es``). nevergrad's ``provide_recommendation()`` for CMA returns
+    from the optimizer's public ``es``). nevergrad's ``provide_recommendation()`` for CMA returns
     ``es.result.xbest``, the best *single noisy evaluation* (each on its own minibatch),
     i.e. the luckiest draw. pycma's stopping rules are switched off (a stop would make
     nevergrad restart from ``theta0``); ``extra["restarts"]`` checks it.
@@ -237,9 +237,8 @@ def _generation_size(kind: str, optimizer, popsize: int) -> int:
 def _mean_u(kind: str, optimizer, space: _Space, u0: np.ndarray) -> np.ndarray:
     """The optimizer's recommendation in normalized units: the distribution mean for CMA
     and TBPSA, nevergrad's own recommendation for NGOpt."""
-    if kind == "cma":
-        es = optimizer._es
-        return u0.copy() if es is None else space.from_standardized(es.mean)
+    if kind == "cma":  # ``es`` starts at the standardized origin, which is u0
+        return space.from_standardized(optimizer.es.mean)
     return space.to_u(optimizer.provide_recommendation().value)
 
 
@@ -268,8 +267,8 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
         warnings.simplefilter("ignore")  # nevergrad's sigma/bounds advice and runtime chatter
         space = _Space(obj, u0, sigma0, ctx.seed)
         optimizer = _make_optimizer(kind, space, budget, popsize, sigma0)
-        if kind == "ngopt":
-            extra["optimizer"] = str(optimizer._select_optimizer_cls())
+        if kind == "ngopt":  # the optimizer NGOpt chose (made now rather than at the first ask)
+            extra["optimizer"] = optimizer.optim.name
         elif kind == "cma":
             extra["optimizer"] = (
                 f"ParametrizedCMA(elitist=False, diagonal=False, popsize={popsize})"
@@ -297,16 +296,16 @@ def run_nevergrad(ctx: TrainContext, kind: str) -> MethodResult:
                     extra["evaluations"] += 1
                 extra["generations"] += 1
                 loss_trace.append(round(float(np.mean(losses)), 5))
-                if kind == "cma":
-                    first_es = first_es or optimizer._es
-                    restarts += optimizer._es is not first_es
-                    first_es = optimizer._es
+                if kind == "cma":  # nevergrad replaces ``es`` when pycma stops: a restart
+                    first_es = first_es or optimizer.es
+                    restarts += optimizer.es is not first_es
+                    first_es = optimizer.es
                 ctx.snapshot(obj.to_theta(_mean_u(kind, optimizer, space, u0)))
         except BudgetExhausted:
             extra["budget_exhausted"] = True
         u = _mean_u(kind, optimizer, space, u0)
-    if kind == "cma" and optimizer._es is not None:
-        extra["final_sigma"] = float(optimizer._es.sigma) * sigma0
+    if kind == "cma":
+        extra["final_sigma"] = float(optimizer.es.sigma) * sigma0
         extra["restarts"] = int(restarts)
     if kind == "tbpsa":
         extra["final_mu"] = int(optimizer.popsize.mu)
