@@ -34,6 +34,9 @@ EPILOG = (
     "a wrong key or value is refused before any setting is spent."
 )
 Formatter = argparse.ArgumentDefaultsHelpFormatter
+#: ``train`` options that would change a run, so ``--resume`` refuses them.
+RESUME_REFUSES = ("method", "budget", "task", "seed", "set")
+TRAIN_DEFAULTS = {"method": "blackbox-sat", "budget": 2000, "task": "digits", "seed": 0, "set": []}
 
 
 def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
@@ -73,10 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train one method on one device", epilog=EPILOG, formatter_class=Formatter
     )
     _common(p, device_required=False)
-    p.add_argument("--method", default="blackbox-sat", help="one of the methods below")
-    p.add_argument("--budget", type=int, default=2000, help="device settings (calls of query)")
+    for action in p._actions:  # absent unless given, so that --resume can refuse them
+        if action.dest in RESUME_REFUSES:
+            action.help = f"{action.help or ''} (default: {action.default!r})".strip()
+            action.default = argparse.SUPPRESS
+    p.add_argument(
+        "--method",
+        default=argparse.SUPPRESS,
+        help="one of the methods below (default: 'blackbox-sat')",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="device settings (calls of query), >= 1 (default: 2000)",
+    )
     p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue a killed run")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a killed run exactly as configured in DIR/config.json; --device may "
+        "name where the device is now, --method, --task, --seed, --set and --budget are refused "
+        "(start a new run with --out to change them)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser(
@@ -214,21 +237,37 @@ def _dispatch(args) -> int:
     if args.command == "train":
         from blackbox_sat.harness.run import resume, train
 
+        given = [k for k in RESUME_REFUSES if hasattr(args, k)]
+        opt = {k: getattr(args, k, TRAIN_DEFAULTS[k]) for k in RESUME_REFUSES}
         if args.resume:
-            result = resume(args.resume, progress=not args.quiet)
+            if given or args.out or args.overwrite or (args.device_kw and not args.device):
+                bad = [f"--{k}" for k in given] + [
+                    f for f, on in (("--out", args.out), ("--overwrite", args.overwrite)) if on
+                ]
+                raise InvalidInput(
+                    f"--resume continues a run as configured; it refuses {', '.join(bad) or '--device-kw without --device'} "
+                    "(start a new run with --out to change them)"
+                )
+            result = resume(
+                args.resume,
+                device=args.device,
+                device_kw=parse_kv(args.device_kw),
+                progress=not args.quiet,
+            )
         else:
             if not args.device or not args.out:
                 raise InvalidInput("train needs --device and --out (or --resume DIR)")
             result = train(
                 args.device,
-                task=args.task,
-                method=args.method,
-                budget=args.budget,
-                seed=args.seed,
+                task=opt["task"],
+                method=opt["method"],
+                budget=opt["budget"],
+                seed=opt["seed"],
                 out=args.out,
                 device_kw=parse_kv(args.device_kw),
-                config=parse_kv(args.set),
+                config=parse_kv(opt["set"]),
                 progress=not args.quiet,
+                overwrite=args.overwrite,
             )
         keys = (
             "method",
@@ -307,14 +346,13 @@ def _dispatch(args) -> int:
         print(json.dumps(rep))
         return 0
     if args.command == "check-device":
-        from blackbox_sat.devices.check import check_device
+        from blackbox_sat.devices.check import check_device, format_report
         from blackbox_sat.devices.spec import load_device
 
         report = check_device(
             load_device(args.spec, **parse_kv(args.device_kw)), repeats=args.repeats
         )
-        for k, v in report.items():
-            print(f"{k:>14}: {v}")
+        print("\n".join(format_report(report)))
         print("OK: the device satisfies the contract")
         return 0
     if args.command == "serve-device":

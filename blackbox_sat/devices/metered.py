@@ -49,6 +49,8 @@ class MeteredDevice:
         self.device_time = 0.0
         self._replay = list(ledger.rows()) if (ledger is not None and replay) else []
         self._replay_pos = 0
+        #: Called as ``fn(purpose, x, y)`` after each good part of a query (progress display).
+        self.observers: list = []
 
     @property
     def remaining(self) -> int | None:
@@ -70,7 +72,11 @@ class MeteredDevice:
             raise BudgetExhausted(
                 f"query needs {len(parts)} settings but only {self.remaining} of the budget of {self.budget} remain"
             )
-        return np.concatenate([self._one(theta, p, purpose) for p in parts])
+        ys = [self._one(theta, p, purpose) for p in parts]
+        for fn in self.observers:
+            for p, y in zip(parts, ys):
+                fn(purpose, p, y)
+        return np.concatenate(ys)
 
     def _count(self, batch: int, purpose: str) -> None:
         if purpose in CHARGED:
@@ -120,6 +126,14 @@ class MeteredDevice:
                 self._replay_pos += 1
                 self.replayed += 1
                 return row.y.copy()
+            # Reports (``eval``, uncharged) never steer training, so one that the log and the
+            # run do not share (a curve point added since the log was written) is skipped or
+            # measured afresh without ending the replay of what was paid for.
+            if row.purpose == "eval":
+                self._replay_pos += 1
+                continue
+            if purpose == "eval":
+                return None
             self._replay = []  # the run diverged from its log: measure from here on
             return None
         return None
