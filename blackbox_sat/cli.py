@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="ray: HOST:PORT of an existing cluster's head (default: start Ray here)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the trials, runs, tables and plots already in --out, and run every trial afresh",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser(
@@ -280,6 +285,7 @@ def _dispatch(args) -> int:
             "wall_s",
         )
         print(json.dumps({k: result[k] for k in keys}))
+        _wrote(Path(result["out"]), RUN_FILES)
         return 0
     if args.command == "evaluate":
         from blackbox_sat.harness.evaluate import evaluate
@@ -289,6 +295,7 @@ def _dispatch(args) -> int:
         print(text)
         if args.json:
             Path(args.json).write_text(text + "\n")
+            _wrote(Path("."), [args.json])
         return 0
     if args.command == "compare":
         from blackbox_sat.harness.compare import compare, summary_table
@@ -308,6 +315,7 @@ def _dispatch(args) -> int:
             progress=not args.quiet,
             backend=args.backend,
             address=args.address,
+            overwrite=args.overwrite,
         )
         print(summary_table(res["summary"]))
         print("wrote " + ", ".join(res["files"]))
@@ -330,6 +338,7 @@ def _dispatch(args) -> int:
             device_kw=parse_kv(args.device_kw),
         )
         print(json.dumps(res))
+        _wrote(Path(args.out), ["ledger.sqlite"])
         return 0
     if args.command == "fit-surrogate":
         from blackbox_sat.harness.collect import fit_surrogate, write_report
@@ -344,6 +353,7 @@ def _dispatch(args) -> int:
         )
         write_report(rep, str(args.out) + ".json")
         print(json.dumps(rep))
+        _wrote(Path("."), [str(args.out), str(args.out) + ".json"])
         return 0
     if args.command == "check-device":
         from blackbox_sat.devices.check import check_device, format_report
@@ -368,6 +378,16 @@ def _dispatch(args) -> int:
             max_message_bytes=args.max_message_bytes,
         )
     raise AssertionError(args.command)
+
+
+#: What a finished ``train`` run folder holds (harness/run.py).
+RUN_FILES = ("config.json", "task.npz", "ledger.sqlite", "model.json", "theta.npy", "result.json")
+
+
+def _wrote(folder: Path, names) -> None:
+    """Name every file a command wrote (on stderr: stdout stays one JSON line)."""
+    paths = [folder / n for n in names]
+    print("wrote " + ", ".join(str(p) for p in paths if p.exists()), file=sys.stderr)
 
 
 def _parse_unseen(text: str | None):
