@@ -79,6 +79,25 @@ def _import_here_too(module_name: str):
             raise exc from None
 
 
+def module_home(spec) -> str | None:
+    """The folder from which a ``module:factory`` spec's module was imported (the parent of
+    its top-level package), so a stored run can import it again from any folder."""
+    if not isinstance(spec, str) or ":" not in spec or spec.startswith("tcp://"):
+        return None
+    top = sys.modules.get(spec.split(":", 1)[0].split(".")[0])
+    path = getattr(top, "__file__", None)
+    if path is None:
+        return None
+    home = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(home) if os.path.basename(path) == "__init__.py" else home
+
+
+def search_also(folder: str | None) -> None:
+    """Let device specs import modules from ``folder`` too (a stored run's ``module_home``)."""
+    if folder and folder not in sys.path and os.path.isdir(folder):
+        sys.path.append(folder)
+
+
 def accepts_seed(factory) -> bool:
     """Whether a factory makes chip instances (it takes ``seed``)."""
     try:

@@ -28,7 +28,7 @@ from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import InvalidInput, MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
-from blackbox_sat.devices.spec import load_device
+from blackbox_sat.devices.spec import load_device, module_home, search_also
 from blackbox_sat.methods.registry import get_method, missing
 from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
 from blackbox_sat.training.config import as_dict, build
@@ -116,6 +116,7 @@ def train(
     }
     prepared = _prepare(device, task, run_cfg, config, secret_kw)
     run_cfg["config"] = as_dict(prepared.cfg)
+    run_cfg["device_path"] = module_home(device)  # so evaluate finds an adapter from anywhere
     out = out if out is not None else Path(tempfile.mkdtemp(prefix="blackbox-sat-"))
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,7 @@ def run_device(run_cfg: dict, device, python: str, command: str):
     passed again; say how, rather than fail on the class name as an unknown spec."""
     if device is not None:
         return device
+    search_also(run_cfg.get("device_path"))
     name = run_cfg["device"]
     builtin_or_spec = (
         ":" in name or name.startswith("tcp://") or name in ("mzi", "mrr", "freespace")
