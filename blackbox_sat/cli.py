@@ -36,7 +36,7 @@ EPILOG = (
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 #: ``train`` options that would change a run, so ``--resume`` refuses them.
 RESUME_REFUSES = ("method", "budget", "task", "seed", "set")
-TRAIN_DEFAULTS = {"method": "blackbox-sat", "budget": 2000, "task": "digits", "seed": 0, "set": []}
+TRAIN_DEFAULTS: dict = {"method": "blackbox-sat", "budget": 2000, "task": "digits", "seed": 0}
 
 
 def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
@@ -243,7 +243,6 @@ def _dispatch(args) -> int:
         from blackbox_sat.harness.run import resume, train
 
         given = [k for k in RESUME_REFUSES if hasattr(args, k)]
-        opt = {k: getattr(args, k, TRAIN_DEFAULTS[k]) for k in RESUME_REFUSES}
         if args.resume:
             if given or args.out or args.overwrite or (args.device_kw and not args.device):
                 bad = [f"--{k}" for k in given] + [
@@ -264,13 +263,13 @@ def _dispatch(args) -> int:
                 raise InvalidInput("train needs --device and --out (or --resume DIR)")
             result = train(
                 args.device,
-                task=opt["task"],
-                method=opt["method"],
-                budget=opt["budget"],
-                seed=opt["seed"],
+                task=getattr(args, "task", TRAIN_DEFAULTS["task"]),
+                method=getattr(args, "method", TRAIN_DEFAULTS["method"]),
+                budget=getattr(args, "budget", TRAIN_DEFAULTS["budget"]),
+                seed=getattr(args, "seed", TRAIN_DEFAULTS["seed"]),
                 out=args.out,
                 device_kw=parse_kv(args.device_kw),
-                config=parse_kv(opt["set"]),
+                config=parse_kv(getattr(args, "set", [])),
                 progress=not args.quiet,
                 overwrite=args.overwrite,
             )

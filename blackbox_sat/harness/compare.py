@@ -138,8 +138,10 @@ def _check_study(study: Study) -> None:
 
 
 #: What a study writes into its folder (``--overwrite`` deletes these, nothing else).
-STUDY_FILES = ("study.json", "results.csv", "summary.md", "curves.png", "sweep.png")
-STUDY_FILES += ("unseen.png", "sigma.png")
+STUDY_FILES = (
+    *("study.json", "results.csv", "summary.md"),
+    *("curves.png", "sweep.png", "unseen.png", "sigma.png"),
+)
 
 
 def _clear(out: Path) -> None:

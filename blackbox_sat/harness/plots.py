@@ -13,9 +13,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import functools
-import operator
-
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -50,8 +47,9 @@ def _unperturbed(device: str, key: str):
         p = inspect.signature(resolve_factory(device)).parameters.get(key)
     except Exception:  # a tcp:// device or an adapter that no longer imports: no point
         return None
-    ok = p is not None and isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
-    return float(p.default) if ok else None
+    if p is None or isinstance(p.default, bool) or not isinstance(p.default, (int, float)):
+        return None
+    return float(p.default)
 
 
 def _methods(rows):
@@ -156,14 +154,11 @@ def plot_sweep(rows, path: Path, chance: float | None = None) -> bool:
 
 
 def plot_unseen(rows, path: Path, chance: float | None = None) -> bool:
-    data = {
-        m: [
-            100 * v
-            for v in functools.reduce(operator.iadd, _series(rows, m, "unseen_").values(), [])
-        ]
-        for m in _methods(rows)
-    }
-    data = {m: v for m, v in data.items() if v}
+    data: dict[str, list[float]] = {}
+    for m in _methods(rows):
+        accs = [100 * a for seeds in _series(rows, m, "unseen_").values() for a in seeds]
+        if accs:
+            data[m] = accs
     if not data:
         return False
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(data)), 4))

@@ -58,7 +58,7 @@ class TrainContext:
     curve: list = field(default_factory=list)
     rng: np.random.Generator = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.rng is None:
             self.rng = np.random.default_rng([self.seed, 1234])
         scale = self.budget / CURVE_CHECKPOINTS[-1]
