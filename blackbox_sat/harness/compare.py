@@ -99,8 +99,8 @@ def compare(
         # Reused rows come from whatever code wrote them: say so, since a changed method or
         # default would otherwise be silently mixed with old results.
         warnings.warn(
-            f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; delete "
-            f"those files, or choose another --out, to run them afresh",
+            f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; pass "
+            f"--overwrite (or choose another --out) to run them afresh",
             stacklevel=2,
         )
     bar = tqdm(total=len(todo), desc="trials", disable=not progress)
