@@ -6,6 +6,7 @@ folder, check-device's warnings, and a progress line that names the phase."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import blackbox_sat as bs
 from blackbox_sat import cli
 from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.check import check_device, format_report
-from blackbox_sat.devices.contract import MissingCapability
+from blackbox_sat.devices.contract import MissingCapability, UserError
 from blackbox_sat.harness.compare import summarise, summary_table
 from blackbox_sat.methods.registry import METHODS, MethodResult, register
 from blackbox_sat.training.config import RunConfig
@@ -190,3 +191,19 @@ def test_summary_gives_no_settings_to_target_for_a_method_at_chance():
     assert s["blackbox-sat"]["settings_to_target"] == 250 and s["spsa"]["target"] == 0.5
     assert s["pat"]["at_chance"] and s["pat"]["settings_to_target"] is None
     assert "- (at chance)" in summary_table(s) and not s["spsa"]["at_chance"]
+
+
+@pytest.mark.parametrize(
+    "kw,expect",
+    [
+        ({"config": {"rhoo": 1}}, "did you mean 'rho'"),
+        ({"methods": ["spsa", "blackbox-sat"]}, "needs `bounds`"),
+        ({"device_kw": {"noise": "abc"}}, "expects float"),
+    ],
+)
+def test_compare_refuses_bad_input_before_its_folder(tmp_path, kw, expect):
+    before = Bare.queries
+    args = {"methods": ["spsa"], "task": "iris", "seeds": 1, "budget": 20, "progress": False}
+    with pytest.raises(UserError, match=re.escape(expect)):
+        bs.compare(BARE, out=tmp_path / "cmp", **{**args, **kw})
+    assert not (tmp_path / "cmp").exists() and Bare.queries == before

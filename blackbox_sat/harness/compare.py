@@ -123,18 +123,29 @@ def compare(
 
 
 def _check_study(study: Study) -> None:
-    """Refuse a bad ``--set`` value, budget or device keyword before any trial runs (each
-    trial would otherwise fail the same way, after the study's folder was made)."""
-    from blackbox_sat.devices.spec import check_keywords, resolve_factory
+    """Refuse a bad ``--set`` value, budget or device keyword, or a method the device cannot
+    serve, before any trial runs (each trial would otherwise fail the same way, after the
+    study's folder was made)."""
+    from blackbox_sat.devices.contract import MissingCapability, describe
+    from blackbox_sat.devices.spec import check_keywords, load_device, resolve_factory
+    from blackbox_sat.methods.registry import get_method, missing
 
     from .run import method_config
 
     if isinstance(study.budget, bool) or not isinstance(study.budget, int) or study.budget < 1:
         raise InvalidInput(f"budget must be an int >= 1 (device settings), got {study.budget!r}")
-    for t in {t.method: t for t in study.trials()}.values():
-        method_config(t.method, t.config)
-    if not study.device.startswith("tcp://"):
-        check_keywords(resolve_factory(study.device), study.device_kw, study.device)
+    configs = {t.method: method_config(t.method, t.config) for t in study.trials()}
+    if study.device.startswith("tcp://"):
+        return
+    check_keywords(resolve_factory(study.device), study.device_kw, study.device)
+    device = load_device(study.device, **study.device_kw)  # built, never queried
+    info = describe(device)
+    for method, cfg in configs.items():
+        lacking = missing(get_method(method), device, info, cfg)
+        if lacking:
+            raise MissingCapability(
+                f"method {method!r} needs {' and '.join(lacking)}, which {study.device} lacks"
+            )
 
 
 #: What a study writes into its folder (``--overwrite`` deletes these, nothing else).
