@@ -31,6 +31,7 @@ from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device, module_home, search_also
 from blackbox_sat.methods.registry import get_method, missing
 from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
+from blackbox_sat.sim import BUILTINS
 from blackbox_sat.training.config import as_dict, build
 from blackbox_sat.training.context import TrainContext
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
@@ -162,6 +163,8 @@ def resume(
         raise FileNotFoundError(f"{out} has no config.json: it is not a resumable run directory")
     run_cfg = json.loads((out / "config.json").read_text())
     device = run_device(run_cfg, device, f"resume({str(out)!r}, device=...)", "train --resume")
+    if device_kw and not isinstance(device, str):
+        raise InvalidInput("device keywords only apply to a device spec, not to a device object")
     kw = {**run_cfg["device_kw"], **(device_kw or {})} if isinstance(device, str) else {}
     secret_kw = {k: kw.pop(k) for k in SECRET_DEVICE_KW if k in kw}
     prepared = _prepare(
@@ -179,9 +182,7 @@ def run_device(run_cfg: dict, device, python: str, command: str):
         return device
     search_also(run_cfg.get("device_path"))
     name = run_cfg["device"]
-    builtin_or_spec = (
-        ":" in name or name.startswith("tcp://") or name in ("mzi", "mrr", "freespace")
-    )
+    builtin_or_spec = ":" in name or name.startswith("tcp://") or name in BUILTINS
     if run_cfg.get("device_object") or not builtin_or_spec:
         raise MissingCapability(
             f"this run was trained on a device object ({name}), not a device spec, so pass the "
