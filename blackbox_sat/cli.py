@@ -34,6 +34,9 @@ EPILOG = (
     "a wrong key or value is refused before any setting is spent."
 )
 Formatter = argparse.ArgumentDefaultsHelpFormatter
+#: ``train`` options that would change a run, so ``--resume`` refuses them.
+RESUME_REFUSES = ("method", "budget", "task", "seed", "set")
+TRAIN_DEFAULTS: dict = {"method": "blackbox-sat", "budget": 2000, "task": "digits", "seed": 0}
 
 
 def _common(p: argparse.ArgumentParser, device_required: bool = True) -> None:
@@ -73,13 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train one method on one device", epilog=EPILOG, formatter_class=Formatter
     )
     _common(p, device_required=False)
-    p.add_argument("--method", default="blackbox-sat", help="one of the methods below")
-    p.add_argument("--budget", type=int, default=2000, help="device settings (calls of query)")
+    for action in p._actions:  # absent unless given, so that --resume can refuse them
+        if action.dest in RESUME_REFUSES:
+            action.help = f"{action.help or ''} (default: {action.default!r})".strip()
+            action.default = argparse.SUPPRESS
+    p.add_argument(
+        "--method",
+        default=argparse.SUPPRESS,
+        help="one of the methods below (default: 'blackbox-sat')",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="device settings (calls of query), >= 1 (default: 2000)",
+    )
     p.add_argument("--out", help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument(
         "--resume",
         metavar="DIR",
-        help="continue a killed run (with --device: the device's new address, e.g. tcp://host:PORT)",
+        help="continue a killed run exactly as configured in DIR/config.json; --device (and "
+        "--device-kw) may say where the device is now, e.g. tcp://host:NEWPORT; --method, --task, "
+        "--seed, --set and --budget are refused (start a new run with --out to change them)",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -132,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerun-changed",
         action="store_true",
         help="rerun finished trials in --out whose configuration differs (default: refuse)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the trials, runs, tables and plots already in --out, and run every trial afresh",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -229,7 +253,16 @@ def _dispatch(args) -> int:
     if args.command == "train":
         from blackbox_sat.harness.run import resume, train
 
+        given = [k for k in RESUME_REFUSES if hasattr(args, k)]
         if args.resume:  # --device/--device-kw: where the device is now (e.g. a new port)
+            if given or args.out or args.overwrite or (args.device_kw and not args.device):
+                bad = [f"--{k}" for k in given] + [
+                    f for f, on in (("--out", args.out), ("--overwrite", args.overwrite)) if on
+                ]
+                raise InvalidInput(
+                    f"--resume continues a run as configured; it refuses {', '.join(bad) or '--device-kw without --device'} "
+                    "(start a new run with --out to change them)"
+                )
             result = resume(
                 args.resume,
                 device=args.device,
@@ -241,14 +274,15 @@ def _dispatch(args) -> int:
                 raise InvalidInput("train needs --device and --out (or --resume DIR)")
             result = train(
                 args.device,
-                task=args.task,
-                method=args.method,
-                budget=args.budget,
-                seed=args.seed,
+                task=getattr(args, "task", TRAIN_DEFAULTS["task"]),
+                method=getattr(args, "method", TRAIN_DEFAULTS["method"]),
+                budget=getattr(args, "budget", TRAIN_DEFAULTS["budget"]),
+                seed=getattr(args, "seed", TRAIN_DEFAULTS["seed"]),
                 out=args.out,
                 device_kw=parse_kv(args.device_kw),
-                config=parse_kv(args.set),
+                config=parse_kv(getattr(args, "set", [])),
                 progress=not args.quiet,
+                overwrite=args.overwrite,
             )
         keys = (
             "method",
@@ -261,6 +295,7 @@ def _dispatch(args) -> int:
             "wall_s",
         )
         print(json.dumps({k: result[k] for k in keys}))
+        _wrote(Path(result["out"]), RUN_FILES)
         return 0
     if args.command == "evaluate":
         from blackbox_sat.harness.evaluate import evaluate
@@ -270,6 +305,7 @@ def _dispatch(args) -> int:
         print(text)
         if args.json:
             Path(args.json).write_text(text + "\n")
+            _wrote(Path("."), [args.json])
         return 0
     if args.command == "compare":
         from blackbox_sat.harness.compare import compare, summary_table
@@ -290,6 +326,7 @@ def _dispatch(args) -> int:
             backend=args.backend,
             address=args.address,
             rerun_changed=args.rerun_changed,
+            overwrite=args.overwrite,
         )
         print(summary_table(res["summary"]))
         print("wrote " + ", ".join(res["files"]))
@@ -312,6 +349,7 @@ def _dispatch(args) -> int:
             device_kw=parse_kv(args.device_kw),
         )
         print(json.dumps(res))
+        _wrote(Path(args.out), ["ledger.sqlite"])
         return 0
     if args.command == "fit-surrogate":
         from blackbox_sat.harness.collect import fit_surrogate, write_report
@@ -326,16 +364,16 @@ def _dispatch(args) -> int:
         )
         write_report(rep, str(args.out) + ".json")
         print(json.dumps(rep))
+        _wrote(Path("."), [str(args.out), str(args.out) + ".json"])
         return 0
     if args.command == "check-device":
-        from blackbox_sat.devices.check import check_device
+        from blackbox_sat.devices.check import check_device, format_report
         from blackbox_sat.devices.spec import load_device
 
         report = check_device(
             load_device(args.spec, **parse_kv(args.device_kw)), repeats=args.repeats
         )
-        for k, v in report.items():
-            print(f"{k:>14}: {v}")
+        print("\n".join(format_report(report)))
         print("OK: the device satisfies the contract")
         return 0
     if args.command == "serve-device":
@@ -352,6 +390,16 @@ def _dispatch(args) -> int:
             threads=args.threads,
         )
     raise AssertionError(args.command)
+
+
+#: What a finished ``train`` run folder holds (harness/run.py).
+RUN_FILES = ("config.json", "task.npz", "ledger.sqlite", "model.json", "theta.npy", "result.json")
+
+
+def _wrote(folder: Path, names) -> None:
+    """Name every file a command wrote (on stderr: stdout stays one JSON line)."""
+    paths = [folder / n for n in names]
+    print("wrote " + ", ".join(str(p) for p in paths if p.exists()), file=sys.stderr)
 
 
 def _parse_unseen(text: str | None):

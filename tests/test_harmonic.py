@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from blackbox_sat.devices.contract import MissingCapability
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.harness.run import train
 from blackbox_sat.methods import harmonic as hm
@@ -223,7 +224,7 @@ def test_public_train_api(tmp_path):
     assert result["accuracy"] > 0.5 and result["config"]["refresh"] == 4
     extra = result["extra"]
     assert extra["settings"]["fit"] == 2 * extra["steps"] and extra["periodic"] == 30
-    with pytest.raises(ValueError, match="needs periodic"):
+    with pytest.raises(MissingCapability, match="needs periodic"):  # before any folder
         train(
             "tests.toy_devices:opaque",
             task="iris",
@@ -232,3 +233,4 @@ def test_public_train_api(tmp_path):
             out=tmp_path / "opaque",
             progress=False,
         )
+    assert not (tmp_path / "opaque").exists()

@@ -69,3 +69,28 @@ def crash_once(marker, seed=0, **kw):
     from blackbox_sat.sim import BUILTINS
 
     return CrashOnce(BUILTINS["mzi"](seed=seed, **kw), marker)
+
+
+class Bare:
+    """A new user's first adapter: the four contract members only (no ``bounds``, no
+    ``input_bounds``), a random linear map with a tanh. ``flat=True`` answers zeros, so no
+    readout gain can be calibrated. ``Bare.queries`` counts ``query`` calls in this process."""
+
+    queries = 0
+
+    def __init__(self, seed=0, noise=0.0, in_dim=4, out_dim=3, flat=False):
+        self.in_dim, self.out_dim, self.n_params = in_dim, out_dim, in_dim * out_dim
+        self.w0 = np.random.default_rng(seed).normal(0, 0.5, (out_dim, in_dim))
+        self.noise, self.flat = noise, flat
+        self._rng = np.random.default_rng([seed, 7])
+
+    def query(self, theta, x):
+        Bare.queries += 1
+        if self.flat:
+            return np.zeros((len(x), self.out_dim))
+        y = np.tanh(x @ (self.w0 + theta.reshape(self.out_dim, self.in_dim)).T)
+        return y + self.noise * self._rng.normal(size=y.shape)
+
+
+def bare(seed=0, noise=0.0, in_dim=4, out_dim=3, flat=False):
+    return Bare(seed, noise, in_dim, out_dim, flat)

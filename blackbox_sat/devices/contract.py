@@ -75,8 +75,9 @@ class DeviceInfo:
         small seeded jitter. Every method starts from this point for a given seed."""
         if self.theta0 is not None:
             return self.theta0.copy()
+        finite = np.isfinite(self.low) & np.isfinite(self.high)
         mid = np.where(
-            np.isfinite(self.low) & np.isfinite(self.high), (self.low + self.high) / 2, 0.0
+            finite, (np.where(finite, self.low, 0.0) + np.where(finite, self.high, 0.0)) / 2, 0.0
         )
         rng = np.random.default_rng([seed, 7919])
         jitter = rng.uniform(-THETA0_JITTER, THETA0_JITTER, self.n_params) * self.scale

@@ -54,6 +54,8 @@ class MeteredDevice:
             # after a kill, by this or a later process, is answered from the server's journal
             # instead of being measured and paid for twice (see .remote).
             device.bind_ledger(ledger)
+        #: Called as ``fn(purpose, x, y)`` after each good part of a query (progress display).
+        self.observers: list = []
 
     @property
     def remaining(self) -> int | None:
@@ -75,7 +77,11 @@ class MeteredDevice:
             raise BudgetExhausted(
                 f"query needs {len(parts)} settings but only {self.remaining} of the budget of {self.budget} remain"
             )
-        return np.concatenate([self._one(theta, p, purpose) for p in parts])
+        ys = [self._one(theta, p, purpose) for p in parts]
+        for fn in self.observers:
+            for p, y in zip(parts, ys):
+                fn(purpose, p, y)
+        return np.concatenate(ys)
 
     def _count(self, batch: int, purpose: str) -> None:
         if purpose in CHARGED:
@@ -125,6 +131,14 @@ class MeteredDevice:
                 self._replay_pos += 1
                 self.replayed += 1
                 return row.y.copy()
+            # Reports (``eval``, uncharged) never steer training, so one that the log and the
+            # run do not share (a curve point added since the log was written) is skipped or
+            # measured afresh without ending the replay of what was paid for.
+            if row.purpose == "eval":
+                self._replay_pos += 1
+                continue
+            if purpose == "eval":
+                return None
             self._replay = []  # the run diverged from its log: measure from here on
             return None
         return None

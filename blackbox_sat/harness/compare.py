@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import InvalidInput
 
 from .backends import run_trials
@@ -62,6 +63,7 @@ def compare(
     backend: str = "local",
     address: str | None = None,
     rerun_changed: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run a study and write ``results.csv`` and ``summary.md`` into ``out``.
 
@@ -71,7 +73,10 @@ def compare(
     ``ray`` (a local Ray instance, or the cluster at ``address``); see :mod:`.backends`.
     A finished trial in ``out`` is reused only if its stored configuration equals the one
     requested; a different one raises :class:`InvalidInput` naming the keys, unless
-    ``rerun_changed`` (then it runs afresh). Returns ``{"rows", "summary", "out"}``.
+    ``rerun_changed`` (then it runs afresh). ``overwrite``: delete the trials, runs, tables
+    and plots already in ``out`` first, so every trial runs afresh. The methods' options, the
+    budget and the device keywords are checked before ``out`` is created. Returns
+    ``{"rows", "summary", "out", "files"}``.
     """
     if not isinstance(device, str):
         raise InvalidInput(
@@ -90,6 +95,9 @@ def compare(
         sweep,
         str(out),
     )
+    _check_study(study)
+    if overwrite:
+        _clear(Path(out))
     todo, rows, changed = [], {}, {}
     for t in study.trials():
         if t.row_path.exists():
@@ -114,8 +122,8 @@ def compare(
         # Reused rows come from whatever code wrote them: say so, since a changed method or
         # default would otherwise be silently mixed with old results.
         warnings.warn(
-            f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; delete "
-            f"those files, or choose another --out, to run them afresh",
+            f"compare: reusing {len(rows)} finished trial(s) from {Path(out) / 'trials'}; pass "
+            f"--overwrite (or choose another --out) to run them afresh",
             stacklevel=2,
         )
     bar = tqdm(total=len(todo), desc="trials", disable=not progress)
@@ -130,9 +138,53 @@ def compare(
         bar.update()
     bar.close()
     ordered = [rows[t.key] for t in study.trials() if t.key in rows]
-    summary = summarise(ordered)
-    files = write_results(ordered, summary, Path(out), study)
+    task = load_task(study.task)
+    chance = 1 / task.n_classes
+    summary = summarise(ordered, chance=chance, n_test=len(task.y_test))
+    files = write_results(ordered, summary, Path(out), study, chance=chance)
     return {"rows": ordered, "summary": summary, "out": str(out), "files": files}
+
+
+def _check_study(study: Study) -> None:
+    """Refuse a bad ``--set`` value, budget or device keyword, or a method the device cannot
+    serve, before any trial runs (each trial would otherwise fail the same way, after the
+    study's folder was made)."""
+    from blackbox_sat.devices.contract import MissingCapability, describe
+    from blackbox_sat.devices.spec import check_keywords, load_device, resolve_factory
+    from blackbox_sat.methods.registry import get_method, missing
+
+    from .run import method_config
+
+    if isinstance(study.budget, bool) or not isinstance(study.budget, int) or study.budget < 1:
+        raise InvalidInput(f"budget must be an int >= 1 (device settings), got {study.budget!r}")
+    configs = {t.method: method_config(t.method, t.config) for t in study.trials()}
+    if study.device.startswith("tcp://"):
+        return
+    check_keywords(resolve_factory(study.device), study.device_kw, study.device)
+    device = load_device(study.device, **study.device_kw)  # built, never queried
+    info = describe(device)
+    for method, cfg in configs.items():
+        lacking = missing(get_method(method), device, info, cfg)
+        if lacking:
+            raise MissingCapability(
+                f"method {method!r} needs {' and '.join(lacking)}, which {study.device} lacks"
+            )
+
+
+#: What a study writes into its folder (``--overwrite`` deletes these, nothing else).
+STUDY_FILES = (
+    *("study.json", "results.csv", "summary.md"),
+    *("curves.png", "sweep.png", "unseen.png", "sigma.png"),
+)
+
+
+def _clear(out: Path) -> None:
+    import shutil
+
+    for name in ("trials", "runs"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in STUDY_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _public(study: dict) -> dict:
@@ -143,8 +195,11 @@ def _public(study: dict) -> dict:
     return {**study, "device_kw": kw}
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per method: mean and std over seeds of every SUMMARY_FIELDS entry, plus the curve."""
+def summarise(rows: list[dict], chance: float | None = None, n_test: int | None = None) -> dict:
+    """Per method: mean and std over seeds of every SUMMARY_FIELDS entry, plus the curve.
+
+    ``chance`` (1 / classes) and ``n_test`` mark methods whose accuracy is at chance (see
+    :func:`at_chance`); they get no ``settings_to_target``."""
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         ok = [r for r in rows if r["method"] == method and r["status"] == "ok"]
@@ -161,9 +216,18 @@ def summarise(rows: list[dict]) -> dict:
         ):
             vals = [r[f] for r in ok if r.get(f) is not None]
             entry[f] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
+        entry["at_chance"] = at_chance(entry["acc_chip"], chance, n_test)
         out[method] = entry
     _settings_to_target(out)
     return out
+
+
+def at_chance(acc: tuple | None, chance: float | None, n_test: int | None) -> bool:
+    """Whether a mean accuracy is within 3 binomial standard errors of chance on ``n_test``
+    inputs: indistinguishable from guessing, so no settings-to-target is reported for it."""
+    if acc is None or chance is None or not n_test:
+        return False
+    return acc[0] <= chance + 3 * np.sqrt(chance * (1 - chance) / n_test)
 
 
 def _model_based(method: str) -> bool:
@@ -185,12 +249,18 @@ def _settings_to_target(summary: dict) -> None:
             (k for k in e if k.startswith("curve_") and e[k]), key=lambda k: int(k.split("_")[1])
         )
 
-    gf = [m for m in summary if (m.startswith("ng-") or m == "spsa") and curve_keys(summary[m])]
+    gf = [
+        m
+        for m in summary
+        if (m.startswith("ng-") or m == "spsa")
+        and curve_keys(summary[m])
+        and not summary[m].get("at_chance")
+    ]
     target = max((summary[m][curve_keys(summary[m])[-1]][0] for m in gf), default=None)
     for e in summary.values():
         e["target"] = target
         e["settings_to_target"] = None
-        if target is None or e["model_based"]:
+        if target is None or e["model_based"] or e.get("at_chance"):
             continue
         keys = curve_keys(e)
         reached = [int(k.split("_")[1]) for k in keys if e[k][0] >= target - 1e-12]
@@ -210,6 +280,22 @@ def _fmt(v, pct=True, spread=True) -> str:
     return f"{num} ± {s:.2g}" if spread else num
 
 
+def _to_target(e: dict) -> str:
+    if e.get("at_chance") and not e["model_based"]:
+        return "- (at chance)"
+    v = e["settings_to_target"]
+    return "-" if v is None else str(v)
+
+
+#: The line under the table that says what settings-to-target is.
+TO_TARGET = (
+    "`settings-to-target`: the first curve point (settings spent) at which a device method's "
+    "mean test accuracy reaches the best final accuracy of the gradient-free methods (spsa, "
+    "ng-*); `> N` if never; not given for a method at chance (within 3 standard errors of "
+    "1 / classes) or when every gradient-free method is."
+)
+
+
 def summary_table(summary: dict) -> str:
     """Markdown table of the summary (accuracies in %)."""
     head = (
@@ -223,13 +309,15 @@ def summary_table(summary: dict) -> str:
             f"| {m} | {'model-based' if e['model_based'] else 'device'} | {_fmt(e['acc_chip'], spread=sp)} | "
             f"{_fmt(e['acc_unseen_mean'], spread=sp)} | {_fmt(e['acc_unseen_min'], spread=sp)} | "
             f"{_fmt(e['acc_drift_mean'], spread=sp)} | {_fmt(e['settings_used'], False, sp)} | "
-            f"{e['settings_to_target'] or '-'} | {_fmt(e['sharpness'], False, sp)} | {_fmt(e['wall_s'], False, sp)} | "
+            f"{_to_target(e)} | {_fmt(e['sharpness'], False, sp)} | {_fmt(e['wall_s'], False, sp)} | "
             f"{e['n_failed']} |"
         )
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> list[str]:
+def write_results(
+    rows: list[dict], summary: dict, out: Path, study: Study, chance: float | None = None
+) -> list[str]:
     """Write ``results.csv``, ``summary.md`` and the plots; return the paths written."""
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("traceback", "trial")))
     tmp = out / "results.csv.tmp"
@@ -250,6 +338,8 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> l
         f"{study.sweep if study.sweep is not None else DEFAULT_SWEEPS.get(study.device, 'none')}.",
         "",
         summary_table(summary),
+        "",
+        TO_TARGET + (f" Chance is {100 * chance:.1f} %." if chance else ""),
         "",
     ]
     if curve_keys:
@@ -273,7 +363,7 @@ def write_results(rows: list[dict], summary: dict, out: Path, study: Study) -> l
         ]
     from .plots import write_plots
 
-    plots = write_plots(rows, out)
+    plots = write_plots(rows, out, chance=chance)
     if plots:
         text += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     (out / "summary.md").write_text("\n".join(text) + "\n")

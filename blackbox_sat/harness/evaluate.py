@@ -19,6 +19,8 @@ from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device, public_kw
 from blackbox_sat.training.pnn import PNN
 
+from .run import run_device
+
 
 def load_run(run) -> tuple[PNN, np.ndarray, dict]:
     """``run``: a run directory or the dict ``train`` returned (with its ``out``)."""
@@ -32,6 +34,15 @@ def load_run(run) -> tuple[PNN, np.ndarray, dict]:
     return pnn, np.load(path / "theta.npy"), json.loads((path / "config.json").read_text())
 
 
+def _task_of(task: str, run: Path) -> str:
+    """The run's task; a relative file path (runs written before paths were stored absolute)
+    is read from where it was, else from the run folder's own copy."""
+    if Path(task).suffix != ".npz" or Path(task).exists():
+        return task
+    own = run / Path(task).name
+    return str(own) if own.exists() else task
+
+
 def evaluate(
     run, device=None, device_kw: dict | None = None, ledger: str | Path | None = None
 ) -> dict:
@@ -41,10 +52,12 @@ def evaluate(
     without secrets such as a token).
     """
     pnn, theta, cfg = load_run(run)
+    path = Path(run["out"] if isinstance(run, dict) else run)
     if device is None:
-        device, device_kw = cfg["device"], {**cfg["device_kw"], **(device_kw or {})}
+        device = run_device(cfg, None, f"evaluate({str(path)!r}, device=...)", "evaluate")
+        device_kw = {**cfg["device_kw"], **(device_kw or {})}
     source = load_device(device, **(device_kw or {}))
-    data = load_task(cfg["task"])
+    data = load_task(_task_of(cfg["task"], path))
     book = Ledger(ledger) if ledger is not None else None
     metered = MeteredDevice(source, book, budget=None, replay=False)
     with torch.no_grad():

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,19 @@ import torch
 from tqdm.auto import tqdm
 
 from blackbox_sat.data.tasks import load_task
-from blackbox_sat.devices.contract import MissingCapability, describe
+from blackbox_sat.devices.contract import InvalidInput, MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
-from blackbox_sat.devices.spec import SECRET_DEVICE_KW, load_device, public_kw
-from blackbox_sat.methods.registry import get_method
+from blackbox_sat.devices.spec import (
+    SECRET_DEVICE_KW,
+    load_device,
+    module_home,
+    public_kw,
+    search_also,
+)
+from blackbox_sat.methods.registry import get_method, missing
 from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
+from blackbox_sat.sim import BUILTINS
 from blackbox_sat.training.config import as_dict, build
 from blackbox_sat.training.context import TrainContext
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
@@ -76,36 +85,68 @@ def train(
 
     ``task``: a name, an ``.npz`` path or ``(x_train, y_train, x_test, y_test)``.
     ``config``: method hyperparameters (``--set``). ``out``: run directory (a temporary
-    one when None).
+    one when None). Every input is checked before ``out`` is created or the device queried;
+    a run that fails before training starts leaves no folder behind. ``overwrite``: replace
+    a run already in ``out``.
     """
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="blackbox-sat-"))
-    if (out / "result.json").exists() and not overwrite:
-        raise RunExists(f"{out} already holds a finished run; pick another --out, or evaluate it")
-    if (out / "ledger.sqlite").exists() and not overwrite:
-        raise RunExists(
-            f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume {out}`"
-        )
-    cfg = method_config(method, config)
+    out = Path(out) if out is not None else None
+    if out is not None and not overwrite:
+        if (out / "result.json").exists():
+            raise RunExists(
+                f"{out} already holds a finished run; pick another --out, pass --overwrite, "
+                "or evaluate it"
+            )
+        if (out / "ledger.sqlite").exists():
+            raise RunExists(
+                f"{out} holds an unfinished run; continue it with `blackbox-sat train --resume "
+                f"{out}`, or pass --overwrite to start afresh"
+            )
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise InvalidInput(f"budget must be an int >= 1 (device settings), got {budget!r}")
     device_kw, secret_kw = _split_secrets(device_kw)
+    if isinstance(task, str) and Path(task).suffix == ".npz":
+        task = str(Path(task).resolve())  # absolute, so the run works from any folder
     run_cfg = {
         "method": method,
         "task": task if isinstance(task, str) else None,
         "budget": int(budget),
         "seed": int(seed),
         "device": device if isinstance(device, str) else type(device).__name__,
+        "device_object": not isinstance(device, str),
         "device_kw": device_kw,
-        "config": as_dict(cfg),
+        "config": {},
     }
+    prepared = _prepare(device, task, run_cfg, config, secret_kw)
+    run_cfg["config"] = as_dict(prepared.cfg)
+    run_cfg["device_path"] = module_home(device)  # so evaluate finds an adapter from anywhere
+    out = out if out is not None else Path(tempfile.mkdtemp(prefix="blackbox-sat-"))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    written = ["config.json", *LEDGER_FILES]
     if overwrite:
-        for name in ("result.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        for name in ("result.json", "model.json", "theta.npy", "task.npz", *LEDGER_FILES):
             (out / name).unlink(missing_ok=True)
     if not isinstance(task, str):  # keep the user's arrays with the run, so it can be resumed
         names = ("x_train", "y_train", "x_test", "y_test")
         np.savez(out / "task.npz", **dict(zip(names, task)))
-        task = run_cfg["task"] = str(out / "task.npz")
+        run_cfg["task"] = str((out / "task.npz").resolve())
+        written.append("task.npz")
     write_json_atomic(out / "config.json", run_cfg)
-    return _execute(device, task, run_cfg, out, progress, secret_kw)
+    started: list[bool] = []
+    try:
+        return _execute(prepared, run_cfg, out, progress, started)
+    except BaseException:
+        if not started:  # setup failed: nothing worth resuming, so leave no folder behind
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for name in written:
+                    (out / name).unlink(missing_ok=True)
+        raise
+
+
+#: The ledger's files (SQLite write-ahead log included).
+LEDGER_FILES = ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm")
 
 
 def resume(
@@ -113,29 +154,29 @@ def resume(
 ) -> dict:
     """Continue a killed run in ``out`` from its ledger (``train --resume``).
 
-    ``device`` and ``device_kw`` say where the device is now (a server restarted on another
-    port): a spec string and keywords replace the stored ones, in config.json too, so that a
-    later ``evaluate`` finds the device where it is (a device object is used as it is)."""
+    The run continues exactly as configured in ``config.json``. ``device`` and ``device_kw``
+    say where the device is now (needed for a run trained on a device object, or a server
+    restarted on another port): a spec string and keywords replace the stored ones, in
+    config.json too, so that a later ``evaluate`` finds the device where it is."""
     out = Path(out)
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"{out} has no config.json: it is not a resumable run directory")
     run_cfg = json.loads((out / "config.json").read_text())
+    device = run_device(run_cfg, device, f"resume({str(out)!r}, device=...)", "train --resume")
+    if device_kw and not isinstance(device, str):
+        raise InvalidInput("device keywords only apply to a device spec, not to a device object")
     new_kw, secret_kw = _split_secrets(device_kw)
-    if isinstance(device, str) or new_kw:
-        if isinstance(device, str):
-            run_cfg["device"] = device
+    if isinstance(device, str) and (device != run_cfg["device"] or new_kw):
+        run_cfg["device"] = device
         run_cfg["device_kw"] = {**run_cfg["device_kw"], **new_kw}
         write_json_atomic(out / "config.json", run_cfg)
-    return _execute(
-        device if device is not None else run_cfg["device"],
-        run_cfg["task"],
-        run_cfg,
-        out,
-        progress,
-        secret_kw,
+    kw = run_cfg["device_kw"] if isinstance(device, str) else {}
+    prepared = _prepare(
+        device, run_cfg["task"], {**run_cfg, "device_kw": kw}, run_cfg["config"], secret_kw
     )
+    return _execute(prepared, run_cfg, out, progress, [])
 
 
 def _split_secrets(device_kw: dict | None) -> tuple[dict, dict]:
@@ -144,35 +185,91 @@ def _split_secrets(device_kw: dict | None) -> tuple[dict, dict]:
     return public_kw(kw), {k: kw[k] for k in SECRET_DEVICE_KW if k in kw}
 
 
-def _execute(
-    device, task, run_cfg: dict, out: Path, progress: bool, secret_kw: dict | None = None
-) -> dict:
-    t_start = time.perf_counter()
-    seed, budget = run_cfg["seed"], run_cfg["budget"]
+def run_device(run_cfg: dict, device, python: str, command: str):
+    """The device a stored run is used with: ``device`` if given, else the recorded spec.
+
+    A run trained on a device object recorded only its class name, so it needs the device
+    passed again; say how, rather than fail on the class name as an unknown spec."""
+    if device is not None:
+        return device
+    search_also(run_cfg.get("device_path"))
+    name = run_cfg["device"]
+    builtin_or_spec = ":" in name or name.startswith("tcp://") or name in BUILTINS
+    if run_cfg.get("device_object") or not builtin_or_spec:
+        raise MissingCapability(
+            f"this run was trained on a device object ({name}), not a device spec, so pass the "
+            f"device: {python} in Python, or `blackbox-sat {command} ... --device "
+            "package.module:factory` with a factory that builds it"
+        )
+    return name
+
+
+@dataclass
+class Prepared:
+    """A run's inputs, checked and built before its folder exists or the device is queried."""
+
+    spec: Any
+    cfg: Any
+    source: Any
+    info: Any
+    data: Any
+    secret_kw: dict
+
+
+def _prepare(device, task, run_cfg: dict, config, secret_kw: dict) -> Prepared:
+    """Check every input of a run without creating files or querying the device: the method
+    and its ``--set`` values, the device keywords (by the factory's signature), what the
+    method needs of the device, and that the task's classes fit the device's outputs."""
     spec = get_method(run_cfg["method"])
-    cfg = build(spec.config, run_cfg["config"])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(seed)
-    source = load_device(device, **run_cfg["device_kw"], **(secret_kw or {}))
+    cfg = build(spec.config, config)
+    source = load_device(device, **run_cfg["device_kw"], **secret_kw)
     info = describe(source)
+    lacking = missing(spec, source, info, cfg)
+    if lacking:
+        raise MissingCapability(
+            f"method {spec.name!r} needs {' and '.join(lacking)}, which {run_cfg['device']} "
+            "lacks; methods that run on the four contract members alone: spsa, ng-cma, ng-ngopt, "
+            "ng-tbpsa (README, 'Which methods need what')"
+        )
     data = load_task(task)
+    if data.n_classes > info.out_dim:
+        raise InvalidInput(
+            f"task {run_cfg['task'] or 'arrays'!r} has {data.n_classes} classes but "
+            f"{run_cfg['device']} has only {info.out_dim} outputs (out_dim); the first n_classes "
+            "outputs carry the classes: choose a task with fewer classes or a device with more outputs"
+        )
+    return Prepared(spec, cfg, source, info, data, secret_kw)
+
+
+def _execute(p: Prepared, run_cfg: dict, out: Path, progress: bool, started: list) -> dict:
+    """Calibrate, train and write the result files. ``started`` gets an item once training
+    begins (from then on the ledger holds a resumable run)."""
+    t_start = time.perf_counter()
+    if p.cfg.threads:
+        torch.set_num_threads(p.cfg.threads)
+    torch.manual_seed(run_cfg["seed"])
     ledger = Ledger(out / "ledger.sqlite")
+    try:
+        return _train_in(p, run_cfg, out, progress, started, ledger, t_start)
+    finally:
+        ledger.close()
+
+
+def _train_in(
+    p: Prepared, run_cfg: dict, out: Path, progress: bool, started: list, ledger, t_start: float
+) -> dict:
+    seed, budget = run_cfg["seed"], run_cfg["budget"]
+    spec, cfg, source, info, data = p.spec, p.cfg, p.source, p.info, p.data
     ledger.set_meta("config", run_cfg)
     metered = MeteredDevice(source, ledger, budget=0 if spec.model_based else budget)
     pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg.pnn)
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)
     if spec.model_based:
-        model = getattr(source, "true_model" if spec.needs == "true" else "nominal_model", None)
-        if model is None:
-            raise MissingCapability(
-                f"method {spec.name!r} needs the device's {spec.needs}_model(); "
-                f"{type(source).__name__} is a black-box device. Use a device-query method"
-            )
+        getter = "true_model" if spec.needs == "true" else "nominal_model"
         with torch.no_grad():
             x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS])
-            y_cal = model()(torch.as_tensor(theta0), x_cal).numpy()
+            y_cal = getattr(source, getter)()(torch.as_tensor(theta0), x_cal).numpy()
     else:
         x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
         y_cal = metered.query(theta0, x_cal, purpose="calibrate")
@@ -199,9 +296,12 @@ def _execute(
         seed,
         cfg,
         budget,
-        progress=bar,
+        progress=bar if progress else None,
     )
+    started.append(True)
     t_train = time.perf_counter()
+    if not spec.model_based:
+        ctx.start_curve(theta0)
     outcome = spec.fn(ctx)
     train_s = time.perf_counter() - t_train
     bar.close()
@@ -220,6 +320,8 @@ def _execute(
         "seed": seed,
         "budget": budget,
         "model_based": spec.model_based,
+        "n_classes": data.n_classes,
+        "chance": 1 / data.n_classes,
         "accuracy": acc,
         "val_accuracy": val_acc,
         "settings_used": counts["settings"],
@@ -235,12 +337,11 @@ def _execute(
         "gain": float(pnn.gain),
         "config": as_dict(cfg),
         "extra": outcome.extra,
-        "out": str(out),
+        "out": str(out.resolve()),
     }
     np.save(out / "theta.npy", theta)
     write_json_atomic(out / "model.json", pnn.to_dict())
     write_json_atomic(out / "result.json", result)
-    ledger.close()
     return result
 
 

@@ -55,6 +55,7 @@ class PatConfig(PipelineConfig):
     "blackbox-sat",
     PipelineConfig,
     summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement",
+    requires=("bounds",),
 )
 def blackbox_sat(ctx: TrainContext) -> MethodResult:
     theta, extra = run_pipeline(ctx, ctx.config)
@@ -65,13 +66,19 @@ def blackbox_sat(ctx: TrainContext) -> MethodResult:
     "blackbox",
     BlackboxConfig,
     summary="surrogate, plain physics-aware training in trust regions, SPSA refinement",
+    requires=("bounds",),
 )
 def blackbox(ctx: TrainContext) -> MethodResult:
     theta, extra = run_pipeline(ctx, ctx.config)
     return MethodResult(theta, extra)
 
 
-@register("pat", PatConfig, summary="device forward, surrogate backward, plain Adam")
+@register(
+    "pat",
+    PatConfig,
+    summary="device forward, surrogate backward, plain Adam",
+    requires=("bounds",),
+)
 def pat(ctx: TrainContext) -> MethodResult:
     theta, extra = run_pipeline(ctx, ctx.config, rounds=False, with_refinement=False)
     return MethodResult(theta, extra)

@@ -362,6 +362,7 @@ def coordinate_stream(coords: np.ndarray, kind: str, rng: np.random.Generator, b
     HarmonicConfig,
     needs="device",
     summary="coordinate steps from the harmonic law of phases (NFT/Rotosolve on every output)",
+    requires=("periodic",),
 )
 def harmonic(ctx: TrainContext) -> MethodResult:
     """A thin loop over :func:`harmonic_sweep`: ``refresh`` coordinates per minibatch until

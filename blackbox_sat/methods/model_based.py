@@ -203,6 +203,7 @@ def offline_sat(ctx: TrainContext) -> MethodResult:
     "nat",
     NatConfig,
     needs="nominal",
+    requires=("sibling",),
     summary="noise-aware training over random chips of the datasheet error distribution",
 )
 def nat(ctx: TrainContext) -> MethodResult:

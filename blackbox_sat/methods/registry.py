@@ -42,6 +42,7 @@ class MethodSpec:
     config: type  # frozen dataclass of the method's options
     needs: str
     summary: str
+    requires: tuple[str, ...] = ()  # device members beyond the contract's four (see missing())
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -59,8 +60,17 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config: type, needs: str = "device", summary: str = ""):
-    """Decorator: ``@register("spsa", SpsaConfig, needs="device", summary="...")``."""
+def register(
+    name: str,
+    config: type,
+    needs: str = "device",
+    summary: str = "",
+    requires: tuple[str, ...] = (),
+):
+    """Decorator: ``@register("spsa", SpsaConfig, needs="device", summary="...")``.
+
+    ``requires``: optional device members the method cannot run without (``"bounds"``,
+    ``"periodic"``, or a method name such as ``"sibling"``), checked before a run starts."""
     if needs not in NEEDS:
         raise ValueError(f"needs must be one of {NEEDS}")
 
@@ -68,7 +78,12 @@ def register(name: str, config: type, needs: str = "device", summary: str = ""):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         METHODS[name] = MethodSpec(
-            name, fn, config, needs, summary or (fn.__doc__ or "").strip().split("\n")[0]
+            name,
+            fn,
+            config,
+            needs,
+            summary or (fn.__doc__ or "").strip().split("\n")[0],
+            tuple(requires),
         )
         return fn
 
@@ -87,3 +102,25 @@ def get_method(name: str) -> MethodSpec:
 
 def method_names() -> list[str]:
     return list(METHODS)
+
+
+def missing(spec: MethodSpec, device: Any, info: Any, config: Any) -> list[str]:
+    """What ``device`` (its :class:`DeviceInfo` ``info``) lacks for ``spec`` with ``config``:
+    one readable phrase per missing member; empty when the method can run."""
+    out = []
+    if spec.needs in ("nominal", "true") and getattr(device, f"{spec.needs}_model", None) is None:
+        out.append(f"a {spec.needs}_model() (simulators offer one; a black-box device does not)")
+    if (
+        spec.needs == "approximate"
+        and getattr(config, "model", None) in (None, "nominal")
+        and getattr(device, "nominal_model", None) is None
+    ):
+        out.append("an approximate model: --set model=package.module:function")
+    for member in spec.requires:
+        if member == "bounds" and not info.has_bounds:
+            out.append("`bounds` (low, high) for every parameter")
+        elif member == "periodic" and not info.periodic.any():
+            out.append("periodic parameters (`periodic`, with finite bounds)")
+        elif member not in ("bounds", "periodic") and getattr(device, member, None) is None:
+            out.append(f"`{member}`")
+    return out

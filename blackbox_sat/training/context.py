@@ -7,6 +7,7 @@ device object (``ctx.source``) is for model-based methods, which ask it for
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,16 @@ from .pnn import PNN
 CURVE_CHECKPOINTS = (250, 500, 1000, 2000)
 #: Most inputs measured in one training setting (docs/protocol.md).
 MINIBATCH = 128
+#: The phase shown for a charged query's purpose until a method names its own (``phase``).
+AUTO_PHASE = {"probe": "initial design", "train": "training", "refine": "zeroth-order steps"}
+#: The progress line's device loss is the mean over this many recent training minibatches.
+LOSS_WINDOW = 10
+
+
+def _key(row: np.ndarray) -> bytes:
+    """A device input row as a dict key; rounded, since a batch and the whole set may be
+    encoded with different float rounding."""
+    return (np.round(np.asarray(row, dtype=float), 6) + 0.0).tobytes()  # + 0.0: no -0.0
 
 
 class ModelUnavailable(MissingCapability):
@@ -47,11 +58,17 @@ class TrainContext:
     curve: list = field(default_factory=list)
     rng: np.random.Generator | None = None  # None: seeded from ``seed`` in __post_init__
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.rng is None:
             self.rng = np.random.default_rng([self.seed, 1234])
         scale = self.budget / CURVE_CHECKPOINTS[-1]
         self._checkpoints = sorted({max(1, round(c * scale)) for c in CURVE_CHECKPOINTS})
+        self._phase, self._named = "", False
+        self._losses: deque = deque(maxlen=LOSS_WINDOW)
+        self._acc0: float | None = None
+        self._labels: dict | None = None
+        if self.progress is not None:
+            self.device.observers.append(self._observe)
 
     @property
     def info(self):
@@ -84,6 +101,64 @@ class TrainContext:
         with torch.no_grad():
             pred = self.pnn(torch.as_tensor(out)).argmax(1).numpy()
         return float(np.mean(pred == y))
+
+    # --- progress: what is happening, the device loss, where it started ------------------
+    def phase(self, name: str) -> None:
+        """Name what the method is doing now (``"surrogate fit"``, ``"round 3"``); shown on the
+        progress line at once, so a long step with no query reads as work, not a hang.
+
+        Until a method names a phase, the purpose of its queries names it (:data:`AUTO_PHASE`);
+        after that, zeroth-order queries (purpose ``refine``) show as ``refinement``."""
+        self._phase, self._named = name, True
+        self._show(refresh=True)
+
+    def start_curve(self, theta0: np.ndarray) -> None:
+        """The curve's first point: test accuracy at ``theta0`` before any training (0
+        settings), logged as ``eval``; the progress line shows it beside chance."""
+        self._acc0 = self.device_accuracy(theta0, "test", "eval")
+        self.curve.append(
+            {"settings": 0, "settings_used": self.device.settings_used, "accuracy": self._acc0}
+        )
+        self._show(refresh=True)
+
+    def _observe(self, purpose: str, x: np.ndarray, y: np.ndarray) -> None:
+        """Device-query observer: the phase from the purpose, the loss of training inputs."""
+        auto = AUTO_PHASE.get(purpose)
+        if auto is not None and not self._named:
+            self._phase = auto
+        elif purpose == "refine":  # zeroth-order steps after named phases: the refinement
+            self._phase = "refinement"
+        if auto is None or (purpose == "probe" and self._named):
+            return  # once training runs, probes around it would only blur its loss
+        if self._labels is None:  # the training set's device inputs -> label
+            rows = np.clip(
+                self.device_inputs(self.f_train), self.info.input_low, self.info.input_high
+            )
+            self._labels = {_key(r): int(c) for r, c in zip(rows, self.y_train)}
+        found = [
+            (i, self._labels[k])
+            for i, k in enumerate(map(_key, np.asarray(x)))
+            if k in self._labels
+        ]
+        if found and 2 * len(found) >= len(x):  # a hybrid PNN's inputs move with training: none
+            rows, labels = zip(*found)
+            with torch.no_grad():
+                logits = self.pnn(torch.as_tensor(np.asarray(y)[list(rows)]))
+                loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels))
+            self._losses.append(float(loss))
+        self._show(refresh=False)
+
+    def _show(self, refresh: bool) -> None:
+        if self.progress is None or not hasattr(self.progress, "set_postfix_str"):
+            return
+        parts = [self._phase] if self._phase else []
+        if self._losses:
+            parts.append(f"device loss {np.mean(self._losses):.3f}")
+        if self._acc0 is not None:
+            parts.append(
+                f"acc at theta0 {100 * self._acc0:.0f}% (chance {100 / self.pnn.n_classes:.0f}%)"
+            )
+        self.progress.set_postfix_str(" | ".join(parts), refresh=refresh)
 
     def snapshot(self, theta: np.ndarray) -> None:
         """Record ``curve`` points for every checkpoint the settings count has passed.

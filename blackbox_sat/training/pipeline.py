@@ -393,6 +393,7 @@ def run_pipeline(
     measure_design(ctx, data, theta, radius, int(cfg.init_fraction * budget), cfg, seed=ctx.seed)
     timer.add("init_queries", t0)
     t0 = time.perf_counter()
+    ctx.phase("surrogate fit")
     surrogate, choice = select_surrogate(ctx, data, cfg)
     timer.add("surrogate_fit", t0)
     refit_steps, refit_window = refit_plan(cfg, choice["chosen"])
@@ -434,6 +435,7 @@ def run_pipeline(
             steps = min(cfg.steps_per_round, affordable) if rounds else affordable
             if steps <= 0:
                 break
+            ctx.phase(f"round {n_rounds + 1}" if rounds else "training")
             theta_start, center_u = theta.copy(), (theta / scale).copy()
             rho_now = (
                 rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * budget))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from blackbox_sat.data.encoding import FixedEncoding
+from blackbox_sat.devices.contract import InvalidInput
 
 #: Logits at theta0 span about +-LOGIT_HALF_SPAN (docs/protocol.md).
 LOGIT_HALF_SPAN = 5.0
@@ -38,7 +39,7 @@ def calibrate_gain(y: np.ndarray, n_classes: int) -> float:
     vals = np.asarray(y, float)[:, :n_classes]
     spread = float(np.quantile(vals, 0.95) - np.quantile(vals, 0.05))
     if not np.isfinite(spread) or spread <= 1e-12 * max(1.0, float(np.abs(vals).max())):
-        raise ValueError(
+        raise InvalidInput(
             "the device's first n_classes outputs do not vary across inputs at theta0, so no readout gain can "
             "be set; check that the device responds to its inputs (check-device) or give a different theta0"
         )
@@ -72,7 +73,7 @@ class PNN(nn.Module):
         if mode not in PNN_MODES:
             raise ValueError(f"pnn must be one of {PNN_MODES}, got {mode!r}")
         if n_classes > out_dim:
-            raise ValueError(
+            raise InvalidInput(
                 f"the task has {n_classes} classes but the device has only {out_dim} outputs"
             )
         self.encoding, self.mode, self.n_classes, self.out_dim = (
