@@ -50,6 +50,7 @@ import struct
 import threading
 import time
 import uuid
+from typing import Literal, overload
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -170,6 +171,10 @@ def pack(obj) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+@overload
+def recv_exact(sock: socket.socket, n: int, eof_ok: Literal[False] = False) -> bytes: ...
+@overload
+def recv_exact(sock: socket.socket, n: int, eof_ok: bool) -> bytes | None: ...
 def recv_exact(sock: socket.socket, n: int, eof_ok: bool = False) -> bytes | None:
     """Read exactly ``n`` bytes; ``None`` on a clean EOF before the first byte if ``eof_ok``."""
     buf = bytearray()
@@ -183,7 +188,12 @@ def recv_exact(sock: socket.socket, n: int, eof_ok: bool = False) -> bytes | Non
     return bytes(buf)
 
 
+@overload
+def read_header(sock: socket.socket, eof_ok: Literal[False] = False) -> int: ...
+@overload
+def read_header(sock: socket.socket, eof_ok: bool) -> int | None: ...
 def read_header(sock: socket.socket, eof_ok: bool = False) -> int | None:
+    """The length in a frame's header; ``None`` on a clean EOF before it if ``eof_ok``."""
     head = recv_exact(sock, _HEADER.size, eof_ok=eof_ok)
     return None if head is None else _HEADER.unpack(head)[0]
 

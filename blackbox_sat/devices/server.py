@@ -224,7 +224,7 @@ class DeviceServer:
     @property
     def address(self) -> tuple[str, int]:
         host, port = self._tcp.server_address[:2]
-        return host, port
+        return str(host), int(port)
 
     @property
     def url(self) -> str:
@@ -355,7 +355,7 @@ class DeviceServer:
             if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token):
                 raise _Refused("auth", "wrong token", close=True)
             authed = True
-            kind = msg.get("kind") if msg.get("kind") in KINDS else "invalid"
+            kind = str(msg["kind"]) if msg.get("kind") in KINDS else "invalid"
             raw_id = msg.get("id")
             if raw_id is not None:
                 if not isinstance(raw_id, str) or not REQUEST_ID_RE.match(raw_id):

@@ -171,7 +171,7 @@ def _gated_device_queries(gate, owner: str):
     from blackbox_sat.devices import remote
 
     original = remote.RemoteDevice.query
-    held = []
+    held: list[bool] = []
 
     def gated_query(self, theta, x):
         if not held:
@@ -179,11 +179,11 @@ def _gated_device_queries(gate, owner: str):
             held.append(True)
         return original(self, theta, x)
 
-    remote.RemoteDevice.query = gated_query
+    remote.RemoteDevice.query = gated_query  # type: ignore[method-assign]  # undone below
     try:
         yield
     finally:
-        remote.RemoteDevice.query = original
+        remote.RemoteDevice.query = original  # type: ignore[method-assign]
         if held:
             gate.release(owner)
 
@@ -195,7 +195,7 @@ class FileGate:
     def __init__(self, spec: str):
         digest = hashlib.sha1(spec.encode("utf-8")).hexdigest()[:16]
         self.path = str(Path(tempfile.gettempdir()) / f"blackbox-sat-device-{digest}.lock")
-        self._fd = None
+        self._fd: int | None = None
 
     def __getstate__(self):
         return {"path": self.path, "_fd": None}
@@ -266,7 +266,10 @@ class RayGate:
 def _dispatch_order(todo: list) -> tuple[list, deque]:
     """Trials to submit at once (device-query trials of a served device first, one per
     device), and the device-query trials held back until their device's trial finishes."""
-    first, later, free, busy = [], deque(), [], set()
+    first: list = []
+    later: deque = deque()
+    free: list = []
+    busy: set = set()
     for t in todo:
         if exclusive(t):
             if t.device in busy:

@@ -221,7 +221,7 @@ def _prepare(device, task, run_cfg: dict, config, secret_kw: dict) -> Prepared:
     and its ``--set`` values, the device keywords (by the factory's signature), what the
     method needs of the device, and that the task's classes fit the device's outputs."""
     spec = get_method(run_cfg["method"])
-    cfg = build(spec.config, config)
+    cfg: Any = build(spec.config, config)
     source = load_device(device, **run_cfg["device_kw"], **secret_kw)
     info = describe(source)
     lacking = missing(spec, source, info, cfg)
@@ -271,8 +271,8 @@ def _train_in(
             x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS])
             y_cal = getattr(source, getter)()(torch.as_tensor(theta0), x_cal).numpy()
     else:
-        x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
-        y_cal = metered.query(theta0, x_cal, purpose="calibrate")
+        x_np = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
+        y_cal = metered.query(theta0, x_np, purpose="calibrate")
     pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
 
     bar = tqdm(
