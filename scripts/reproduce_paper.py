@@ -32,7 +32,8 @@ import blackbox_sat as bs
 TABLE1 = (
     ("offline", "offline", 68.6),
     ("NAT", "nat", 79.8),
-    ("PAT", "pat", 70.2),
+    ("PAT", "insitu-sat[rho=0]", 70.2),  # the paper's PAT: device forward, datasheet backward
+    ("PAT, surrogate backward", "pat", None),
     ("DAT", "dat", 94.6),
     ("SAT in silico", "offline-sat", 92.3),
     ("SAT in situ", "insitu-sat", 97.1),
@@ -67,6 +68,9 @@ PAPER_PERTURBED = {
     ("freespace", "scale", 1.05): (12, 93),
 }
 PAPER_TRANSFER = ("insitu-sat", "dat", 0.10, 98.2, 87.4)  # SAT against DAT, unseen chips
+#: The rho sweep: methods and radii (normalized L2; rho 0 is the same method without SAT).
+RHO_METHODS = ("oracle-sat", "blackbox-sat", "twin-sat")
+RHO_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
 #: Gaps (percentage points) within this are read as no difference: one seed on 500 test
 #: images has a binomial standard error of about 1.5-2 points near 80-90 %.
 TOLERANCE = 2.0
@@ -83,15 +87,18 @@ SECONDS = {
     "pat": 400,
     "dat": 400,
     "insitu-sat": 52,
+    "insitu-sat[rho=0]": 52,
     "oracle": 15,
     "oracle-sat": 15,
     "twin-sat": 400,
     "blackbox-sat": 400,
 }
 PRESETS = {
-    "quick": dict(task="digits", n_modes=32, seeds=1, budget=1000, workers=2, scale=1.0),
+    "quick": dict(task="digits", n_modes=32, seeds=1, budget=1000, workers=2, scale=1.0, rho=None),
     # N=64 has 4x the phases of N=32 and fashion-mnist ~40x the training images of digits.
-    "full": dict(task="fashion-mnist", n_modes=64, seeds=3, budget=2000, workers=2, scale=80.0),
+    "full": dict(
+        task="fashion-mnist", n_modes=64, seeds=3, budget=2000, workers=2, scale=80.0, rho="mrr"
+    ),
 }
 
 
@@ -120,40 +127,132 @@ def estimate_s(p: dict, plan: dict) -> float:
             s = SECONDS.get(m, 100)
             s = s * p["budget"] / 2000 if s > 100 else s  # device methods scale with settings
             total += s * p["seeds"]
+    if p.get("rho"):  # one seed per radius, run one at a time
+        for m in RHO_METHODS:
+            if p["methods"] is None or m in p["methods"]:
+                s = SECONDS.get(m, 100)
+                total += (
+                    len(RHO_GRID)
+                    * (s * p["budget"] / 2000 if s > 100 else s)
+                    * max(1, p["workers"])
+                )
     return total * p["scale"] / max(1, p["workers"])
 
 
+def variant(name: str) -> tuple[str, dict]:
+    """``"insitu-sat[rho=0]"`` -> ``("insitu-sat", {"rho": "0"})``: a method with overrides."""
+    if not name.endswith("]"):
+        return name, {}
+    base, _, opts = name[:-1].partition("[")
+    return base, dict(kv.split("=", 1) for kv in opts.split(","))
+
+
 def run_section(name: str, spec: tuple, p: dict, runs: Path) -> list[dict]:
-    """Train and evaluate one section with ``compare``; unregistered methods become rows
-    with status ``missing``."""
+    """Train and evaluate one section with ``compare`` (a variant ``m[k=v]`` in its own
+    folder); unregistered methods become rows with status ``missing``."""
     device, kw, cfg, methods, sweep = spec
     known = set(bs.method_names())
-    todo = [m for m in methods if m in known and (p["methods"] is None or m in p["methods"])]
+
+    def wanted(m):
+        return p["methods"] is None or m in p["methods"] or variant(m)[0] in p["methods"]
+
+    plain = [m for m in methods if m in known and wanted(m)]
+    variants = [m for m in methods if m.endswith("]") and variant(m)[0] in known and wanted(m)]
+    common = dict(task=p["task"], seeds=p["seeds"], budget=p["budget"], device_kw=kw)
+    common.update(unseen=UNSEEN, sweep=sweep, progress=False)
     rows = []
-    if todo:
+    if plain:
         res = bs.compare(
-            device,
-            task=p["task"],
-            methods=todo,
-            seeds=p["seeds"],
-            budget=p["budget"],
-            out=runs / name,
-            device_kw=kw,
-            config=cfg,
-            unseen=UNSEEN,
-            sweep=sweep,
-            workers=p["workers"],
-            progress=False,
+            device, methods=plain, out=runs / name, config=cfg, workers=p["workers"], **common
         )
-        rows = res["rows"]
+        for r in res["rows"]:
+            r["run_dir"] = str(runs / name / "runs" / r["method"] / f"seed{r['seed']}")
+        rows += res["rows"]
+    for m in variants:
+        base, over = variant(m)
+        folder = (
+            runs / name / m.replace("[", "-").replace("]", "").replace("=", "").replace(",", "-")
+        )
+        res = bs.compare(device, methods=[base], out=folder, config={**cfg, **over}, **common)
+        for r in res["rows"]:
+            r["run_dir"] = str(folder / "runs" / base / f"seed{r['seed']}")
+            r["method"] = m
+        rows += res["rows"]
     for m in methods:
-        if m not in known:
-            rows.append({"method": m, "status": "missing", "section": name})
+        if variant(m)[0] not in known:
+            rows.append({"method": m, "status": "missing"})
     for r in rows:
         r["section"], r["device"] = name, device
-        if r["status"] == "ok":
-            r["run_dir"] = str(runs / name / "runs" / r["method"] / f"seed{r['seed']}")
     return rows
+
+
+def run_rho_sweep(p: dict, runs: Path) -> list[dict]:
+    """SAT radius against transfer: each of RHO_METHODS at each of RHO_GRID on ``p["rho"]``
+    (mrr, or mzi with the hybrid PNN), seed 0; rows carry ``rho`` and section ``rho``."""
+    device = p["rho"]
+    kw, cfg = ({"n_modes": p["n_modes"]}, {"pnn": "hybrid"}) if device == "mzi" else ({}, {})
+    known, rows = set(bs.method_names()), []
+    for m in RHO_METHODS:
+        if m not in known or (p["methods"] is not None and m not in p["methods"]):
+            continue
+        for rho in RHO_GRID:
+            c = {**cfg, **p["set"], "rho": rho}
+            if m == "blackbox-sat":  # its refinement has its own radius; both move together
+                c["refine.rho"] = rho
+            res = bs.compare(
+                device,
+                task=p["task"],
+                methods=[m],
+                seeds=[0],
+                budget=p["budget"],
+                out=runs / "rho" / m / f"rho{rho:g}",
+                device_kw=kw,
+                config=c,
+                unseen=UNSEEN,
+                sweep=SWEEPS[device],
+                workers=1,
+                progress=False,
+            )
+            for r in res["rows"]:
+                r.update(section="rho", device=device, rho=rho)
+                if r["status"] == "ok":
+                    r["run_dir"] = str(runs / "rho" / m / f"rho{rho:g}" / "runs" / m / "seed0")
+                rows.append(r)
+    return rows
+
+
+def plot_rho(rows: list[dict], path: Path) -> None:
+    """On-chip accuracy against unseen-chip and perturbed accuracy, one line per method
+    through its rho values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (axes[0], "acc_unseen_mean", "unseen chips 101-105"),
+        (axes[1], "acc_drift_mean", "mean over the sweep"),
+    ):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = [
+                (100 * r["acc_chip"], 100 * r[key], r["rho"])
+                for r in rows
+                if r["method"] == m and r["status"] == "ok"
+            ]
+            if not pts:
+                continue
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", label=m)
+            for x, y, rho in pts:
+                ax.annotate(f"{rho:g}", (x, y), fontsize=7)
+        ax.set_xlabel("trained chip accuracy (%)")
+        ax.set_ylabel(f"{label} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SAT radius rho (labels): on-chip against transfer and drift")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def add_transfer(rows: list[dict]) -> None:
@@ -312,7 +411,7 @@ def claims(rows: list[dict]) -> list[tuple]:
         ("insitu-sat", "offline", 97.1 - 68.6),
         ("offline-sat", "nat", 92.3 - 79.8),
         ("insitu-sat", "dat", 97.1 - 94.6),
-        ("insitu-sat", "pat", 97.1 - 70.2),
+        ("insitu-sat", "insitu-sat[rho=0]", 97.1 - 70.2),
     ):
         g = gap(acc("table1", sat), acc("table1", base))
         out.append((f"Table 1: `{sat}` above `{base}`", paper, g, verdict(g, paper), ""))
@@ -373,13 +472,13 @@ def plot_perturbations(rows: list[dict], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     for ax, (sec, dev, key) in zip(axes[0], panels):
-        for bp, st in PAIRS:
+        for i, (bp, st) in enumerate(PAIRS):  # one colour per pair
             for m, style in ((bp, "--"), (st, "-")):
                 xs = SWEEPS[dev][key]
                 ys = [mean_of(rows, sec, m, f"sweep_{key}={x}") for x in xs]
                 pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", label=m)
+                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=m)
         for (d, k, v), (p_bp, p_st) in PAPER_PERTURBED.items():
             if d == dev and k == key:
                 ax.plot([v], [p_bp], "k*", ms=10)
@@ -389,7 +488,10 @@ def plot_perturbations(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{dev}: {key}")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            break
     fig.suptitle("BP (dashed) against SAT (solid); stars: the paper (black BP, red SAT)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -502,6 +604,24 @@ def write_markdown(rows: list[dict], p: dict, wall: float, out: Path, label: str
                 f"| {r['section']} | `{r['method']}` | {r['seed']} | {r.get('sharpness') or float('nan'):.3g} | "
                 f"{r.get('worst_loss', float('nan')):.3g} | {pct(None if r.get('acc_lost') is None else 100 * r['acc_lost'])} |"
             )
+    rho_rows = [r for r in rows if r["section"] == "rho"]
+    if rho_rows:
+        plot_rho(rho_rows, out / "paper_rho.png")
+        text += [
+            "",
+            f"## SAT radius: on-chip against transfer ({rho_rows[0]['device']}, seed 0)",
+            "",
+            "![rho](paper_rho.png)",
+            "",
+            "| method | rho | trained chip | unseen chips | sweep mean |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rho_rows:
+            if r["status"] == "ok":
+                text.append(
+                    f"| `{r['method']}` | {r['rho']:g} | {100 * r['acc_chip']:.1f} | "
+                    f"{100 * r['acc_unseen_mean']:.1f} | {100 * r['acc_drift_mean']:.1f} |"
+                )
     text += [
         "",
         "## Verdicts",
@@ -512,6 +632,12 @@ def write_markdown(rows: list[dict], p: dict, wall: float, out: Path, label: str
     for claim, pg, og, v, reason in cl:
         ours = "not run" if og is None else f"{og:+.1f}"
         text.append(f"| {claim} | {pg:+.1f} | {ours} | {v} | {reason} |")
+    for key, r in rank.items():
+        v = "reproduced" if r >= 0.5 else "partly" if r >= 0.2 else "not"
+        text.append(
+            f"| flatter runs lose less: rank correlation of {key} with accuracy lost "
+            f"(rule: >= 0.5 reproduced, >= 0.2 partly) | positive | {r:+.2f} | {v} | |"
+        )
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         text += ["", "## Failed trials", ""] + [
@@ -536,6 +662,10 @@ def parse(argv: list[str]) -> dict:
     ap.add_argument("--task")
     ap.add_argument("--n-modes", type=int)
     ap.add_argument("--set", action="append", default=[], help="key=value for every method")
+    ap.add_argument(
+        "--sections", help="comma-separated subset of table1,mrr,freespace ('' for none)"
+    )
+    ap.add_argument("--rho-sweep", choices=("mrr", "mzi", "none"), help="the rho sweep's device")
     ap.add_argument("--label", default="", help="a line put at the top of paper.md")
     a = ap.parse_args(argv)
     p: dict[str, Any] = dict(PRESETS["full" if a.full else "quick"])
@@ -549,7 +679,10 @@ def parse(argv: list[str]) -> dict:
     for k in ("budget", "seeds", "workers", "task", "n_modes"):
         if getattr(a, k) is not None:
             p[k] = getattr(a, k)
+    if a.rho_sweep is not None:
+        p["rho"] = None if a.rho_sweep == "none" else a.rho_sweep
     p["methods"] = None if a.methods is None else a.methods.split(",")
+    p["sections"] = None if a.sections is None else [x for x in a.sections.split(",") if x]
     pairs = [kv.split("=", 1) for kv in a.set]
     p["set"] = {k: json.loads(v) if v[:1] in "[{" else v for k, v in pairs}
     p.update(out=Path(a.out), runs=Path(a.runs), label=a.label, argv=" ".join(argv))
@@ -558,7 +691,7 @@ def parse(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> Path:
     p = parse(sys.argv[1:] if argv is None else argv)
-    plan = sections(p)
+    plan = {k: v for k, v in sections(p).items() if p["sections"] is None or k in p["sections"]}
     if p["methods"] is not None:
         p_est = {
             k: (d, kw, c, [m for m in ms if m in p["methods"]], s)
@@ -575,6 +708,8 @@ def main(argv: list[str] | None = None) -> Path:
     rows = []
     for name, spec in plan.items():
         rows += run_section(name, spec, p, p["runs"])
+    if p["rho"]:
+        rows += run_rho_sweep(p, p["runs"])
     add_transfer(rows)
     add_flatness(rows)
     p["out"].mkdir(parents=True, exist_ok=True)
