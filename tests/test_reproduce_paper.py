@@ -19,7 +19,9 @@ def _script():
 
 
 def test_verdict_rule_compares_gaps_with_the_papers():
-    verdict = _script().verdict
+    _script()  # puts scripts/ on the path
+    from paper_report import verdict
+
     assert verdict(20.0, 23.7) == "reproduced"
     assert verdict(5.0, 23.7) == "partly"  # same sign beyond the tolerance, under half
     assert verdict(1.0, 23.7) == "not"  # within the tolerance: no effect
