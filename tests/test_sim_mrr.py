@@ -118,6 +118,21 @@ def test_drift_moves_resonances_by_80_pm_per_kelvin():
     np.testing.assert_allclose(shifted, clean.weights(np.array([i1])), atol=1e-12)
 
 
+def test_drift_is_common_mode_by_default_and_per_ring_with_drift_spread():
+    dev, spread = mrr(seed=2), mrr(seed=2, drift_spread=0.1)
+    np.testing.assert_array_equal(dev.thermal_shift, np.full((10, 16), THERMAL_SHIFT))
+    # the spread leaves this chip's fabrication draws and its undrifted weights alone
+    np.testing.assert_array_equal(spread.resonance_offset, dev.resonance_offset)
+    np.testing.assert_array_equal(spread.weights(dev.theta0), dev.weights(dev.theta0))
+    rel = spread.thermal_shift / THERMAL_SHIFT - 1
+    assert 0.05 < rel.std() < 0.15 and abs(rel.mean()) < 0.03
+    hot, hot_spread = dev.sibling(drift=1.0), spread.sibling(drift=1.0)
+    assert not np.allclose(hot.weights(dev.theta0), hot_spread.weights(dev.theta0))
+    # the calibration truth carries each ring's own shift
+    truth = hot_spread.calibration_truth()["offset"].numpy()
+    np.testing.assert_allclose(truth, spread.resonance_offset + spread.thermal_shift, atol=1e-12)
+
+
 def test_crosstalk_reaches_neighbours_on_the_same_bus_only():
     dev = mrr(sigma=0.0, in_dim=4, out_dim=2)
     base = dev.weights(np.zeros(8))

@@ -30,7 +30,13 @@ Defaults (datasheet; sources)
   value (83 pm/K is the measured single-ring limit in Shi et al., Open Phys. 21, 20230138
   (2023)). It moves resonances against the fixed laser grid, so it is not cancelled by the
   balanced readout: 1 K is 0.53 FWHM, and moves the nominal weights at ``theta0`` by 0.6-0.9
-  on average (unprotected training collapses, as in the paper).
+  on average (unprotected training collapses, as in the paper). The shift is common-mode by
+  default (every ring moves by the same 80 pm/K, the paper's setting); ``drift_spread`` (default
+  0) gives each ring its own coefficient ``THERMAL_SHIFT * (1 + drift_spread * z)`` (own arm
+  length and heat sinking, as ``mzi``'s ``beta_spread``), drawn after the fabrication draws so a
+  chip's errors do not change with it. Either way 1 K is a coherent move of all 160 rings, an
+  L2 step of 1.26 in normalized currents at ``theta0``, 25x SAT's default radius of 0.05
+  (docs/experiments.md, "mrr drift against the paper").
 - **Thermal crosstalk** (``crosstalk`` = ``kappa``, default 0.05): ring ``i`` on a bus feels
   ``kappa^|i-k|`` of heater ``k``'s power on the same bus (geometric decay with ring index),
   ``P_eff = P @ C^T``. A few percent for rings tens of um apart without trenches (Teofilovic et
@@ -198,6 +204,7 @@ class MRRWeightBank(SimulatedDevice):
         crosstalk: float = CROSSTALK,
         programming_noise: float = PROGRAMMING_NOISE,
         dac_bits: int | None = 12,
+        drift_spread: float = 0.0,
     ):
         if int(in_dim) < 1 or int(out_dim) < 1:
             raise ValueError(f"in_dim and out_dim must be >= 1, got {in_dim}, {out_dim}")
@@ -213,6 +220,7 @@ class MRRWeightBank(SimulatedDevice):
             out_dim=out_dim,
             drift=drift,
             crosstalk=crosstalk,
+            drift_spread=drift_spread,
         )
         shape = (self.out_dim, self.in_dim)
         self.n_params = self.out_dim * self.in_dim
@@ -225,6 +233,9 @@ class MRRWeightBank(SimulatedDevice):
         self.resonance_offset = self.sigma * FWHM * z_offset
         self.heater_gain = np.exp(self.sigma * SPREAD_PER_SIGMA * z_heater)
         self.linewidth = FWHM * np.exp(self.sigma * SPREAD_PER_SIGMA * z_width)
+        # Drawn last (and only when asked), so the draws above do not depend on it.
+        z_drift = self.chip_rng.standard_normal(shape) if drift_spread else np.zeros(shape)
+        self.thermal_shift = THERMAL_SHIFT * (1 + float(drift_spread) * z_drift)  # nm/K per ring
         self.theta0 = self.currents_for(start_weights(self.out_dim, self.in_dim))
 
     @staticmethod
@@ -245,7 +256,7 @@ class MRRWeightBank(SimulatedDevice):
                 np.full(shape, FWHM),
                 crosstalk_matrix(self.in_dim, self.crosstalk),
             )
-        detune = DETUNE0 - self.resonance_offset - THERMAL_SHIFT * self.drift
+        detune = DETUNE0 - self.resonance_offset - self.thermal_shift * self.drift
         return RingBankModel(
             detune,
             ETA * HEATER_R * self.heater_gain,
@@ -271,7 +282,7 @@ class MRRWeightBank(SimulatedDevice):
         f64 = torch.float64
         return {
             "offset": torch.as_tensor(
-                self.resonance_offset + THERMAL_SHIFT * self.drift, dtype=f64
+                self.resonance_offset + self.thermal_shift * self.drift, dtype=f64
             ),
             "log_heater": torch.as_tensor(np.log(self.heater_gain), dtype=f64),
             "log_width": torch.as_tensor(np.log(self.linewidth / FWHM), dtype=f64),
@@ -299,12 +310,14 @@ def mrr(
     crosstalk: float = CROSSTALK,
     programming_noise: float = PROGRAMMING_NOISE,
     dac_bits: int | None = 12,
+    drift_spread: float = 0.0,
     **kw,
 ) -> MRRWeightBank:
     """A weight-bank chip. ``sigma``: resonance-offset std in FWHM (heater and linewidth spreads
     ``sigma/4``). ``noise``: read noise std, fraction of full scale (``in_dim``). ``drift``: K.
     ``crosstalk``: neighbour heater fraction. ``programming_noise``: mA rms per query.
-    ``dac_bits``: None for off."""
+    ``dac_bits``: None for off. ``drift_spread``: relative per-ring spread of the thermal
+    shift (0: common-mode drift)."""
     return MRRWeightBank(
         seed=seed,
         sigma=sigma,
@@ -315,5 +328,6 @@ def mrr(
         crosstalk=crosstalk,
         programming_noise=programming_noise,
         dac_bits=dac_bits,
+        drift_spread=drift_spread,
         **kw,
     )
