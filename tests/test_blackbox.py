@@ -207,7 +207,7 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
 
 
 def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monkeypatch):
-    from blackbox_sat.training.pipeline import REFIT_BY_FAMILY
+    from blackbox_sat.training.surrogate_choice import REFIT_BY_FAMILY
     from surrogates.neural import EnsembleSurrogate
 
     real, seen = EnsembleSurrogate.update, []

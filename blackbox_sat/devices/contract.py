@@ -83,20 +83,12 @@ class DeviceInfo:
         return self.project(mid + jitter)
 
     def project(self, theta: np.ndarray) -> np.ndarray:
-        """Map a setting back into the domain: periodic parameters wrap, others clip."""
-        theta = np.asarray(theta, dtype=float)
-        width = self.high - self.low
-        finite = np.isfinite(width)
-        wrapped = np.where(finite, self.low, 0.0) + np.mod(
-            theta - np.where(finite, self.low, 0.0), np.where(finite, width, 1.0)
-        )
-        out = np.where(
-            self.periodic & np.isfinite(width), wrapped, np.clip(theta, self.low, self.high)
-        )
-        if np.any(self.periodic & np.isfinite(width)):
-            # A wrapped value may land exactly on ``high`` through rounding; keep [low, high).
-            out = np.where(self.periodic & (out >= self.high), self.low, out)
-        return out
+        """Map a setting back into the domain: periodic parameters wrap into ``[low, high)``,
+        others clip (:func:`surrogates.design.wrap`, the one projection rule)."""
+        # imported here: the surrogates package loads torch, which --help must not wait for
+        from surrogates.design import wrap
+
+        return wrap(theta, self.low, self.high, self.periodic)
 
 
 def _int_member(device, name: str) -> int:

@@ -28,7 +28,7 @@ from blackbox_sat.training.physics_aware import (
     normalized_step,
     physics_aware_step,
 )
-from blackbox_sat.training.pipeline import PipelineConfig, run_pipeline
+from blackbox_sat.training.pipeline import PipelineConfig, run_pat, run_pipeline
 from blackbox_sat.training.refine import RefineConfig
 
 from .registry import MethodResult, register
@@ -73,7 +73,7 @@ def blackbox(ctx: TrainContext) -> MethodResult:
 
 @register("pat", PatConfig, summary="device forward, surrogate backward, plain Adam")
 def pat(ctx: TrainContext) -> MethodResult:
-    theta, extra = run_pipeline(ctx, ctx.config, rounds=False, with_refinement=False)
+    theta, extra = run_pat(ctx, ctx.config)
     return MethodResult(theta, extra)
 
 

@@ -53,6 +53,7 @@ from blackbox_sat.devices.contract import InvalidInput
 from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.config import RunConfig, build
 from blackbox_sat.training.context import MINIBATCH, TrainContext
+from blackbox_sat.training.pnn import readout_loss
 
 from .registry import MethodResult, register
 
@@ -286,7 +287,7 @@ def harmonic_sweep(
             ):  # no harmonic fits: keep a move only if measured better
                 y_m = measure(at(j, cand[pick] - phi0), "guard")
                 with torch.no_grad():
-                    l_m = float(F.cross_entropy(ctx.pnn(torch.as_tensor(y_m)), labels))
+                    l_m = float(readout_loss(ctx.pnn, y_m, labels))
                 pick, new_y = (pick, y_m) if l_m < losses[0] else (0, state.y)
             theta = info.project(at(j, cand[pick] - phi0))
             state.y = new_y

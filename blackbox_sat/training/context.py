@@ -16,7 +16,7 @@ import torch
 from blackbox_sat.devices.contract import MissingCapability
 from blackbox_sat.devices.metered import MeteredDevice
 
-from .pnn import PNN
+from .pnn import PNN, readout_correct
 
 #: Settings at which ``curve`` snapshots are taken (docs/protocol.md), scaled by budget / 2000.
 CURVE_CHECKPOINTS = (250, 500, 1000, 2000)
@@ -81,9 +81,7 @@ class TrainContext:
         """
         f, y = (self.f_val, self.y_val) if split == "val" else (self.f_test, self.y_test)
         out = self.device.query(theta, self.device_inputs(f), purpose=purpose)
-        with torch.no_grad():
-            pred = self.pnn(torch.as_tensor(out)).argmax(1).numpy()
-        return float(np.mean(pred == y))
+        return readout_correct(self.pnn, out, y) / len(y)
 
     def snapshot(self, theta: np.ndarray) -> None:
         """Record ``curve`` points for every checkpoint the settings count has passed.

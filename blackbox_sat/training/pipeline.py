@@ -79,57 +79,23 @@ step size over the budget (cosine, 0.732 against 0.748), which is not kept.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-import surrogates
 from blackbox_sat.devices.metered import BudgetExhausted
-from surrogates.registry import family_options
 
 from .config import RunConfig
-from .context import TrainContext
-from .physics_aware import Anchors, anchored_steps, device_loss, normalized_step, physics_aware_step
+from .context import MINIBATCH, TrainContext
+from .objectives import check_loss, check_minibatch
+from .physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
 from .refine import RefineConfig, refine
-
-
-def _family(kind: str, **overrides: Any) -> Any:
-    """A field defaulting to ``kind``'s options with ``overrides``."""
-    return field(default_factory=lambda: replace(family_options(kind)(), **overrides))
-
-
-@dataclass(frozen=True)
-class SurrogateConfig:
-    """Which surrogate family, and each family's options (``surrogate.hyper.max_steps=...``)."""
-
-    SCALAR_FIELD: ClassVar[str] = "family"  # ``--set surrogate=gp`` sets the family
-    family: str = "auto"
-    candidates: tuple[str, ...] = ("hyper", "interferometric", "interferometric-layers", "gp")
-    gp_max_params: int = 50
-    # 3 members and a first fit of at most 3000 steps, for time: the loop refits anyway
-    # (docs/experiments.md, "Pipeline design choices").
-    hyper: Any = _family("hyper", n_members=3, max_steps=3000)  # noqa: RUF009 (frozen)
-    hyper_additive: Any = _family("hyper-additive", n_members=3)  # noqa: RUF009 (frozen)
-    mlp: Any = _family("mlp", n_members=3)  # noqa: RUF009 (frozen)
-    interferometric: Any = _family("interferometric")  # noqa: RUF009 (frozen)
-    interferometric_layers: Any = _family("interferometric-layers")  # noqa: RUF009 (frozen)
-    gp: Any = _family("gp")  # noqa: RUF009 (frozen)
-
-    def __post_init__(self) -> None:
-        kinds = set(surrogates.surrogate_kinds())
-        for name in (self.family, *self.candidates):
-            if name != "auto" and name not in kinds:
-                raise ValueError(
-                    f"unknown surrogate family {name!r}; known: auto, {', '.join(sorted(kinds))}"
-                )
-
-    def options(self, kind: str) -> dict[str, Any]:
-        """``kind``'s constructor keywords that differ from the family's own defaults."""
-        chosen, default = getattr(self, kind.replace("-", "_")), family_options(kind)()
-        return {k: v for k, v in asdict(chosen).items() if v != getattr(default, k)}
+from .surrogate_choice import Dataset, SurrogateConfig, refit_plan, select_surrogate
+from .trust_region import TrustRegion
 
 
 @dataclass(frozen=True)
@@ -184,150 +150,6 @@ class PipelineConfig(RunConfig):
             raise ValueError("need 0 < radius_min <= radius <= radius_max")
 
 
-# Refit budget per surrogate family, used where ``refit_steps`` / ``refit_window`` are None
-# (the default; a number set by the user wins). The interferometric family is a first-order
-# expansion around its centre, so it needs recent data and more steps to re-fit after the
-# centre moves (mzi ``blackbox-sat``, seeds 0-2 in ``compare``: 46.9 +- 2.5 with 200 steps on
-# 300 settings against 37.1 +- 1.4 with the neural families' 100 on 500; 400 steps gave
-# 0.368 against 0.442 on seed 0).
-#: Families that model the parameters as phases of optical shifters: ``auto`` offers them only
-#: where some parameters are periodic.
-PHASE_FAMILIES = ("interferometric", "interferometric-layers")
-
-REFIT_BY_FAMILY = {
-    "default": {"refit_steps": 100, "refit_window": 500},
-    "interferometric": {"refit_steps": 200, "refit_window": 300},
-    # Global, so nothing to re-learn after a move: 100 steps (mzi seeds 0 / 1: 0.626 / 0.434,
-    # 5 min per run) did as well as 200 (0.556 / 0.520, 9 min).
-    "interferometric-layers": {"refit_steps": 100, "refit_window": 300},
-}
-
-
-def refit_plan(cfg: PipelineConfig, family: str) -> tuple[int, int]:
-    """``(refit_steps, refit_window)`` for ``family``: the user's numbers, else the family's."""
-    rule = REFIT_BY_FAMILY.get(family, REFIT_BY_FAMILY["default"])
-    return (
-        cfg.refit_steps if cfg.refit_steps is not None else rule["refit_steps"],
-        cfg.refit_window if cfg.refit_window is not None else rule["refit_window"],
-    )
-
-
-class Dataset:
-    """Every good query so far, as per-sample rows for the surrogate."""
-
-    def __init__(self):
-        self.theta, self.x, self.y, self.groups, self._next = [], [], [], [], 0
-
-    def add(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-        b = len(x)
-        self.theta.append(np.broadcast_to(theta, (b, theta.size)))
-        self.x.append(np.asarray(x))
-        self.y.append(np.asarray(y))
-        self.groups.append(np.full(b, self._next))
-        self._next += 1
-
-    def arrays(self, last: int | None = None):
-        """All rows, or those of the ``last`` settings measured."""
-        sl = slice(-last, None) if last else slice(None)
-        return (
-            np.concatenate(self.theta[sl]),
-            np.concatenate(self.x[sl]),
-            np.concatenate(self.y[sl]),
-            np.concatenate(self.groups[sl]),
-        )
-
-
-def candidate_families(ctx: TrainContext, cfg: PipelineConfig) -> list[str]:
-    """The families ``auto`` tries. The interferometric ones only where parameters are
-    phases (periodic); ``hyper-additive`` only where some are not (periodic columns get no
-    per-control path, so it would repeat ``hyper``); the GP only for small parameter counts,
-    where it is practical."""
-    fams = []
-    for f in cfg.surrogate.candidates:
-        if f in PHASE_FAMILIES and not ctx.info.periodic.any():
-            continue
-        if f == "hyper-additive" and ctx.info.periodic.all():
-            continue
-        if f == "gp" and ctx.info.n_params > cfg.surrogate.gp_max_params:
-            continue
-        fams.append(f)
-    return fams
-
-
-def _new_surrogate(kind: str, ctx: TrainContext):
-    kw = ctx.config.surrogate.options(kind)
-    return surrogates.make_surrogate(
-        kind,
-        theta_low=ctx.info.low,
-        theta_high=ctx.info.high,
-        periodic=ctx.info.periodic,
-        seed=ctx.seed,
-        **kw,
-    )
-
-
-def paired_delta_r2(pred: np.ndarray, y: np.ndarray, x: np.ndarray) -> float:
-    """Held-out R² of the ``theta``-driven part of the output, from measurements alone.
-
-    Rows that share an input ``x`` but come from different settings are paired, and the
-    predicted differences ``f(theta_a, x) - f(theta_b, x)`` are scored against the measured
-    ones. A model that ignores ``theta`` scores about 0, however well it predicts ``y``.
-    ``pred``, ``y``: ``(n, out_dim)``; ``x``: ``(n, in_dim)``. NaN when no input repeats.
-    """
-    _, key = np.unique(x, axis=0, return_inverse=True)
-    order = np.argsort(key.ravel(), kind="stable")
-    k = key.ravel()[order]
-    a, b = order[:-1][k[:-1] == k[1:]], order[1:][k[:-1] == k[1:]]
-    if len(a) == 0:
-        return float("nan")
-    d_true, d_pred = y[a] - y[b], pred[a] - pred[b]
-    return float(1 - ((d_pred - d_true) ** 2).sum() / (d_true**2).sum())
-
-
-def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> tuple[object, dict]:
-    """Fit the candidates on the initial queries; keep the best on held-out settings.
-
-    The score is :func:`paired_delta_r2`, the part of the output that ``theta`` changes,
-    because training uses the surrogate's ``theta``-gradient only (the measured outputs give
-    the rest). Ranking by plain output error picked ``mlp`` on mzi, whose gradients were the
-    worst there (docs/experiments.md#surrogate-quality-on-mzi)."""
-    theta, x, y, groups = data.arrays()
-    fams = (
-        [cfg.surrogate.family] if cfg.surrogate.family != "auto" else candidate_families(ctx, cfg)
-    )
-    if len(fams) == 1:
-        return _new_surrogate(fams[0], ctx).fit(theta, x, y, groups), {"chosen": fams[0]}
-    rng = np.random.default_rng([ctx.seed, 77])
-    ids = np.unique(groups)
-    held = rng.choice(ids, max(2, len(ids) // 5), replace=False)
-    test = np.isin(groups, held)
-    scores, r2 = {}, {}
-    var = y[test].var(axis=0).sum()
-    for fam in fams:
-        model = _new_surrogate(fam, ctx).fit(theta[~test], x[~test], y[~test], groups[~test])
-        with torch.no_grad():
-            pred = (
-                model.predict(
-                    torch.as_tensor(theta[test], dtype=torch.float32),
-                    torch.as_tensor(x[test], dtype=torch.float32),
-                )
-                .double()
-                .numpy()
-            )
-        r2[fam] = float(1 - ((pred - y[test]) ** 2).mean(axis=0).sum() / var)
-        delta = paired_delta_r2(pred, y[test], x[test])
-        scores[fam] = delta if np.isfinite(delta) else r2[fam]
-    best = max(scores, key=scores.get)
-    # A fresh fit on all settings, not a warm refit of the held-out model: on mzi (seeds 0 / 1,
-    # side by side) the warm refit saved 14-20 % of the run's time but gave 0.412 / 0.398
-    # against 0.442 / 0.502.
-    return _new_surrogate(best, ctx).fit(theta, x, y, groups), {
-        "chosen": best,
-        "heldout_delta_r2": scores,
-        "heldout_r2": r2,
-    }
-
-
 class Timer:
     def __init__(self):
         self.s = {}
@@ -372,166 +194,157 @@ def measure_design(
         ctx.snapshot(center)  # the centre is the current training point
 
 
-def run_pipeline(
-    ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True, with_refinement: bool = True
-) -> tuple[np.ndarray, dict]:
-    """The loop of the module docstring. Returns ``(theta, extra)``.
+class SurrogateSteps:
+    """Physics-aware steps on the surrogate, the state they share across rounds.
 
-    ``rounds=False`` is ``pat``: one surrogate fit, then plain physics-aware steps with no
-    trust region, refits or refinement.
+    Holds the current setting ``theta (n_params,)``, its normalized copy ``u`` that Adam
+    moves (step size ``lr_factor * radius``, so steps match the trust region), the minibatch
+    stream, the anchors and the training data the steps add. Used by the pipeline's rounds
+    and by ``pat``.
     """
 
-    info, scale, budget, rho = ctx.info, ctx.info.scale, ctx.budget, cfg.rho
-    refine_rule = cfg.refine.rule if (with_refinement and cfg.refine_fraction > 0) else None
-    timer = Timer()
-    data = Dataset()
-    theta = ctx.theta0.copy()
-    radius = cfg.radius
-    reserve = int(cfg.refine_fraction * budget) + 1 if (rounds and refine_rule) else 0
+    def __init__(self, ctx: TrainContext, cfg: PipelineConfig, surrogate, data: Dataset):
+        self.ctx, self.cfg, self.surrogate, self.data = ctx, cfg, surrogate, data
+        self.theta = ctx.theta0.copy()
+        self.u = torch.tensor(self.theta / ctx.info.scale, requires_grad=True)
+        self.opt = torch.optim.Adam([self.u], lr=self.step_size(cfg.radius))
+        if ctx.pnn.trainable:
+            self.opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
+        self.batches = ctx.minibatches(min(MINIBATCH, len(ctx.y_train)))
+        self.anchors = Anchors(len(ctx.y_train), ctx.info.out_dim)
+        self.per_step = 2 if (cfg.rho > 0 and cfg.ascent == "device") else 1
+        self.history: list[dict] = []
 
+    def step_size(self, radius: float) -> float:
+        return self.cfg.lr if self.cfg.lr else self.cfg.lr_factor * radius
+
+    def set_radius(self, radius: float) -> None:
+        """Scale the step size of ``theta`` (not of the digital layers) to a new radius."""
+        self.opt.param_groups[0]["lr"] = self.step_size(radius)
+
+    def affordable(self, reserve: int) -> int:
+        """Steps the budget left allows, keeping ``reserve`` settings aside."""
+        return (self.ctx.device.remaining - reserve) // self.per_step
+
+    def reset(self, theta: np.ndarray) -> None:
+        """Return to ``theta`` (a rejected move); Adam's moments are kept."""
+        self.theta = theta.copy()
+        with torch.no_grad():
+            self.u.copy_(torch.as_tensor(self.theta / self.ctx.info.scale))
+
+    def run(self, n: int, rho: float, box=None, inner: int = 0) -> None:
+        """``n`` device steps, each followed by ``inner`` anchored steps that cost no setting,
+        every move clipped to ``box`` (normalized ``(lo, hi)``) when given."""
+        ctx, cfg = self.ctx, self.cfg
+        for _ in range(n):
+            idx = next(self.batches)
+            self.opt.zero_grad()
+            step = physics_aware_step(
+                ctx, self.theta, idx, self.surrogate, rho=rho, ascent=cfg.ascent,
+                adaptive=cfg.adaptive,
+            )  # fmt: skip
+            if cfg.learn_from_steps:
+                self.data.add(self.theta, step.x, step.y)
+            self.anchors.record(step, idx, self.theta)
+            self.theta = normalized_step(self.opt, self.u, step.grad, ctx.info, box)
+            self.theta = anchored_steps(
+                ctx, self.anchors, self.surrogate, self.opt, self.u, self.theta, self.batches,
+                inner, rho=rho, adaptive=cfg.adaptive, box=box,
+            )  # fmt: skip
+            self.history.append({"settings": ctx.device.settings_used, "loss": step.loss})
+            ctx.snapshot(self.theta)
+
+    def refit(self, window: int, steps: int, scratch: bool = False) -> None:
+        """Refit the surrogate on the last ``window`` settings: warm for ``steps`` steps
+        around the current point, or ``scratch`` (new normalisation and weights)."""
+        th, x, y, g = self.data.arrays(window)
+        if scratch:
+            self.surrogate.fit(th, x, y, g)
+        else:
+            self.surrogate.update(th, x, y, g, steps=steps, centre=self.theta)
+        self.anchors.invalidate()
+
+
+def initial_fit(
+    ctx: TrainContext, cfg: PipelineConfig, timer: Timer
+) -> tuple[Dataset, object, dict]:
+    """Steps 1-2 of the module docstring: the initial design around ``theta0`` and the
+    surrogate chosen on it. Returns ``(data, surrogate, choice)``."""
+    data = Dataset()
     t0 = time.perf_counter()
-    measure_design(ctx, data, theta, radius, int(cfg.init_fraction * budget), cfg, seed=ctx.seed)
+    measure_design(ctx, data, ctx.theta0, cfg.radius, int(cfg.init_fraction * ctx.budget), cfg,
+                   seed=ctx.seed)  # fmt: skip
     timer.add("init_queries", t0)
     t0 = time.perf_counter()
     surrogate, choice = select_surrogate(ctx, data, cfg)
     timer.add("surrogate_fit", t0)
+    return data, surrogate, choice
+
+
+def sat_radius(ctx: TrainContext, cfg: PipelineConfig) -> float:
+    """SAT's ``rho`` now: ramped linearly with the settings spent (module docstring)."""
+    if not cfg.rho_ramp:
+        return cfg.rho
+    return cfg.rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * ctx.budget))
+
+
+def run_pipeline(ctx: TrainContext, cfg: PipelineConfig) -> tuple[np.ndarray, dict]:
+    """The loop of the module docstring. Returns ``(theta, extra)``."""
+    refine_rule = cfg.refine.rule if cfg.refine_fraction > 0 else None
+    # the refinement's share, plus one setting for its accept test
+    reserve = int(cfg.refine_fraction * ctx.budget) + 1 if refine_rule else 0
+    timer = Timer()
+    data, surrogate, choice = initial_fit(ctx, cfg, timer)
     refit_steps, refit_window = refit_plan(cfg, choice["chosen"])
-
-    u = torch.tensor(theta / scale, requires_grad=True)
-
-    def step_size(r):
-        return cfg.lr if cfg.lr else cfg.lr_factor * r
-
-    opt = torch.optim.Adam([u], lr=step_size(radius))
-    if ctx.pnn.trainable:
-        opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
-    batches = ctx.minibatches(min(128, len(ctx.y_train)))
-    check_idx = np.random.default_rng([ctx.seed, 5]).choice(
-        len(ctx.y_train), min(128, len(ctx.y_train)), replace=False
-    )
-    history, round_log, n_rounds, accepted, rejected_run, refreshes = [], [], 0, 0, 0, 0
-    anchors = Anchors(len(ctx.y_train), info.out_dim)
-    check_loss, check_std, tol = np.inf, 0.0, 0.0
-    per_step = 2 if (rho > 0 and cfg.ascent == "device") else 1
+    steps = SurrogateSteps(ctx, cfg, surrogate, data)
+    region = TrustRegion.from_config(cfg)
+    check_idx = check_minibatch(ctx)
+    round_log: list[dict] = []
+    refreshes = 0
     try:
-        # The check loss is measured noisily: repeats at the start give its spread, and a
-        # round is accepted unless its end is worse by more than that (``accept_tol="auto"``).
-        # A plain "not worse" test throws away improving rounds half the time once the
-        # per-round gain is below the noise (freespace: check-loss std 0.055 nats).
-        repeats = [
-            device_loss(ctx, theta, check_idx, digital=False)[0]
-            for _ in range(max(1, cfg.check_repeats))
-        ]
-        check_loss, check_std = (
-            float(np.mean(repeats)),
-            float(np.std(repeats, ddof=1)) if len(repeats) > 1 else 0.0,
+        region.calibrate(
+            [check_loss(ctx, steps.theta, check_idx) for _ in range(max(1, cfg.check_repeats))],
+            cfg.accept_tol,
         )
-        tol = check_std if cfg.accept_tol == "auto" else float(cfg.accept_tol)
-        while True:
-            affordable = (
-                ctx.device.remaining - reserve - 1
-            ) // per_step  # one setting kept for the check
-            steps = min(cfg.steps_per_round, affordable) if rounds else affordable
-            if steps <= 0:
-                break
-            theta_start, center_u = theta.copy(), (theta / scale).copy()
-            rho_now = (
-                rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * budget))
-                if cfg.rho_ramp
-                else rho
-            )
-            for _ in range(steps):
-                idx = next(batches)
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                step = physics_aware_step(
-                    ctx,
-                    theta,
-                    idx,
-                    surrogate,
-                    rho=rho_now,
-                    ascent=cfg.ascent,
-                    adaptive=cfg.adaptive,
-                )
-                box = (
-                    (center_u - radius, center_u + radius)
-                    if rounds and cfg.clip_to_region
-                    else None
-                )
-                if cfg.learn_from_steps:
-                    data.add(theta, step.x, step.y)
-                anchors.record(step, idx, theta)
-                theta = normalized_step(opt, u, step.grad, info, box)
-                theta = anchored_steps(
-                    ctx,
-                    anchors,
-                    surrogate,
-                    opt,
-                    u,
-                    theta,
-                    batches,
-                    cfg.inner_steps if rounds else 0,
-                    rho=rho_now,
-                    adaptive=cfg.adaptive,
-                    box=box,
-                )
-                timer.add("sat_steps", t0)
-                history.append({"settings": ctx.device.settings_used, "loss": step.loss})
-                ctx.snapshot(theta)
-            if not rounds:
-                break
-            n_rounds += 1
-            end_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
-            round_log.append(
-                {
-                    "radius": radius,
-                    "start_loss": check_loss,
-                    "end_loss": end_loss,
-                    "step_losses": [h["loss"] for h in history[-steps:]],
-                }
-            )
-            if end_loss <= check_loss + tol:
-                accepted, rejected_run = accepted + 1, 0
-                check_loss = end_loss
-                radius = min(radius * cfg.grow, cfg.radius_max)
-            else:
-                theta = theta_start
-                rejected_run += 1
-                radius = max(radius * cfg.shrink, cfg.radius_min)
-                with torch.no_grad():
-                    u.copy_(torch.as_tensor(theta / scale))
-            for group in opt.param_groups[:1]:
-                group["lr"] = step_size(radius)
+        # one setting of each round is kept for its accept test
+        while (n := min(cfg.steps_per_round, steps.affordable(reserve + 1))) > 0:
+            start = steps.theta.copy()
+            box = region.box(start / ctx.info.scale) if cfg.clip_to_region else None
+            t0 = time.perf_counter()
+            steps.run(n, sat_radius(ctx, cfg), box, cfg.inner_steps)
+            timer.add("sat_steps", t0)
+            end_loss = check_loss(ctx, steps.theta, check_idx)
+            round_log.append({
+                "radius": region.radius, "start_loss": region.check_loss, "end_loss": end_loss,
+                "step_losses": [h["loss"] for h in steps.history[-n:]],
+            })  # fmt: skip
+            if not region.judge(end_loss):
+                steps.reset(start)
+            steps.set_radius(region.radius)
             t0 = time.perf_counter()
             measure_design(
-                ctx,
-                data,
-                theta,
-                radius,
-                min(cfg.probes_per_round, ctx.device.remaining - reserve),
-                cfg,
-                seed=ctx.seed * 1000 + n_rounds,
-            )
+                ctx, data, steps.theta, region.radius,
+                min(cfg.probes_per_round, ctx.device.remaining - reserve), cfg,
+                seed=ctx.seed * 1000 + len(round_log),
+            )  # fmt: skip
             timer.add("probe_queries", t0)
             t0 = time.perf_counter()
-            th, x, y, g = data.arrays(refit_window)
-            if cfg.refresh_after and rejected_run >= cfg.refresh_after:
-                surrogate.fit(th, x, y, g)  # from scratch: new normalisation and weights
-                rejected_run, refreshes = 0, refreshes + 1
-            else:
-                surrogate.update(th, x, y, g, steps=refit_steps, centre=theta)
-            anchors.invalidate()
+            scratch = bool(cfg.refresh_after) and region.rejected_run >= cfg.refresh_after
+            steps.refit(refit_window, refit_steps, scratch=scratch)
+            if scratch:
+                region.rejected_run, refreshes = 0, refreshes + 1
             timer.add("surrogate_fit", t0)
     except BudgetExhausted:
         pass
+    theta = steps.theta
     extra = {
-        "check_loss_std": check_std,
-        "accept_tol": tol,
+        "check_loss_std": region.check_std,
+        "accept_tol": region.tol,
         "surrogate": choice["chosen"],
         "surrogate_selection": choice,
-        "rounds": n_rounds,
-        "accepted_rounds": accepted,
-        "final_radius": radius,
+        "rounds": len(round_log),
+        "accepted_rounds": region.accepted,
+        "final_radius": region.radius,
         "round_log": round_log,
         "refit_steps": refit_steps,
         "refit_window": refit_window,
@@ -539,19 +352,42 @@ def run_pipeline(
     }
     if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
         t0 = time.perf_counter()
-        refined, ref_hist = refine(ctx, theta, ctx.device.remaining - 1, config=cfg.refine)
-        # The same acceptance test as a round's: refinement keeps its result only if the
-        # device loss on the check minibatch did not rise (one setting, reserved above).
-        refined_loss, *_ = device_loss(ctx, refined, check_idx, digital=False)
-        kept = refined_loss <= check_loss
-        theta = refined if kept else theta
+        theta, extra["refine"] = refine_and_check(ctx, cfg, theta, region, check_idx)
         timer.add("refine", t0)
-        extra["refine"] = {
-            "rule": refine_rule,
-            "steps": len(ref_hist),
-            "check_loss_before": check_loss,
-            "check_loss_after": refined_loss,
-            "kept": bool(kept),
-        }
     extra["time_s"] = {**timer.s, "device_queries": ctx.device.device_time}
     return theta, extra
+
+
+def refine_and_check(
+    ctx: TrainContext, cfg: PipelineConfig, theta: np.ndarray, region: TrustRegion, check_idx
+) -> tuple[np.ndarray, dict]:
+    """Step 4: zeroth-order refinement with the budget left but one setting, kept only if the
+    device loss on the check minibatch did not rise (the round's accept test, strict)."""
+    refined, hist = refine(ctx, theta, ctx.device.remaining - 1, config=cfg.refine)
+    refined_loss = check_loss(ctx, refined, check_idx)
+    kept = refined_loss <= region.check_loss
+    return (refined if kept else theta), {
+        "rule": cfg.refine.rule,
+        "steps": len(hist),
+        "check_loss_before": region.check_loss,
+        "check_loss_after": refined_loss,
+        "kept": bool(kept),
+    }
+
+
+def run_pat(ctx: TrainContext, cfg: PipelineConfig) -> tuple[np.ndarray, dict]:
+    """``pat``: one surrogate fit, then plain physics-aware steps until the budget is spent:
+    no trust region, no refits, no refinement. Returns ``(theta, extra)``."""
+    timer = Timer()
+    data, surrogate, choice = initial_fit(ctx, cfg, timer)
+    steps = SurrogateSteps(ctx, cfg, surrogate, data)
+    t0 = time.perf_counter()
+    with contextlib.suppress(BudgetExhausted):
+        steps.run(steps.affordable(0), sat_radius(ctx, cfg))
+    timer.add("sat_steps", t0)
+    return steps.theta, {
+        "surrogate": choice["chosen"],
+        "surrogate_selection": choice,
+        "steps": len(steps.history),
+        "time_s": {**timer.s, "device_queries": ctx.device.device_time},
+    }

@@ -120,12 +120,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from blackbox_sat.devices.metered import BudgetExhausted
 
 from .config import build
 from .context import MINIBATCH, TrainContext
+from .objectives import DeviceObjective
 
 RULES = ("spsa", "rdsa", "sa-spsa")
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
@@ -185,97 +185,6 @@ class RefineConfig:
     @property
     def adam(self) -> bool:
         return self.normalize == "adam"
-
-
-class DeviceObjective:
-    """Measured training loss of settings on the device, in device or normalized units.
-
-    ``loss(theta, idx)``: one setting (``theta`` in device units, projected into the
-    domain), inputs ``ctx.f_train[idx]`` (at most ``MINIBATCH``), cross-entropy of
-    ``ctx.pnn(y)``. ``losses(thetas, idx)``: several settings on the same minibatch
-    (common random numbers). ``*_u`` variants take normalized coordinates.
-    """
-
-    def __init__(self, ctx: TrainContext, purpose: str = "refine"):
-        self.ctx, self.purpose = ctx, purpose
-        self.info = ctx.info
-        self.scale = np.asarray(self.info.scale, float)
-        self.n = self.info.n_params
-        self.periodic = np.asarray(self.info.periodic, bool)
-        self._u_low = np.where(self.periodic, -np.inf, self.info.low / self.scale)
-        self._u_high = np.where(self.periodic, np.inf, self.info.high / self.scale)
-        self._cache: tuple | None = None
-
-    # --- coordinates ------------------------------------------------------------------
-    def to_u(self, theta) -> np.ndarray:
-        return np.asarray(theta, float) / self.scale
-
-    def to_theta(self, u) -> np.ndarray:
-        """Device setting for normalized ``u``: wrap periodic parameters, clip the others."""
-        return self.info.project(np.asarray(u, float) * self.scale)
-
-    def keep(self, u) -> np.ndarray:
-        """Iterate kept inside the domain: non-periodic coordinates clipped, periodic
-        ones left unwrapped (so that averages of iterates make sense)."""
-        return np.clip(u, self._u_low, self._u_high)
-
-    # --- cost -------------------------------------------------------------------------
-    def cost(self, batch: int = MINIBATCH) -> int:
-        """Settings one loss evaluation on ``batch`` inputs costs (``max_batch`` splits)."""
-        return self.ctx.device.settings_needed(batch)
-
-    # --- measurements -----------------------------------------------------------------
-    def _batch(self, idx):
-        idx = np.asarray(idx)
-        if idx.ndim != 1 or len(idx) < 1 or len(idx) > MINIBATCH:
-            raise ValueError(
-                f"idx must be 1-D with 1..{MINIBATCH} training indices, got shape {idx.shape}"
-            )
-        if self._cache is None or not np.array_equal(self._cache[0], idx):
-            x = self.ctx.device_inputs(self.ctx.f_train[idx])
-            self._cache = (idx.copy(), x, torch.as_tensor(self.ctx.y_train[idx]))
-        return self._cache[1], self._cache[2]
-
-    def loss(self, theta, idx, purpose: str | None = None) -> float:
-        x, labels = self._batch(idx)
-        y = self.ctx.device.query(self.info.project(theta), x, purpose=purpose or self.purpose)
-        with torch.no_grad():
-            return float(F.cross_entropy(self.ctx.pnn(torch.as_tensor(y)), labels))
-
-    def losses(self, thetas, idx, purpose: str | None = None) -> np.ndarray:
-        return np.array([self.loss(t, idx, purpose) for t in thetas])
-
-    def loss_u(self, u, idx, purpose: str | None = None) -> float:
-        return self.loss(self.to_theta(u), idx, purpose)
-
-    def losses_u(self, us, idx, purpose: str | None = None) -> np.ndarray:
-        return np.array([self.loss_u(u, idx, purpose) for u in us])
-
-    def accuracy(self, theta, split: str = "val", purpose: str = "train") -> float:
-        """Accuracy on ``split`` measured in chunks of at most ``MINIBATCH`` inputs, each a
-        setting; ``purpose='train'`` is charged (model selection on validation)."""
-        f, y = (
-            (self.ctx.f_val, self.ctx.y_val)
-            if split == "val"
-            else (self.ctx.f_train, self.ctx.y_train)
-        )
-        theta = self.info.project(theta)
-        correct = 0
-        for i in range(0, len(y), MINIBATCH):
-            out = self.ctx.device.query(
-                theta, self.ctx.device_inputs(f[i : i + MINIBATCH]), purpose=purpose
-            )
-            with torch.no_grad():
-                correct += int(
-                    (
-                        self.ctx.pnn(torch.as_tensor(out)).argmax(1).numpy() == y[i : i + MINIBATCH]
-                    ).sum()
-                )
-        return correct / len(y)
-
-    def accuracy_cost(self, split: str = "val") -> int:
-        n = len(self.ctx.y_val if split == "val" else self.ctx.y_train)
-        return sum(self.cost(min(MINIBATCH, n - i)) for i in range(0, n, MINIBATCH))
 
 
 def sample_directions(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
