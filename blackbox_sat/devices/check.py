@@ -8,12 +8,14 @@ import numpy as np
 
 from .contract import describe
 from .metered import MeteredDevice
+from .scale import measure_scale
 
 
 def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> dict:
     """Read the members, time one query and estimate the read noise from repeats.
 
-    Makes ``repeats + 1`` calls of ``device.query`` at the starting setting. Returns a
+    Makes ``repeats + 1`` calls of ``device.query`` at the starting setting, and those of
+    :func:`.scale.measure_scale` for a device with unbounded parameters. Returns a
     report dict; raises a contract error naming the first broken member.
     """
     info = describe(device)
@@ -27,6 +29,12 @@ def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> di
     ys = np.stack([meter.query(theta, x, purpose="probe") for _ in range(repeats)])
     noise = float(ys.std(axis=0, ddof=1).mean()) if repeats > 1 else None
     spread = float(ys.mean(axis=0).std())
+    free = ~(np.isfinite(info.low) & np.isfinite(info.high))
+    measured = (
+        measure_scale(lambda t: meter.query(t, x, purpose="probe"), theta, free, seed)
+        if free.any()
+        else None
+    )
     return {
         "n_params": info.n_params,
         "in_dim": info.in_dim,
@@ -42,4 +50,6 @@ def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> di
         "noise_std": noise,
         "output_spread": spread,
         "snr": None if not noise else spread / noise,
+        # the unit of normalized steps: bound widths, or measured where there are no bounds
+        "scale": "bound widths" if measured is None else measured["scale"],
     }

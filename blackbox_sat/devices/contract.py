@@ -63,12 +63,15 @@ class DeviceInfo:
     max_batch: int | None
     theta0: np.ndarray | None
     has_bounds: bool
+    free_scale: float | None = None  # unit of unbounded parameters (devices/scale.py)
 
     @property
     def scale(self) -> np.ndarray:
-        """Per-parameter bound width, the unit of trust radii and of SAT's rho."""
+        """Per-parameter bound width, the unit of trust radii and of SAT's rho; unbounded
+        parameters take ``free_scale`` (measured or set), else ``DEFAULT_UNBOUNDED_SCALE``."""
         width = self.high - self.low
-        return np.where(np.isfinite(width), width, DEFAULT_UNBOUNDED_SCALE)
+        free = DEFAULT_UNBOUNDED_SCALE if self.free_scale is None else self.free_scale
+        return np.where(np.isfinite(width), width, free)
 
     def start(self, seed: int) -> np.ndarray:
         """The shared starting setting: ``theta0`` if given, else the bounds' midpoint plus a

@@ -11,6 +11,7 @@ replays the ledger (see :mod:`.devices.metered`): no query is paid for twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -26,6 +27,7 @@ from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
+from blackbox_sat.devices.scale import measure_scale
 from blackbox_sat.devices.spec import load_device
 from blackbox_sat.methods.registry import get_method
 from blackbox_sat.optim.sharpness import top_hessian_eigenvalue
@@ -163,6 +165,15 @@ def _execute(
         x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
         y_cal = metered.query(theta0, x_cal, purpose="calibrate")
     pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
+    free = ~(np.isfinite(info.low) & np.isfinite(info.high))
+    if free.any() and not spec.model_based:  # a unit for parameters without bounds
+        scale = (
+            cfg.scale
+            or measure_scale(
+                lambda t: metered.query(t, x_cal, purpose="calibrate"), theta0, free, seed
+            )["scale"]
+        )
+        metered.info = info = dataclasses.replace(info, free_scale=scale)
 
     bar = tqdm(
         total=budget if not spec.model_based else None,

@@ -31,6 +31,7 @@ from blackbox_sat.training.physics_aware import (
 from blackbox_sat.training.pipeline import PipelineConfig, run_pat, run_pipeline
 from blackbox_sat.training.refine import RefineConfig
 
+from .harmonic import HARMONIC_DEFAULTS, coordinate_stream, harmonic_sweep, new_state
 from .registry import MethodResult, register
 
 
@@ -39,7 +40,15 @@ class BlackboxConfig(PipelineConfig):
     """``blackbox``: the pipeline without SAT, refined by plain SPSA."""
 
     rho: float = 0.0
-    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="spsa", rho=0.0))
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="guided", rho=0.0))
+
+
+@dataclass(frozen=True)
+class GuidedEsConfig(BlackboxConfig):
+    """``guided-es``: the pipeline's rounds with guided-ES steps only (the surrogate is the
+    guide, refitted on the pairs; no probes), then guided refinement."""
+
+    steps: Literal["auto", "surrogate", "guided", "harmonic"] = "guided"
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class PatConfig(PipelineConfig):
     summary="surrogate, SAT in trust regions, sharpness-aware ZO refinement",
 )
 def blackbox_sat(ctx: TrainContext) -> MethodResult:
-    theta, extra = run_pipeline(ctx, ctx.config)
+    theta, extra = run_pipeline(ctx, ctx.config, harmonic_rounds(ctx))
     return MethodResult(theta, extra)
 
 
@@ -67,8 +76,54 @@ def blackbox_sat(ctx: TrainContext) -> MethodResult:
     summary="surrogate, plain physics-aware training in trust regions, SPSA refinement",
 )
 def blackbox(ctx: TrainContext) -> MethodResult:
+    theta, extra = run_pipeline(ctx, ctx.config, harmonic_rounds(ctx))
+    return MethodResult(theta, extra)
+
+
+@register(
+    "guided-es",
+    GuidedEsConfig,
+    summary="guided evolution strategies, the pipeline's surrogate as the guide",
+)
+def guided_es(ctx: TrainContext) -> MethodResult:
     theta, extra = run_pipeline(ctx, ctx.config)
     return MethodResult(theta, extra)
+
+
+def harmonic_rounds(ctx: TrainContext):
+    """The pipeline's harmonic fallback: ``(theta, n_settings) -> theta``, harmonic coordinate
+    steps (:mod:`.harmonic`, its default options) in minibatch chunks of ``refresh``
+    coordinates, cyclic across calls, the damping scheduled over the whole budget. None for
+    a device with no periodic parameter."""
+    if not ctx.info.periodic.any():
+        return None
+    opts = dict(HARMONIC_DEFAULTS)
+    coords = np.flatnonzero(ctx.info.periodic)
+    rng = np.random.default_rng([ctx.seed, 0x4A52])
+    stream = coordinate_stream(coords, opts["sweep"], rng, int(opts["block"]))
+    batches = ctx.minibatches(int(opts["batch"]))
+    state = new_state(ctx.info, opts)
+    d0, d1 = opts["damping"], opts["damping_end"]
+
+    def rounds(theta: np.ndarray, n_settings: int) -> np.ndarray:
+        start = ctx.device.settings_used
+        state.idx = state.y = None  # theta moved since: the outputs known are stale
+        while True:
+            left = n_settings - (ctx.device.settings_used - start)
+            chunk = min(int(opts["refresh"]), (left - 1) // (2 * state.default_order))
+            if chunk < 1:
+                return theta
+            spent = ctx.device.settings_used / max(ctx.budget, 1)
+            damping = d0 if d1 is None else d0 + spent * (d1 - d0)
+            theta, out = harmonic_sweep(
+                ctx, theta, [next(stream) for _ in range(chunk)], next(batches), state, rng,
+                **{**opts, "damping": damping},
+            )  # fmt: skip
+            ctx.snapshot(theta)
+            if out["stopped"]:
+                return theta
+
+    return rounds
 
 
 @register("pat", PatConfig, summary="device forward, surrogate backward, plain Adam")

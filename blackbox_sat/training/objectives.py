@@ -93,10 +93,18 @@ class DeviceObjective:
         return self._cache[1], self._cache[2]
 
     def loss(self, theta, idx, purpose: str | None = None) -> float:
+        return self.loss_outputs(theta, idx, purpose)[0]
+
+    def loss_outputs(self, theta, idx, purpose: str | None = None) -> tuple[float, np.ndarray]:
+        """The loss of one setting and the outputs ``(B, out_dim)`` it was computed from."""
         x, labels = self._batch(idx)
         y = self.ctx.device.query(self.info.project(theta), x, purpose=purpose or self.purpose)
         with torch.no_grad():
-            return float(readout_loss(self.ctx.pnn, y, labels))
+            return float(readout_loss(self.ctx.pnn, y, labels)), np.asarray(y)
+
+    def inputs(self, idx) -> np.ndarray:
+        """The device inputs ``(B, in_dim)`` of training rows ``idx`` (cached)."""
+        return self._batch(idx)[0]
 
     def losses(self, thetas, idx, purpose: str | None = None) -> np.ndarray:
         return np.array([self.loss(t, idx, purpose) for t in thetas])
@@ -139,3 +147,33 @@ def check_minibatch(ctx: TrainContext, salt: int = 5) -> np.ndarray:
 def check_loss(ctx: TrainContext, theta: np.ndarray, idx: np.ndarray) -> float:
     """Device loss of ``theta (n_params,)`` on the check rows ``idx``: one setting."""
     return device_loss(ctx, theta, idx, digital=False)[0]
+
+
+def check_outputs(
+    ctx: TrainContext, theta: np.ndarray, idx: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """:func:`check_loss` and the measured outputs ``(B, out_dim)`` it came from."""
+    loss, _, _, y = device_loss(ctx, theta, idx, digital=False)
+    return loss, np.asarray(y)
+
+
+def predicted_loss(
+    ctx: TrainContext,
+    surrogate,
+    idx: np.ndarray,
+    theta_from: np.ndarray,
+    y_from: np.ndarray,
+    theta_to: np.ndarray,
+) -> float:
+    """The surrogate's prediction of the loss on rows ``idx`` at ``theta_to``: the outputs
+    ``y_from (B, out_dim)`` measured at ``theta_from`` plus the predicted change, so only the
+    surrogate's error on the change enters (its bias cancels). Costs no setting."""
+    x = torch.as_tensor(ctx.device_inputs(ctx.f_train[idx]), dtype=torch.float32)
+    with torch.no_grad():
+        f_to, f_from = (
+            surrogate.predict(torch.as_tensor(t, dtype=torch.float32), x).double()
+            for t in (theta_to, theta_from)
+        )
+        return float(
+            readout_loss(ctx.pnn, torch.as_tensor(y_from) + f_to - f_from, ctx.y_train[idx])
+        )

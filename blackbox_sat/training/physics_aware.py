@@ -63,6 +63,12 @@ def _vjp(
     )
 
 
+def surrogate_vjp(stand_in, theta: np.ndarray, x: torch.Tensor, g_y: torch.Tensor) -> np.ndarray:
+    """``J_f_hat(theta)^T g_y`` ``(n_params,)``: the stand-in's pull-back of an output gradient
+    ``g_y (B, out_dim)`` at inputs ``x (B, in_dim)``."""
+    return _vjp(_as_model(stand_in), theta, x.detach(), g_y)[0]
+
+
 def physics_aware_step(
     ctx: TrainContext,
     theta: np.ndarray,

@@ -81,7 +81,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -91,9 +92,11 @@ from blackbox_sat.devices.metered import BudgetExhausted
 
 from .config import RunConfig
 from .context import MINIBATCH, TrainContext
-from .objectives import check_loss, check_minibatch
+from .guided import GuidedSteps
+from .objectives import check_loss, check_minibatch, check_outputs, predicted_loss
 from .physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
 from .refine import RefineConfig, refine
+from .step_choice import STEP_TYPES, SurrogateMonitor
 from .surrogate_choice import Dataset, SurrogateConfig, refit_plan, select_surrogate
 from .trust_region import TrustRegion
 
@@ -134,8 +137,15 @@ class PipelineConfig(RunConfig):
     accept_tol: Literal["auto"] | float = "auto"
     check_repeats: int = 3
     refine_fraction: float = 0.15
-    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="sa-spsa", rho=0.02))
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="guided", rho=0.02))
     refresh_after: int = 0
+    # step type of the rounds: "auto" (step_choice.py's rule), or one type for every round
+    steps: Literal["auto", "surrogate", "guided", "harmonic"] = "auto"
+    guided_c: float = 0.02  # guided-ES perturbation per coordinate (normalized), as refine's c
+    guided_step: float = 0.015  # guided-ES first step (normalized), the spsa method's
+    guide_k: int = 4  # surrogate gradients spanning the guide subspace
+    guide_alpha: float = 0.5  # share of the guided search's variance that stays isotropic
+    min_rounds: int = 4  # fewest full rounds the surrogate needs to pay off (budget rule)
 
     def __post_init__(self) -> None:
         if not (
@@ -174,12 +184,16 @@ def measure_design(
         return
     from surrogates.design import design_settings, inputs_per_setting
 
+    # a parameter without bounds gets a box one scale wide around the centre (radius <= 0.5),
+    # so that the design's radius is in the same units as for a bounded one
+    low = np.where(np.isfinite(info.low), info.low, center - info.scale / 2)
+    high = np.where(np.isfinite(info.high), info.high, center + info.scale / 2)
     settings = design_settings(
         center,
         radius,
         n,
-        info.low,
-        info.high,
+        low,
+        high,
         global_fraction=cfg.global_fraction,
         periodic=info.periodic,
         seed=seed,
@@ -288,52 +302,137 @@ def sat_radius(ctx: TrainContext, cfg: PipelineConfig) -> float:
     return cfg.rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * ctx.budget))
 
 
-def run_pipeline(ctx: TrainContext, cfg: PipelineConfig) -> tuple[np.ndarray, dict]:
-    """The loop of the module docstring. Returns ``(theta, extra)``."""
+class BudgetBook:
+    """Settings spent per step type, for ``extra["budget_by_step"]``."""
+
+    def __init__(self, ctx: TrainContext):
+        self.ctx, self.spent = ctx, {}
+
+    @contextlib.contextmanager
+    def on(self, kind: str):
+        before = self.ctx.device.settings_used
+        try:
+            yield
+        finally:
+            used = self.ctx.device.settings_used - before
+            self.spent[kind] = self.spent.get(kind, 0) + used
+
+
+def guided_step(cfg: PipelineConfig, spent: float) -> float:
+    """Step size (normalized, Adam) of guided-ES rounds after a fraction ``spent`` of the
+    budget: the ``spsa`` method's measured first step, ``guided_step``, with Spall's decay
+    ``((1 + A) / (k + 1 + A))^0.602`` (``A`` = 10 % of the steps) read in budget fractions.
+    Zeroth-order estimates are too noisy for the surrogate steps' ``lr_factor * radius``:
+    with it, guided rounds on ``mrr`` raised the check loss by 0.2-1 nats."""
+    return cfg.guided_step * (0.1 / (spent + 0.1)) ** 0.602
+
+
+def surrogate_pays(cfg: PipelineConfig, budget: int, n_params: int) -> bool:
+    """The budget rule: the surrogate is used only when its initial design holds at least
+    ``n_params / 2`` settings (each of ``inputs_per_setting`` inputs) and the rounds' share
+    of the budget affords ``min_rounds`` full rounds (steps and probes). Below that the
+    initial fit costs more than the rounds can return, and the budget goes to the fallback
+    steps from ``theta0`` (docs/experiments.md, "Small budgets")."""
+    rounds = (1 - cfg.init_fraction - cfg.refine_fraction) * budget
+    full = cfg.min_rounds * (cfg.steps_per_round + cfg.probes_per_round)
+    return cfg.init_fraction * budget >= n_params / 2 and rounds >= full
+
+
+#: Fallback rounds: ``(theta, n_settings) -> theta`` spending at most ``n_settings`` settings
+#: (harmonic coordinate steps are a method-level step, passed in by the methods).
+Fallback = Callable[[np.ndarray, int], np.ndarray]
+
+
+def run_pipeline(
+    ctx: TrainContext, cfg: PipelineConfig, harmonic: Fallback | None = None
+) -> tuple[np.ndarray, dict]:
+    """The loop of the module docstring. Returns ``(theta, extra)``. ``harmonic``: the
+    harmonic coordinate rounds to fall back on when every parameter is periodic."""
+    book = BudgetBook(ctx)
+    use_harmonic = harmonic is not None and bool(ctx.info.periodic.all())
+    if not surrogate_pays(cfg, ctx.budget, ctx.info.n_params):
+        return without_surrogate(ctx, cfg, harmonic if use_harmonic else None, book)
     refine_rule = cfg.refine.rule if cfg.refine_fraction > 0 else None
     # the refinement's share, plus one setting for its accept test
     reserve = int(cfg.refine_fraction * ctx.budget) + 1 if refine_rule else 0
     timer = Timer()
-    data, surrogate, choice = initial_fit(ctx, cfg, timer)
+    with book.on("init_design"):
+        data, surrogate, choice = initial_fit(ctx, cfg, timer)
     refit_steps, refit_window = refit_plan(cfg, choice["chosen"])
     steps = SurrogateSteps(ctx, cfg, surrogate, data)
+    guided = GuidedSteps(ctx, cfg.guided_c, cfg.guide_k, cfg.guide_alpha)
+    monitor = SurrogateMonitor(fallback="harmonic" if use_harmonic else "guided", fixed=cfg.steps)
+    if monitor.fixed == "harmonic" and not use_harmonic:
+        raise ValueError("steps=harmonic needs a device whose parameters are all periodic")
     region = TrustRegion.from_config(cfg)
     check_idx = check_minibatch(ctx)
     round_log: list[dict] = []
     refreshes = 0
+    round_size = cfg.steps_per_round + cfg.probes_per_round
     try:
-        region.calibrate(
-            [check_loss(ctx, steps.theta, check_idx) for _ in range(max(1, cfg.check_repeats))],
-            cfg.accept_tol,
-        )
-        # one setting of each round is kept for its accept test
-        while (n := min(cfg.steps_per_round, steps.affordable(reserve + 1))) > 0:
+        with book.on("checks"):
+            repeats = [
+                check_outputs(ctx, steps.theta, check_idx) for _ in range(max(1, cfg.check_repeats))
+            ]
+        region.calibrate([r[0] for r in repeats], cfg.accept_tol)
+        centre, y_centre = steps.theta.copy(), np.mean([r[1] for r in repeats], axis=0)
+        kind = monitor.next_kind(region.tol)
+        while True:
+            left = ctx.device.remaining - reserve - 1  # one setting for the accept test
+            n = {
+                "surrogate": min(cfg.steps_per_round, steps.affordable(reserve + 1)),
+                "guided": min(round_size, left) // 2,
+                "harmonic": min(round_size, left) if left >= 3 else 0,
+            }[kind]
+            if n <= 0:
+                break
             start = steps.theta.copy()
             box = region.box(start / ctx.info.scale) if cfg.clip_to_region else None
             t0 = time.perf_counter()
-            steps.run(n, sat_radius(ctx, cfg), box, cfg.inner_steps)
-            timer.add("sat_steps", t0)
-            end_loss = check_loss(ctx, steps.theta, check_idx)
+            with book.on(f"{kind}_steps"):
+                if kind == "surrogate":
+                    steps.run(n, sat_radius(ctx, cfg), box, cfg.inner_steps)
+                elif kind == "guided":
+                    lr = guided_step(cfg, ctx.device.settings_used / ctx.budget)
+                    steps.reset(guided.run(start, n, lr, surrogate, data, box))
+                else:
+                    steps.reset(harmonic(start, n))  # type: ignore[misc]
+            timer.add(f"{kind}_steps", t0)
+            with book.on("checks"):
+                end_loss, y_end = check_outputs(ctx, steps.theta, check_idx)
+            expected = predicted_loss(ctx, surrogate, check_idx, centre, y_centre, centre)
+            predicted = expected - predicted_loss(
+                ctx, surrogate, check_idx, centre, y_centre, steps.theta
+            )
+            monitor.observe(kind, predicted, region.check_loss - end_loss)
             round_log.append({
-                "radius": region.radius, "start_loss": region.check_loss, "end_loss": end_loss,
-                "step_losses": [h["loss"] for h in steps.history[-n:]],
+                "kind": kind, "radius": region.radius, "start_loss": region.check_loss,
+                "end_loss": end_loss, "predicted_decrease": predicted,
             })  # fmt: skip
-            if not region.judge(end_loss):
+            if kind == "surrogate":
+                round_log[-1]["step_losses"] = [h["loss"] for h in steps.history[-n:]]
+            if region.judge(end_loss):
+                centre, y_centre = steps.theta.copy(), y_end
+            else:
                 steps.reset(start)
             steps.set_radius(region.radius)
+            kind = monitor.next_kind(region.tol)
             t0 = time.perf_counter()
-            measure_design(
-                ctx, data, steps.theta, region.radius,
-                min(cfg.probes_per_round, ctx.device.remaining - reserve), cfg,
-                seed=ctx.seed * 1000 + len(round_log),
-            )  # fmt: skip
+            if kind == "surrogate":
+                with book.on("probes"):
+                    measure_design(
+                        ctx, data, steps.theta, region.radius,
+                        min(cfg.probes_per_round, ctx.device.remaining - reserve), cfg,
+                        seed=ctx.seed * 1000 + len(round_log),
+                    )  # fmt: skip
             timer.add("probe_queries", t0)
-            t0 = time.perf_counter()
-            scratch = bool(cfg.refresh_after) and region.rejected_run >= cfg.refresh_after
-            steps.refit(refit_window, refit_steps, scratch=scratch)
-            if scratch:
-                region.rejected_run, refreshes = 0, refreshes + 1
-            timer.add("surrogate_fit", t0)
+            if kind == "surrogate" or round_log[-1]["kind"] == "guided":  # new data to learn
+                t0 = time.perf_counter()
+                scratch = bool(cfg.refresh_after) and region.rejected_run >= cfg.refresh_after
+                steps.refit(refit_window, refit_steps, scratch=scratch)
+                if scratch:
+                    region.rejected_run, refreshes = 0, refreshes + 1
+                timer.add("surrogate_fit", t0)
     except BudgetExhausted:
         pass
     theta = steps.theta
@@ -343,6 +442,7 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig) -> tuple[np.ndarray, di
         "surrogate": choice["chosen"],
         "surrogate_selection": choice,
         "rounds": len(round_log),
+        "rounds_by_step": {k: sum(r["kind"] == k for r in round_log) for k in STEP_TYPES},
         "accepted_rounds": region.accepted,
         "final_radius": region.radius,
         "round_log": round_log,
@@ -352,18 +452,46 @@ def run_pipeline(ctx: TrainContext, cfg: PipelineConfig) -> tuple[np.ndarray, di
     }
     if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
         t0 = time.perf_counter()
-        theta, extra["refine"] = refine_and_check(ctx, cfg, theta, region, check_idx)
+        with book.on("refine"):
+            theta, extra["refine"] = refine_and_check(ctx, cfg, theta, region, check_idx, surrogate)
         timer.add("refine", t0)
+    extra["budget_by_step"] = book.spent
     extra["time_s"] = {**timer.s, "device_queries": ctx.device.device_time}
     return theta, extra
 
 
+def without_surrogate(
+    ctx: TrainContext, cfg: PipelineConfig, harmonic: Fallback | None, book: BudgetBook
+) -> tuple[np.ndarray, dict]:
+    """Below the budget rule's threshold: the whole budget on the fallback steps from
+    ``theta0``: harmonic coordinate steps, or SPSA with the ``spsa`` method's settings
+    (first step 0.015, the returned point chosen on validation)."""
+    theta = ctx.theta0.copy()
+    if harmonic is not None:
+        with book.on("harmonic_steps"):
+            theta = harmonic(theta, ctx.device.remaining)
+        rule = "harmonic"
+    else:
+        opt = replace(cfg.refine, rule="spsa", step=0.015, select="val", rho=0.0)
+        with book.on("spsa_steps"):
+            theta, _ = refine(ctx, theta, ctx.device.remaining, config=opt)
+        rule = "spsa"
+    return theta, {"surrogate": None, "without_surrogate": rule, "budget_by_step": book.spent}
+
+
 def refine_and_check(
-    ctx: TrainContext, cfg: PipelineConfig, theta: np.ndarray, region: TrustRegion, check_idx
+    ctx: TrainContext,
+    cfg: PipelineConfig,
+    theta: np.ndarray,
+    region: TrustRegion,
+    check_idx,
+    surrogate=None,
 ) -> tuple[np.ndarray, dict]:
     """Step 4: zeroth-order refinement with the budget left but one setting, kept only if the
     device loss on the check minibatch did not rise (the round's accept test, strict)."""
-    refined, hist = refine(ctx, theta, ctx.device.remaining - 1, config=cfg.refine)
+    refined, hist = refine(
+        ctx, theta, ctx.device.remaining - 1, config=cfg.refine, surrogate=surrogate
+    )
     refined_loss = check_loss(ctx, refined, check_idx)
     kept = refined_loss <= region.check_loss
     return (refined if kept else theta), {

@@ -125,9 +125,10 @@ from blackbox_sat.devices.metered import BudgetExhausted
 
 from .config import build
 from .context import MINIBATCH, TrainContext
+from .guided import Guide, guide_gradient
 from .objectives import DeviceObjective
 
-RULES = ("spsa", "rdsa", "sa-spsa")
+RULES = ("spsa", "rdsa", "sa-spsa", "guided")
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 #: Spall's asymptotically optimal practical exponents.
 ALPHA, GAMMA = 0.602, 0.101
@@ -139,7 +140,7 @@ A_FRACTION = 0.1
 class RefineConfig:
     """Every option of :func:`refine` (normalized units; module docstring)."""
 
-    rule: Literal["spsa", "rdsa", "sa-spsa"] = "spsa"
+    rule: Literal["spsa", "rdsa", "sa-spsa", "guided"] = "spsa"
     c: float = 0.02  # perturbation per coordinate (fraction of bound width)
     step: float = 0.002  # first-step size per coordinate (RMS), normalized
     a: float | None = None  # None: gain calibration; a number: fixed a
@@ -162,6 +163,8 @@ class RefineConfig:
     select: Literal["average", "last", "val"] = "average"
     batch: int = MINIBATCH
     purpose: str = "refine"
+    guide_k: int = 4  # guided: surrogate gradients spanning the guide subspace
+    guide_alpha: float = 0.5  # guided: share of the search variance that stays isotropic
 
     def __post_init__(self) -> None:
         if not (
@@ -214,13 +217,38 @@ def refine_options(rule: str = "spsa", **options: Any) -> RefineConfig:
 class _Estimator:
     """Two-sided ZO gradient estimates on one minibatch, with the rule's perturbation."""
 
-    def __init__(self, obj: DeviceObjective, opt: RefineConfig, rng: np.random.Generator):
+    def __init__(
+        self, obj: DeviceObjective, opt: RefineConfig, rng: np.random.Generator, surrogate=None
+    ):
         self.obj, self.rule, self.opt, self.rng = obj, opt.rule, opt, rng
         self.momentum = None  # EMA of past estimates, for sa="ascent"
+        self.surrogate = surrogate
+        self.guide = Guide(obj.n, opt.guide_k, opt.guide_alpha) if opt.rule == "guided" else None
+
+    def direction(self) -> np.ndarray:
+        if self.guide is not None:
+            return self.guide.direction(self.rng)
+        return sample_directions(self.rng, self.opt.direction_kind, self.obj.n)
+
+    def pair(self, u: np.ndarray, idx, ck: float, d: np.ndarray) -> tuple[float, float]:
+        """The losses at ``u +- ck d``; for ``guided``, the pair's outputs also give the next
+        guide gradient (their mean is the outputs at ``u``, to ``O(ck^2)``)."""
+        if self.guide is None or self.surrogate is None:
+            lp, lm = self.obj.losses_u([u + ck * d, u - ck * d], idx)
+            return lp, lm
+        (lp, yp), (lm, ym) = (
+            self.obj.loss_outputs(self.obj.to_theta(v), idx) for v in (u + ck * d, u - ck * d)
+        )
+        theta = self.obj.to_theta(u)
+        g = guide_gradient(
+            self.obj.ctx, self.surrogate, theta, self.obj.inputs(idx), (yp + ym) / 2, idx
+        )
+        self.guide.add(g * self.obj.scale)  # normalized units
+        return lp, lm
 
     def centre_offset(self) -> np.ndarray:
         n, rho = self.obj.n, self.opt.rho
-        if self.rule != "sa-spsa" or rho == 0:
+        if self.rule not in ("sa-spsa", "guided") or rho == 0:
             return np.zeros(n)
         m = self.momentum
         if self.opt.sa == "ascent" and m is not None and np.linalg.norm(m) > 0:
@@ -232,9 +260,9 @@ class _Estimator:
         all measured losses, and the perturbation centres used."""
         gs, ls, offs = [], [], []
         for _ in range(self.opt.resamples):
-            d = sample_directions(self.rng, self.opt.direction_kind, self.obj.n)
+            d = self.direction()
             xi = self.centre_offset()
-            lp, lm = self.obj.losses_u([u + xi + ck * d, u + xi - ck * d], idx)
+            lp, lm = self.pair(u + xi, idx, ck, d)
             gs.append((lp - lm) / (2 * ck) * d)
             ls += [lp, lm]
             offs.append(xi)
@@ -259,6 +287,7 @@ def refine(
     n_settings: int,
     rule: str = "spsa",
     config: RefineConfig | None = None,
+    surrogate=None,
     **options: Any,
 ) -> tuple[np.ndarray, RefineHistory]:
     """Zeroth-order refinement of ``theta`` on ``ctx.device`` within ``n_settings`` settings.
@@ -305,7 +334,7 @@ def refine(
     alpha, gamma = opt.alpha, opt.gamma
     big_a = A_FRACTION * n_steps if opt.A is None else opt.A
     c = opt.c
-    est = _Estimator(obj, opt, rng)
+    est = _Estimator(obj, opt, rng, surrogate)
     avg_from = round((1 - opt.average) * n_steps) if opt.average > 0 else n_steps
     u_sum, n_avg = np.zeros_like(u), 0
     u_t = torch.zeros(len(u), dtype=torch.float64)
@@ -370,7 +399,7 @@ def refine(
             if k >= avg_from:
                 u_sum, n_avg = u_sum + u, n_avg + 1
             entry.update(accepted=accepted, settings_used=dev.settings_used)
-            if rule == "sa-spsa":
+            if rule in ("sa-spsa", "guided"):
                 entry["xi_norm"] = float(np.mean([np.linalg.norm(o) for o in offs]))
             history.append(entry)
             summary["steps"] = k + 1

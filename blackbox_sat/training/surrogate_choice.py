@@ -130,10 +130,12 @@ def candidate_families(ctx: TrainContext, cfg: Any) -> list[str]:
 
 def _new_surrogate(kind: str, ctx: TrainContext):
     kw = ctx.config.surrogate.options(kind)
+    # without finite bounds the surrogate normalises theta by its data instead
+    bounded = bool(np.all(np.isfinite(ctx.info.low) & np.isfinite(ctx.info.high)))
     return surrogates.make_surrogate(
         kind,
-        theta_low=ctx.info.low,
-        theta_high=ctx.info.high,
+        theta_low=ctx.info.low if bounded else None,
+        theta_high=ctx.info.high if bounded else None,
         periodic=ctx.info.periodic,
         seed=ctx.seed,
         **kw,
