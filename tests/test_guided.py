@@ -75,15 +75,26 @@ def test_directions_have_the_units_of_the_zeroth_order_rules():
 
 
 def monitor_with(records, **kw):
+    """A monitor after surrogate rounds of 50 settings each; rounds that made the loss
+    rise were rejected."""
     m = SurrogateMonitor(**kw)
     for predicted, measured in records:
-        m.observe("surrogate", predicted, measured)
+        m.observe("surrogate", predicted, measured, 50, accepted=measured >= 0)
     return m
 
 
 def test_the_monitor_keeps_a_surrogate_whose_predictions_come_true():
     m = monitor_with([(0.3, 0.25), (0.2, 0.1), (-0.2, -0.15), (0.1, 0.12)])  # rises too
-    assert not m.failing(tol=0.05) and m.next_kind(0.05) == "surrogate"
+    assert not m.failing(tol=0.05)
+    assert m.next_kind(0.05) == "guided"  # the fallback is measured once
+    m.observe("guided", 0.0, 0.01, 50)
+    assert m.next_kind(0.05) == "surrogate"  # and found slower
+
+
+def test_a_faster_fallback_takes_the_budget_from_a_surrogate_that_predicts_well():
+    m = monitor_with([(0.3, 0.25), (0.02, 0.02), (0.01, 0.01), (0.01, 0.01)])
+    m.observe("guided", 0.0, 0.2, 50)
+    assert not m.failing(tol=0.05) and m.next_kind(0.05) == "guided"
 
 
 def test_the_monitor_moves_rounds_away_from_a_failing_surrogate_and_retries_it():
@@ -93,7 +104,7 @@ def test_the_monitor_moves_rounds_away_from_a_failing_surrogate_and_retries_it()
     for _ in range(8):
         kind = m.next_kind(0.05)
         kinds.append(kind)
-        m.observe(kind, 0.3, -0.1)
+        m.observe(kind, 0.3, -0.1, 50, accepted=False)
     assert kinds == ["harmonic"] * 3 + ["surrogate"] + ["harmonic"] * 3 + ["surrogate"]
 
 
@@ -123,3 +134,33 @@ def test_the_scale_rule_gives_the_same_normalized_steps_in_any_units():
             for u, sc in zip((1.0, 1000.0), scales)
         ]
         np.testing.assert_allclose(ys[0], ys[1], atol=1e-3)
+
+
+FAST = {
+    "surrogate": "hyper",
+    "surrogate.hyper.n_members": 2,
+    "surrogate.hyper.max_steps": 300,
+    "steps_per_round": 10,
+    "probes_per_round": 10,
+    "refit_steps": 30,
+    "init_fraction": 0.25,
+}
+
+
+def run_on(spec, budget=500):
+    from blackbox_sat.training.pipeline import run_pipeline
+
+    from .conftest import make_ctx
+
+    ctx = make_ctx(spec, budget=budget, method="blackbox", config=FAST)
+    return run_pipeline(ctx, ctx.config)[1]
+
+
+def test_the_rule_moves_budget_off_a_surrogate_the_device_defeats():
+    from .toy_devices import jagged, opaque
+
+    defeated, smooth = run_on(jagged()), run_on(opaque())
+    spent = defeated["budget_by_step"]
+    assert spent.get("guided_steps", 0) >= 100  # whole rounds moved to guided ES
+    assert spent.get("guided_steps", 0) > smooth["budget_by_step"].get("guided_steps", 0)
+    assert sum(spent.values()) == 500 - 1  # every setting but the readout gain's is booked

@@ -2,6 +2,10 @@
 
 Within one settings budget ``B`` (every number below is a rule, not a device constant):
 
+0. **Budget rule** (:func:`surrogate_pays`): the surrogate is used only when the initial
+   design holds at least ``n_params / 2`` settings and ``min_rounds`` full rounds fit in the
+   rounds' share. Otherwise the whole budget goes to harmonic coordinate steps (every
+   parameter periodic) or to SPSA with the ``spsa`` method's settings, from ``theta0``.
 1. **Initial design**: ``init_fraction * B`` settings in an L-infinity box of
    ``radius`` (bound widths) around ``theta0``, each measured on ``inputs_per_setting``
    training inputs (purpose ``probe``). 20 % rather than 10 %: the surrogate's first fit
@@ -10,7 +14,13 @@ Within one settings budget ``B`` (every number below is a rule, not a device con
 2. **Surrogate**: ``surrogate=auto`` fits every candidate family on those queries and keeps
    the one that best predicts the ``theta``-driven change of the output on held-out
    *settings* (:func:`paired_delta_r2`).
-3. **Rounds**, until only the refinement share is left:
+3. **Rounds**, until only the refinement share is left. Each round is of one step type,
+   chosen by :mod:`.step_choice` from the surrogate's record of predicted against measured
+   decreases: *surrogate* rounds (below) while it predicts well; *guided* rounds (guided-ES
+   pairs, :mod:`.guided`, the surrogate as guide, ``(steps + probes) / 2`` pairs, step size
+   :func:`guided_step`) or *harmonic* rounds (harmonic coordinate steps of the ``harmonic``
+   method, when every parameter is periodic) while it fails. ``extra["budget_by_step"]``
+   holds the settings spent per step type. A surrogate round:
    - ``steps_per_round`` physics-aware SAT steps (:mod:`.physics_aware`): device forward on a
      minibatch, surrogate backward, Adam in normalized coordinates with step size
      ``lr_factor * radius`` (so steps match the trust region), each move clipped to the box
@@ -48,7 +58,9 @@ Within one settings budget ``B`` (every number below is a rule, not a device con
      numbers are per family (:data:`REFIT_BY_FAMILY`): the interferometric family refits
      for 200 steps on 300 settings.
 4. **Refinement**: the last ``refine_fraction * B`` settings go to zeroth-order refinement on
-   the device (:mod:`.refine`); ``sa-spsa`` keeps the flatness SAT found. Its result faces
+   the device (:mod:`.refine`), by default ``guided`` with the surrogate as guide (and, for
+   ``blackbox-sat``, measured around random offsets of norm ``refine.rho``, as ``sa-spsa``,
+   to keep the flatness SAT found). Its result faces
    the same acceptance test (one setting on the check minibatch) and is dropped if the
    device loss rose: with 160 parameters a 300-setting SPSA run is mostly noise.
 
@@ -86,18 +98,17 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import numpy as np
-import torch
 
 from blackbox_sat.devices.metered import BudgetExhausted
 
 from .config import RunConfig
-from .context import MINIBATCH, TrainContext
+from .context import TrainContext
 from .guided import GuidedSteps
 from .objectives import check_loss, check_minibatch, check_outputs, predicted_loss
-from .physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
 from .refine import RefineConfig, refine
 from .step_choice import STEP_TYPES, SurrogateMonitor
 from .surrogate_choice import Dataset, SurrogateConfig, refit_plan, select_surrogate
+from .surrogate_steps import SurrogateSteps
 from .trust_region import TrustRegion
 
 
@@ -208,77 +219,6 @@ def measure_design(
         ctx.snapshot(center)  # the centre is the current training point
 
 
-class SurrogateSteps:
-    """Physics-aware steps on the surrogate, the state they share across rounds.
-
-    Holds the current setting ``theta (n_params,)``, its normalized copy ``u`` that Adam
-    moves (step size ``lr_factor * radius``, so steps match the trust region), the minibatch
-    stream, the anchors and the training data the steps add. Used by the pipeline's rounds
-    and by ``pat``.
-    """
-
-    def __init__(self, ctx: TrainContext, cfg: PipelineConfig, surrogate, data: Dataset):
-        self.ctx, self.cfg, self.surrogate, self.data = ctx, cfg, surrogate, data
-        self.theta = ctx.theta0.copy()
-        self.u = torch.tensor(self.theta / ctx.info.scale, requires_grad=True)
-        self.opt = torch.optim.Adam([self.u], lr=self.step_size(cfg.radius))
-        if ctx.pnn.trainable:
-            self.opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
-        self.batches = ctx.minibatches(min(MINIBATCH, len(ctx.y_train)))
-        self.anchors = Anchors(len(ctx.y_train), ctx.info.out_dim)
-        self.per_step = 2 if (cfg.rho > 0 and cfg.ascent == "device") else 1
-        self.history: list[dict] = []
-
-    def step_size(self, radius: float) -> float:
-        return self.cfg.lr if self.cfg.lr else self.cfg.lr_factor * radius
-
-    def set_radius(self, radius: float) -> None:
-        """Scale the step size of ``theta`` (not of the digital layers) to a new radius."""
-        self.opt.param_groups[0]["lr"] = self.step_size(radius)
-
-    def affordable(self, reserve: int) -> int:
-        """Steps the budget left allows, keeping ``reserve`` settings aside."""
-        return (self.ctx.device.remaining - reserve) // self.per_step
-
-    def reset(self, theta: np.ndarray) -> None:
-        """Return to ``theta`` (a rejected move); Adam's moments are kept."""
-        self.theta = theta.copy()
-        with torch.no_grad():
-            self.u.copy_(torch.as_tensor(self.theta / self.ctx.info.scale))
-
-    def run(self, n: int, rho: float, box=None, inner: int = 0) -> None:
-        """``n`` device steps, each followed by ``inner`` anchored steps that cost no setting,
-        every move clipped to ``box`` (normalized ``(lo, hi)``) when given."""
-        ctx, cfg = self.ctx, self.cfg
-        for _ in range(n):
-            idx = next(self.batches)
-            self.opt.zero_grad()
-            step = physics_aware_step(
-                ctx, self.theta, idx, self.surrogate, rho=rho, ascent=cfg.ascent,
-                adaptive=cfg.adaptive,
-            )  # fmt: skip
-            if cfg.learn_from_steps:
-                self.data.add(self.theta, step.x, step.y)
-            self.anchors.record(step, idx, self.theta)
-            self.theta = normalized_step(self.opt, self.u, step.grad, ctx.info, box)
-            self.theta = anchored_steps(
-                ctx, self.anchors, self.surrogate, self.opt, self.u, self.theta, self.batches,
-                inner, rho=rho, adaptive=cfg.adaptive, box=box,
-            )  # fmt: skip
-            self.history.append({"settings": ctx.device.settings_used, "loss": step.loss})
-            ctx.snapshot(self.theta)
-
-    def refit(self, window: int, steps: int, scratch: bool = False) -> None:
-        """Refit the surrogate on the last ``window`` settings: warm for ``steps`` steps
-        around the current point, or ``scratch`` (new normalisation and weights)."""
-        th, x, y, g = self.data.arrays(window)
-        if scratch:
-            self.surrogate.fit(th, x, y, g)
-        else:
-            self.surrogate.update(th, x, y, g, steps=steps, centre=self.theta)
-        self.anchors.invalidate()
-
-
 def initial_fit(
     ctx: TrainContext, cfg: PipelineConfig, timer: Timer
 ) -> tuple[Dataset, object, dict]:
@@ -376,7 +316,7 @@ def run_pipeline(
             ]
         region.calibrate([r[0] for r in repeats], cfg.accept_tol)
         centre, y_centre = steps.theta.copy(), np.mean([r[1] for r in repeats], axis=0)
-        kind = monitor.next_kind(region.tol)
+        kind, mark = monitor.next_kind(region.tol), ctx.device.settings_used
         while True:
             left = ctx.device.remaining - reserve - 1  # one setting for the accept test
             n = {
@@ -404,14 +344,20 @@ def run_pipeline(
             predicted = expected - predicted_loss(
                 ctx, surrogate, check_idx, centre, y_centre, steps.theta
             )
-            monitor.observe(kind, predicted, region.check_loss - end_loss)
             round_log.append({
                 "kind": kind, "radius": region.radius, "start_loss": region.check_loss,
                 "end_loss": end_loss, "predicted_decrease": predicted,
+                "settings": ctx.device.settings_used - mark,
             })  # fmt: skip
+            accepted = region.judge(end_loss)
+            monitor.observe(
+                kind, predicted, round_log[-1]["start_loss"] - end_loss,
+                round_log[-1]["settings"], accepted,
+            )  # fmt: skip
+            mark = ctx.device.settings_used
             if kind == "surrogate":
                 round_log[-1]["step_losses"] = [h["loss"] for h in steps.history[-n:]]
-            if region.judge(end_loss):
+            if accepted:
                 centre, y_centre = steps.theta.copy(), y_end
             else:
                 steps.reset(start)

@@ -35,6 +35,14 @@ SAT's default, 0.05. Random is the default (it also measured better, below) beca
 true gradient, so the "ascent" direction is mostly noise anyway, and what it adds is a
 *bias* of unknown sign; the random version minimises a well-defined objective.
 
+``guided`` (the default refinement of ``blackbox`` and ``blackbox-sat``): guided ES
+(:mod:`.guided`, Maheswaranathan et al. 2019): Gaussian directions stretched along the span
+of the surrogate's last ``guide_k`` physics-aware gradients (``guide_alpha`` of the variance
+stays isotropic), antithetic pairs on one minibatch; each pair's mean outputs give the next
+guide gradient at no setting. With ``rho > 0`` the pair is measured around ``u + xi`` as in
+``sa-spsa``. Without a surrogate (``refine(..., surrogate=None)``) it is isotropic Gaussian
+search.
+
 Shared options (all counted in settings, all in normalized units)
 -----------------------------------------------------------------
 - ``c`` (0.02): perturbation per coordinate, 2 % of the bound width: far above a 12-bit DAC
@@ -295,7 +303,7 @@ def refine(
     Returns ``(theta, history)``: the refined setting (device units, projected) and a
     :class:`RefineHistory` (a list of per-step dicts with ``settings_used`` and ``loss``,
     and ``history.summary``). Options: a :class:`RefineConfig` as ``config``, or its fields
-    as keywords (module docstring).
+    as keywords (module docstring). ``surrogate``: the guide of rule ``guided``.
     """
     opt = config if config is not None else refine_options(rule, **options)
     rule = opt.rule

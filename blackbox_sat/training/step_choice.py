@@ -20,11 +20,16 @@ losses, variance ``2 tol^2`` (``tol`` the check loss's measured spread), so ``E 
 is chi-squared with ``window`` degrees of freedom and exceeds its 95th percentile (9.5 for
 4 rounds) one time in twenty. The *sign* of the progress is
 not the test: a good surrogate also predicts the rounds that make the loss rise (on ``mrr``
-about every other round is rejected as a matter of course, and was predicted). While it
-fails, rounds go to the fallback (harmonic coordinate steps when every parameter is
-periodic, guided-ES steps otherwise), and every ``retry``-th round (4) is a surrogate round
-again, so its record stays current; when it predicts well, every round is a surrogate
-round. Measured
+about every other round is rejected as a matter of course, and was predicted). The fallback (harmonic coordinate steps when every
+parameter is periodic, guided-ES steps otherwise) is tried once, in the second round, and
+from then on each round goes to the *preferred* type, every ``retry``-th round (4) to the
+other one so that both records stay current. The surrogate is preferred unless it fails the
+rule above, or the fallback's measured decrease per setting over its last two rounds is
+larger than the surrogate's over its last two (the settings of a round include the probes
+before it; a rejected round counts as no decrease; the first round, from ``theta0``, is
+left out): a surrogate that predicts well but moves
+slowly (a mesh whose phases it only learns locally) still loses the budget to a faster
+step. Measured
 records per device: docs/experiments.md, "A loop that measures its own surrogate".
 """
 
@@ -40,23 +45,33 @@ STEP_TYPES = ("surrogate", "guided", "harmonic")
 
 @dataclass
 class SurrogateMonitor:
-    """Predicted against measured decreases of the surrogate's rounds, and the next round's
-    step type. ``fixed`` forces one step type (``"auto"``: the rule above)."""
+    """Predicted against measured decreases of the surrogate's rounds, every round's measured
+    decrease per setting, and the next round's step type. ``fixed`` forces one step type
+    (``"auto"``: the rule above)."""
 
     fallback: str = "guided"
     fixed: str = "auto"
     window: int = 4
     retry: int = 4
     record: list = field(default_factory=list)  # (predicted, measured) of surrogate rounds
-    rounds_since_surrogate: int = 0
+    rounds: list = field(default_factory=list)  # (kind, measured decrease, settings) of all
+    since_other: int = 0  # rounds in a row of the preferred type
 
-    def observe(self, kind: str, predicted: float, measured: float) -> None:
-        """Record a finished round of step type ``kind`` (decreases in nats)."""
+    def observe(
+        self,
+        kind: str,
+        predicted: float,
+        measured: float,
+        settings: int = 1,
+        accepted: bool = True,
+    ) -> None:
+        """Record a finished round of step type ``kind``: predicted and measured decreases
+        (nats), the settings it spent (its probes included), and whether it was accepted
+        (a rejected round achieved nothing for its settings)."""
         if kind == "surrogate":
             self.record.append((float(predicted), float(measured)))
-            self.rounds_since_surrogate = 0
-        else:
-            self.rounds_since_surrogate += 1
+        achieved = float(measured) if accepted else 0.0
+        self.rounds.append((kind, achieved, max(int(settings), 1)))
 
     def failing(self, tol: float) -> bool:
         """Whether the last ``window`` surrogate rounds' predictions were worse than none."""
@@ -66,10 +81,34 @@ class SurrogateMonitor:
         err, zero = float(np.sum((meas - pred) ** 2)), float(np.sum(meas**2))
         return err > zero and err > 2 * tol**2 * float(chi2.ppf(0.95, self.window))
 
+    def rate(self, kind: str, last: int = 2) -> float | None:
+        """Measured decrease per setting over the last ``last`` rounds of ``kind``."""
+        # the first round starts at theta0, where any step gains most: not comparable
+        mine = [(m, n) for k, m, n in self.rounds[1:] if k == kind][-last:]
+        if not mine:
+            return None
+        return sum(m for m, _ in mine) / sum(n for _, n in mine)
+
+    def preferred(self, tol: float) -> str:
+        """The step type the record favours (module docstring)."""
+        own, other = self.rate("surrogate"), self.rate(self.fallback)
+        slower = own is not None and other is not None and other > own
+        return self.fallback if self.failing(tol) or slower else "surrogate"
+
     def next_kind(self, tol: float) -> str:
         """The step type of the next round."""
         if self.fixed != "auto":
             return self.fixed
-        if not self.failing(tol) or self.rounds_since_surrogate + 1 >= self.retry:
+        kinds = [k for k, _, _ in self.rounds]
+        if not kinds:
             return "surrogate"
-        return self.fallback
+        if self.fallback not in kinds:
+            return self.fallback  # measure the fallback once
+        best = self.preferred(tol)
+        other = self.fallback if best == "surrogate" else "surrogate"
+        run = 0
+        for k in reversed(kinds):
+            if k != best:
+                break
+            run += 1
+        return other if run + 1 >= self.retry else best
