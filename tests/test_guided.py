@@ -125,7 +125,7 @@ def test_the_scale_rule_gives_the_same_normalized_steps_in_any_units():
         out = measure_scale(lambda t, dev=dev: dev.query(t, x), theta0, free)
         scales.append(out["scale"])
         assert out["settings"] < 30
-    assert scales[1] / scales[0] == pytest.approx(1000, rel=0.01)
+    assert scales[1] / scales[0] == pytest.approx(1000, rel=0.005)
     # the normalized step u = theta / scale moves the device the same way in both units
     steps = np.random.default_rng(1).normal(0, 0.05, (5, 16))
     for s in steps:
@@ -133,7 +133,7 @@ def test_the_scale_rule_gives_the_same_normalized_steps_in_any_units():
             Bare(unit=u, noise=0.0).query(np.full(16, 0.3 * u) + s * sc, x)
             for u, sc in zip((1.0, 1000.0), scales)
         ]
-        np.testing.assert_allclose(ys[0], ys[1], atol=1e-3)
+        np.testing.assert_allclose(ys[0], ys[1], atol=0.01)  # outputs spread about 0.8
 
 
 FAST = {

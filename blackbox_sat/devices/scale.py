@@ -2,20 +2,23 @@
 
 Trust radii, SAT's ``rho`` and every zeroth-order step are in normalized units: fractions
 of a parameter's bound width (docs/design.md, "Units"). A parameter without bounds has no
-width, so one is measured: **the perturbation size that would move the outputs by their
-spread** across inputs, at ``theta0``, along a fixed random sign pattern of all unbounded
-parameters together.
+width, so one is measured: **the perturbation of one parameter that would move the outputs by
+their spread** across inputs, at ``theta0``.
 
 Rule: outputs ``y0`` at ``theta0`` are measured twice (read noise, and the spread ``s``, the
-RMS over outputs of their standard deviation across the inputs). Then ``theta0 + delta d``
-(``d`` random signs, ``delta`` from ``DELTA0 * (1 + max |theta0|)`` up by factors of 4) until
-the output change ``D(delta)`` (RMS) passes ``max(FRACTION * s, 5 * noise)``: small enough
-to be in the linear regime, far enough above the noise to be measured. One more setting at
-``delta' = delta * target / D(delta)`` lands on the target, and the scale is ``delta' * s /
-D(delta')``, the linear extrapolation to a change of one spread (how this compares with the
-bound widths of the built-in simulators: docs/experiments.md, "Devices without bounds"). The rule is linear in the device's units, so a copy of a device with its
-parameters rescaled by 1000 gets a scale 1000 times larger and the same normalized steps.
-``--set scale=...`` overrides it.
+RMS over outputs of their standard deviation across the inputs). All ``m`` unbounded
+parameters are then moved together, ``theta0 + delta d`` with ``d`` a fixed random sign
+pattern and ``delta`` from ``DELTA0 * (1 + max |theta0|)`` up by factors of 4, until the
+output change ``D(delta)`` (RMS) passes ``max(FRACTION * s, 5 * noise)``: small enough to be
+in the linear regime, far enough above the noise to be measured. One more setting at
+``delta' = delta * target / D(delta)`` lands on the target. The scale is ``sqrt(m) * delta' *
+s / D(delta')``: the linear extrapolation to a change of one spread, and ``sqrt(m)`` because
+``m`` moves with random signs add up incoherently, so one parameter alone needs ``sqrt(m)``
+times more. On the built-in simulators (every parameter treated as unbounded) this gives
+0.34-0.96 of their bound widths (docs/experiments.md, "Devices without bounds"), so steps
+on an unbounded device are, if anything, smaller than on a bounded one. The rule is linear
+in the device's units: a copy of a device with its parameters rescaled by 1000 gets a scale
+1000 times larger and the same normalized steps. ``--set scale=...`` overrides it.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def measure_scale(
             "change": change,
         }
     return {
-        "scale": delta * spread / max(change, 1e-300),
+        "scale": float(np.sqrt(np.sum(free))) * delta * spread / max(change, 1e-300),
         "settings": calls,
         "spread": spread,
         "noise": noise,
