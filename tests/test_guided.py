@@ -101,11 +101,12 @@ def test_the_monitor_moves_rounds_away_from_a_failing_surrogate_and_retries_it()
     m = monitor_with([(0.3, -0.1), (0.4, 0.0), (0.2, -0.05), (0.3, 0.05)], fallback="harmonic")
     assert m.failing(tol=0.05)
     kinds = []
-    for _ in range(8):
+    for _ in range(12):
         kind = m.next_kind(0.05)
         kinds.append(kind)
         m.observe(kind, 0.3, -0.1, 50, accepted=False)
-    assert kinds == ["harmonic"] * 3 + ["surrogate"] + ["harmonic"] * 3 + ["surrogate"]
+    # retried after 4 rounds, then after 8: the retries back off
+    assert kinds == ["harmonic"] * 3 + ["surrogate"] + ["harmonic"] * 7 + ["surrogate"]
 
 
 def test_noise_alone_does_not_condemn_a_surrogate():

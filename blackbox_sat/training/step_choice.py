@@ -22,12 +22,14 @@ is chi-squared with ``window`` degrees of freedom and exceeds its 95th percentil
 not the test: a good surrogate also predicts the rounds that make the loss rise (on ``mrr``
 about every other round is rejected as a matter of course, and was predicted). The fallback (harmonic coordinate steps when every
 parameter is periodic, guided-ES steps otherwise) is tried once, in the second round, and
-from then on each round goes to the *preferred* type, every ``retry``-th round (4) to the
-other one so that both records stay current. The surrogate is preferred unless it fails the
-rule above, or the fallback's measured decrease per setting over its last two rounds is
-larger than the surrogate's over its last two (the settings of a round include the probes
-before it; a rejected round counts as no decrease; the first round, from ``theta0``, is
-left out): a surrogate that predicts well but moves
+from then on each round goes to the *preferred* type, and the other one is retried after
+``retry`` (4) rounds, then after twice as many for each retry since the preference last
+changed (at most 32), so that both records stay current at a falling cost. The preferred type is the fallback when its measured decrease per setting over
+its last two rounds leads the surrogate's over its last two by more than two standard
+deviations of that comparison's noise, the surrogate when the fallback trails it by more
+than one, and otherwise the fallback only if the surrogate fails the skill rule above (the
+settings of a round include the probes before it; a rejected round counts as no decrease;
+the first round, from ``theta0``, is left out). So a surrogate that predicts well but moves
 slowly (a mesh whose phases it only learns locally) still loses the budget to a faster
 step. Measured
 records per device: docs/experiments.md, "A loop that measures its own surrogate".
@@ -55,7 +57,8 @@ class SurrogateMonitor:
     retry: int = 4
     record: list = field(default_factory=list)  # (predicted, measured) of surrogate rounds
     rounds: list = field(default_factory=list)  # (kind, measured decrease, settings) of all
-    since_other: int = 0  # rounds in a row of the preferred type
+    best: str = "surrogate"  # the preferred type at the last decision
+    backoff: int = 0  # retries of the other type since the preference last changed
 
     def observe(
         self,
@@ -81,19 +84,28 @@ class SurrogateMonitor:
         err, zero = float(np.sum((meas - pred) ** 2)), float(np.sum(meas**2))
         return err > zero and err > 2 * tol**2 * float(chi2.ppf(0.95, self.window))
 
-    def rate(self, kind: str, last: int = 2) -> float | None:
-        """Measured decrease per setting over the last ``last`` rounds of ``kind``."""
+    def rate(self, kind: str, last: int = 2) -> tuple[float, int] | None:
+        """Measured decrease per setting over the last ``last`` rounds of ``kind``, and the
+        settings they spent."""
         # the first round starts at theta0, where any step gains most: not comparable
         mine = [(m, n) for k, m, n in self.rounds[1:] if k == kind][-last:]
         if not mine:
             return None
-        return sum(m for m, _ in mine) / sum(n for _, n in mine)
+        spent = sum(n for _, n in mine)
+        return sum(m for m, _ in mine) / spent, spent
 
     def preferred(self, tol: float) -> str:
         """The step type the record favours (module docstring)."""
         own, other = self.rate("surrogate"), self.rate(self.fallback)
-        slower = own is not None and other is not None and other > own
-        return self.fallback if self.failing(tol) or slower else "surrogate"
+        if own is not None and other is not None:
+            # the fallback's lead over the surrogate's last rounds' settings, in standard
+            # deviations of its noise (each side sums two decreases of variance 2 tol^2)
+            lead = (other[0] - own[0]) * own[1] / (np.sqrt(8) * tol + 1e-12)
+            if lead > 2:
+                return self.fallback  # clearly faster
+            if lead < -1:
+                return "surrogate"  # measurably slower: the skill test is not needed
+        return self.fallback if self.failing(tol) else "surrogate"
 
     def next_kind(self, tol: float) -> str:
         """The step type of the next round."""
@@ -105,10 +117,16 @@ class SurrogateMonitor:
         if self.fallback not in kinds:
             return self.fallback  # measure the fallback once
         best = self.preferred(tol)
-        other = self.fallback if best == "surrogate" else "surrogate"
+        if best != self.best:
+            self.best, self.backoff = best, 0
         run = 0
         for k in reversed(kinds):
             if k != best:
                 break
             run += 1
-        return other if run + 1 >= self.retry else best
+        # the other type is retried after retry rounds, then after twice as many for each
+        # retry since the preference last changed (at most 8 x retry)
+        if run + 1 >= self.retry * 2 ** min(self.backoff, 3):
+            self.backoff += 1
+            return self.fallback if best == "surrogate" else "surrogate"
+        return best
