@@ -154,7 +154,10 @@ def run_on(spec, budget=500):
     from .conftest import make_ctx
 
     ctx = make_ctx(spec, budget=budget, method="blackbox", config=FAST)
-    return run_pipeline(ctx, ctx.config)[1]
+    extra = run_pipeline(ctx, ctx.config)[1]
+    # every setting spent after the readout gain's is booked to a step type
+    assert sum(extra["budget_by_step"].values()) == ctx.device.settings_used - 1
+    return extra
 
 
 def test_the_rule_moves_budget_off_a_surrogate_the_device_defeats():
@@ -164,4 +167,3 @@ def test_the_rule_moves_budget_off_a_surrogate_the_device_defeats():
     spent = defeated["budget_by_step"]
     assert spent.get("guided_steps", 0) >= 100  # whole rounds moved to guided ES
     assert spent.get("guided_steps", 0) > smooth["budget_by_step"].get("guided_steps", 0)
-    assert sum(spent.values()) == 500 - 1  # every setting but the readout gain's is booked

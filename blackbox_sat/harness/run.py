@@ -230,6 +230,7 @@ def _execute(
         "curve": ctx.curve,
         "sharpness": _sharpness(ctx, theta),
         "gain": float(pnn.gain),
+        "free_scale": info.free_scale,  # the unit of unbounded parameters (None: bounded)
         "config": as_dict(cfg),
         "extra": outcome.extra,
         "out": str(out),
