@@ -12,6 +12,7 @@ The black-box methods receive nothing but the device contract object.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +29,7 @@ from blackbox_sat.training.physics_aware import (
     normalized_step,
     physics_aware_step,
 )
-from blackbox_sat.training.pipeline import PipelineConfig, run_pat, run_pipeline
+from blackbox_sat.training.pipeline import PipelineConfig, run_pat, run_pipeline, surrogate_pays
 from blackbox_sat.training.refine import RefineConfig
 
 from .harmonic import (
@@ -97,33 +98,39 @@ def _pipeline_or_harmonic(ctx: TrainContext) -> MethodResult:
     method and no surrogate is built: on ``mzi`` every surrogate round of the loop was
     rejected (the check loss rose by 0.3-1.3 nats) and the loop reached 0.43 against
     harmonic's 0.64, after 400 settings and 600 s of surrogate fits (docs/experiments.md,
-    "A loop that measures its own surrogate"). Otherwise: the pipeline, with harmonic
-    rounds as its fallback."""
+    "A loop that measures its own surrogate"). Below the budget rule's threshold
+    (:func:`..training.pipeline.surrogate_pays`) no surrogate would be built anyway, and the
+    ``harmonic`` method gets the whole budget without the test. Otherwise: the pipeline,
+    with harmonic rounds as its fallback."""
     fallback = harmonic_rounds(ctx)
-    if fallback is None or ctx.config.steps != "auto":
+    if fallback is None or ctx.config.steps != "auto" or not ctx.info.periodic.all():
         theta, extra = run_pipeline(ctx, ctx.config, fallback)
         return MethodResult(theta, extra)
-    before = ctx.device.settings_used
+    if not surrogate_pays(ctx.config, ctx.budget, ctx.info.n_params):
+        return _harmonic_method(ctx, {"law_test": 0}, {"holds": None})  # no surrogate anyway
+    before, stream = ctx.device.settings_used, copy.deepcopy(ctx.rng.bit_generator.state)
     fallback(ctx.theta0, 2 * LAW_TEST_COORDINATES + 6)  # a current point, noise, 4 checks
-    state = fallback.state  # type: ignore[attr-defined]
+    state = fallback.state
     if state.rough or not state.checks:
         theta, extra = run_pipeline(ctx, ctx.config, fallback)
         extra["harmonic_law"] = {"holds": False, "rough": sorted(state.rough)}
         return MethodResult(theta, extra)
+    ctx.rng.bit_generator.state = stream  # the harmonic method's own minibatches
+    checks = state.checks[:LAW_TEST_COORDINATES]
     law_test = ctx.device.settings_used - before
-    saved, ctx.config = ctx.config, HarmonicConfig()  # the harmonic method's own defaults
+    return _harmonic_method(ctx, {"law_test": law_test}, {"holds": True, "checks": checks})
+
+
+def _harmonic_method(ctx: TrainContext, spent: dict, law: dict) -> MethodResult:
+    """The ``harmonic`` method with its own defaults, from ``theta0``, on the budget left."""
+    before = ctx.device.settings_used
+    saved, ctx.config = ctx.config, HarmonicConfig()
     try:
-        out = harmonic(ctx)  # from theta0 again, with the budget left
+        out = harmonic(ctx)
     finally:
         ctx.config = saved
-    out.extra.update(
-        surrogate=None,
-        harmonic_law={"holds": True, "checks": state.checks[:LAW_TEST_COORDINATES]},
-        budget_by_step={
-            "law_test": law_test,
-            "harmonic_steps": ctx.device.settings_used - before - law_test,
-        },
-    )
+    spent["harmonic_steps"] = ctx.device.settings_used - before
+    out.extra.update(surrogate=None, harmonic_law=law, budget_by_step=spent)
     return out
 
 

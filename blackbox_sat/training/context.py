@@ -57,6 +57,12 @@ class TrainContext:
     def info(self):
         return self.device.info
 
+    def settings_left(self) -> int:
+        """Settings the budget has left (the device's own count, or ``budget`` less those
+        used where the device is not metered by a budget)."""
+        left = self.device.remaining
+        return left if left is not None else max(0, self.budget - self.device.settings_used)
+
     # --- models for model-based methods ------------------------------------------------
     def model(self, which: str) -> torch.nn.Module:
         """``which`` in ``nominal``/``true``: the simulator view, or a clear error."""

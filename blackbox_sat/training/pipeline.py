@@ -190,7 +190,7 @@ def measure_design(
 ) -> None:
     """Measure ``n`` designed settings around ``center`` (purpose ``probe``) into ``data``."""
     info = ctx.info
-    n = min(n, ctx.device.remaining or n)
+    n = min(n, ctx.settings_left() or n)
     if n <= 0:
         return
     from surrogates.design import design_settings, inputs_per_setting
@@ -246,7 +246,8 @@ class BudgetBook:
     """Settings spent per step type, for ``extra["budget_by_step"]``."""
 
     def __init__(self, ctx: TrainContext):
-        self.ctx, self.spent = ctx, {}
+        self.ctx = ctx
+        self.spent: dict[str, int] = {}
 
     @contextlib.contextmanager
     def on(self, kind: str):
@@ -319,7 +320,7 @@ def run_pipeline(
         centre, y_centre = steps.theta.copy(), np.mean([r[1] for r in repeats], axis=0)
         kind, mark = monitor.next_kind(region.tol), ctx.device.settings_used
         while True:
-            left = ctx.device.remaining - reserve - 1  # one setting for the accept test
+            left = ctx.settings_left() - reserve - 1  # one setting for the accept test
             n = {
                 "surrogate": min(cfg.steps_per_round, steps.affordable(reserve + 1)),
                 "guided": min(round_size, left) // 2,
@@ -369,7 +370,7 @@ def run_pipeline(
                 with book.on("probes"):
                     measure_design(
                         ctx, data, steps.theta, region.radius,
-                        min(cfg.probes_per_round, ctx.device.remaining - reserve), cfg,
+                        min(cfg.probes_per_round, ctx.settings_left() - reserve), cfg,
                         seed=ctx.seed * 1000 + len(round_log),
                     )  # fmt: skip
             timer.add("probe_queries", t0)
@@ -397,7 +398,7 @@ def run_pipeline(
         "refit_window": refit_window,
         "refreshes": refreshes,
     }
-    if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
+    if refine_rule and ctx.settings_left() > 3:
         t0 = time.perf_counter()
         with book.on("refine"):
             theta, extra["refine"] = refine_and_check(ctx, cfg, theta, region, check_idx, surrogate)
@@ -416,12 +417,12 @@ def without_surrogate(
     theta = ctx.theta0.copy()
     if harmonic is not None:
         with book.on("harmonic_steps"):
-            theta = harmonic(theta, ctx.device.remaining)
+            theta = harmonic(theta, ctx.settings_left())
         rule = "harmonic"
     else:
         opt = replace(cfg.refine, rule="spsa", step=0.015, select="val", rho=0.0)
         with book.on("spsa_steps"):
-            theta, _ = refine(ctx, theta, ctx.device.remaining, config=opt)
+            theta, _ = refine(ctx, theta, ctx.settings_left(), config=opt)
         rule = "spsa"
     return theta, {"surrogate": None, "without_surrogate": rule, "budget_by_step": book.spent}
 
@@ -437,7 +438,7 @@ def refine_and_check(
     """Step 4: zeroth-order refinement with the budget left but one setting, kept only if the
     device loss on the check minibatch did not rise (the round's accept test, strict)."""
     refined, hist = refine(
-        ctx, theta, ctx.device.remaining - 1, config=cfg.refine, surrogate=surrogate
+        ctx, theta, ctx.settings_left() - 1, config=cfg.refine, surrogate=surrogate
     )
     refined_loss = check_loss(ctx, refined, check_idx)
     kept = refined_loss <= region.check_loss

@@ -47,7 +47,7 @@ class SurrogateSteps:
 
     def affordable(self, reserve: int) -> int:
         """Steps the budget left allows, keeping ``reserve`` settings aside."""
-        return (self.ctx.device.remaining - reserve) // self.per_step
+        return (self.ctx.settings_left() - reserve) // self.per_step
 
     def reset(self, theta: np.ndarray) -> None:
         """Return to ``theta`` (a rejected move); Adam's moments are kept."""
