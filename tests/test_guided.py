@@ -167,3 +167,18 @@ def test_the_rule_moves_budget_off_a_surrogate_the_device_defeats():
     spent = defeated["budget_by_step"]
     assert spent.get("guided_steps", 0) >= 100  # whole rounds moved to guided ES
     assert spent.get("guided_steps", 0) > smooth["budget_by_step"].get("guided_steps", 0)
+
+
+@pytest.mark.slow
+def test_a_bare_adapter_trains_through_the_cli_well_above_chance(tmp_path, capsys):
+    """Four members, a periodic response, no bounds: the measured scale makes it trainable."""
+    import json
+
+    from blackbox_sat.cli import main
+
+    out = tmp_path / "bare"
+    args = ["train", "--device", "tests.toy_devices:bare", "--task", "iris", "--budget", "1000"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["accuracy"] > 0.7  # chance is 1/3 (0.822 measured, spsa 0.689)
+    assert result["free_scale"] > 0
