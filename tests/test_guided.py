@@ -182,3 +182,13 @@ def test_a_bare_adapter_trains_through_the_cli_well_above_chance(tmp_path, capsy
     result = json.loads((out / "result.json").read_text())
     assert result["accuracy"] > 0.7  # chance is 1/3 (0.822 measured, spsa 0.689)
     assert result["free_scale"] > 0
+
+
+def test_check_device_reports_the_scale_it_would_use():
+    from blackbox_sat.devices.check import check_device
+
+    from .toy_devices import opaque
+
+    bare = check_device(Bare(noise=0.0))
+    assert isinstance(bare["scale"], float) and 1 < bare["scale"] < 10  # period 2 pi
+    assert check_device(opaque())["scale"] == "bound widths"
