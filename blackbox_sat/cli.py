@@ -26,6 +26,7 @@ METHODS = (
     "pat",
     "insitu-sat",
     "harmonic",
+    "guided-es",
 )
 TASKS = ("digits", "iris", "wine", "fashion-mnist")
 EPILOG = (

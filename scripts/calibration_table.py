@@ -45,9 +45,7 @@ def settings(dev, n: int, design: str, radius: float, rng) -> np.ndarray:
         return rng.uniform(lo, hi, (n, dev.n_params))
     centre = describe(dev).start(0)  # the toolkit's shared working point
     th = centre + radius * (hi - lo) * rng.uniform(-1, 1, (n, dev.n_params))
-    return np.where(
-        getattr(dev, "periodic", False), lo + np.mod(th - lo, hi - lo), np.clip(th, lo, hi)
-    )
+    return describe(dev).project(th)
 
 
 def measure(dev, thetas, pool, n_inputs: int, repeats: int, rng):

@@ -58,11 +58,18 @@ def _unit_points(n: int, dim: int, rng: np.random.Generator, method: str) -> np.
 
 
 def wrap(theta: np.ndarray, low: np.ndarray, high: np.ndarray, periodic: np.ndarray) -> np.ndarray:
-    """Periodic columns of ``theta (..., n_params)`` wrapped into ``[low, high)``; others
-    clipped to ``[low, high]``."""
+    """The one projection rule for settings: periodic columns of ``theta (..., n_params)``
+    wrapped into ``[low, high)``, the others clipped to ``[low, high]`` (infinite bounds
+    allowed there). A wrapped value that rounding puts on ``high`` goes to ``low``, so a
+    wrapped setting is always inside its half-open period."""
+    theta = np.asarray(theta, np.float64)
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
     width = high - low
-    wrapped = low + np.mod(theta - low, width)
-    return np.where(periodic, wrapped, np.clip(theta, low, high))
+    cyc = np.asarray(periodic, bool) & np.isfinite(width)
+    base, period = np.where(cyc, low, 0.0), np.where(cyc, width, 1.0)
+    wrapped = base + np.mod(theta - base, period)
+    wrapped = np.where(wrapped >= high, low, wrapped)
+    return np.where(cyc, wrapped, np.clip(theta, low, high))
 
 
 def trust_region(

@@ -77,7 +77,7 @@ def test_a_move_that_raises_the_device_loss_is_rejected(tmp_path, monkeypatch):
         step.grad = -step.grad
         return step
 
-    monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", uphill)
+    monkeypatch.setattr("blackbox_sat.training.surrogate_steps.physics_aware_step", uphill)
     cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0}
     r = bs.train(
         OPAQUE,
@@ -179,8 +179,9 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
         seen.append((ctx.device.settings_used, rho))
         return real(ctx, theta, idx, stand_in, rho=rho, **kw)
 
-    monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", record)
-    cfg = {**SMALL, "refine_fraction": 0.0, "rho": 0.04}
+    monkeypatch.setattr("blackbox_sat.training.surrogate_steps.physics_aware_step", record)
+    # surrogate rounds only, and at these small budgets too (the budget rule would run spsa)
+    cfg = {**SMALL, "refine_fraction": 0.0, "rho": 0.04, "steps": "surrogate", "min_rounds": 1}
     bs.train(
         OPAQUE,
         task="iris",
@@ -207,7 +208,7 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
 
 
 def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monkeypatch):
-    from blackbox_sat.training.pipeline import REFIT_BY_FAMILY
+    from blackbox_sat.training.surrogate_choice import REFIT_BY_FAMILY
     from surrogates.neural import EnsembleSurrogate
 
     real, seen = EnsembleSurrogate.update, []
@@ -219,6 +220,7 @@ def test_refits_follow_the_family_rule_unless_the_user_sets_them(tmp_path, monke
     monkeypatch.setattr(EnsembleSurrogate, "update", record)
     common = dict(task="iris", budget=90, progress=False)
     small = {k: v for k, v in SMALL.items() if k != "refit_steps"}
+    small["steps"] = "surrogate"  # no harmonic law test: this is about the surrogate's refits
     fast = {"n_members": 2, "max_steps": 200}
     interf = {
         **small,
@@ -272,7 +274,7 @@ def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, mon
         fits.append(len(theta))
         return real_fit(self, theta, *args, **kw)
 
-    monkeypatch.setattr("blackbox_sat.training.pipeline.physics_aware_step", uphill)
+    monkeypatch.setattr("blackbox_sat.training.surrogate_steps.physics_aware_step", uphill)
     monkeypatch.setattr(EnsembleSurrogate, "fit", count)
     cfg = {
         **SMALL,
@@ -282,6 +284,7 @@ def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, mon
         "inner_steps": 0,
         "refit_window": 20,
         "refresh_after": 2,
+        "steps": "surrogate",  # every round on the failing surrogate, as before the monitor
     }
     r = bs.train(
         OPAQUE,

@@ -17,7 +17,7 @@ import blackbox_sat as bs
 from blackbox_sat import cli
 from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.check import check_device, format_report
-from blackbox_sat.devices.contract import MissingCapability, UserError
+from blackbox_sat.devices.contract import InvalidInput, MissingCapability, UserError
 from blackbox_sat.harness.compare import summarise, summary_table
 from blackbox_sat.methods.registry import METHODS, MethodResult, register
 from blackbox_sat.training.config import RunConfig
@@ -49,7 +49,6 @@ def _train(out, *extra, method="spsa", task="iris", budget="40"):
         ("spsa", ["--device-kw", "nosie=0.1"], "did you mean 'noise'"),
         ("spsa", ["--budget", "0"], "budget must be an int >= 1"),
         ("spsa", ["--task", "digits"], "10 classes but tests.toy_devices:bare has only 3 outputs"),
-        ("blackbox-sat", [], "needs `bounds`"),
         ("harmonic", [], "needs periodic parameters"),
         ("oracle", [], "needs a true_model()"),
     ],
@@ -110,7 +109,10 @@ def still_method():
 
 
 def test_curve_starts_at_0_settings_with_the_accuracy_of_theta0(tmp_path, still_method):
-    r = bs.train(bare(), task="iris", method="test-still", budget=8, out=tmp_path, progress=False)
+    kw = dict(task="iris", method="test-still", budget=8, progress=False)
+    with pytest.raises(InvalidInput, match="too small to measure the step unit"):
+        bs.train(bare(), out=tmp_path / "small", **kw)  # no bounds: a scale is measured first
+    r = bs.train(bare(), out=tmp_path / "run", config={"scale": 1.0}, **kw)
     assert [c["settings"] for c in r["curve"]] == [0, 1, 2, 4, 8]
     assert r["curve"][0]["accuracy"] == r["accuracy"]  # noise-free and unmoved: theta0's
     assert r["chance"] == pytest.approx(1 / 3)
@@ -197,7 +199,7 @@ def test_summary_gives_no_settings_to_target_for_a_method_at_chance():
     "kw,expect",
     [
         ({"config": {"rhoo": 1}}, "did you mean 'rho'"),
-        ({"methods": ["spsa", "blackbox-sat"]}, "needs `bounds`"),
+        ({"methods": ["spsa", "harmonic"]}, "needs periodic parameters"),
         ({"device_kw": {"noise": "abc"}}, "expects float"),
     ],
 )

@@ -17,7 +17,7 @@ from blackbox_sat.methods import gradient_free as gf
 from blackbox_sat.methods.registry import get_method
 from blackbox_sat.sim.mrr import mrr
 from blackbox_sat.sim.mzi import mzi
-from blackbox_sat.training.refine import DeviceObjective
+from blackbox_sat.training.objectives import DeviceObjective
 
 from .conftest import fail_after, make_ctx, small_mrr
 

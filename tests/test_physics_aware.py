@@ -57,7 +57,7 @@ def test_anchored_steps_need_measured_rows_and_survive_a_refit():
 
 
 def test_paired_delta_r2_scores_only_what_theta_changes():
-    from blackbox_sat.training.pipeline import paired_delta_r2
+    from blackbox_sat.training.surrogate_choice import paired_delta_r2
 
     rng = np.random.default_rng(0)
     x = np.repeat(rng.normal(size=(50, 3)), 4, axis=0)  # each input under 4 settings

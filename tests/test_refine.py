@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from blackbox_sat.harness.run import train
 from blackbox_sat.sim.mzi import mzi
 from blackbox_sat.training.config import ConfigError
+from blackbox_sat.training.objectives import DeviceObjective
 from blackbox_sat.training.refine import (
     RULES,
-    DeviceObjective,
     RefineConfig,
     refine,
     refine_options,

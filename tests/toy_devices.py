@@ -94,3 +94,47 @@ class Bare:
 
 def bare(seed=0, noise=0.0, in_dim=4, out_dim=3, flat=False):
     return Bare(seed, noise, in_dim, out_dim, flat)
+
+
+class Jagged(Opaque):
+    """An :class:`Opaque` device whose outputs also depend on the controls through a
+    high-frequency term (period 1/40 of the bound width, below the trust radius), built to
+    defeat a smooth surrogate: its predicted changes do not come true on the device."""
+
+    def __init__(self, seed=0, amplitude=0.6, freq=40.0, **kw):
+        super().__init__(seed=seed, **kw)
+        rng = np.random.default_rng([seed, 7])
+        self.Q = rng.normal(0, 1.0, (self.n_params, self.out_dim))
+        self.amplitude, self.freq = amplitude, freq
+
+    def query(self, theta, x):
+        y = super().query(theta, x)
+        return y + self.amplitude * np.sin(2 * np.pi * self.freq * (theta @ self.Q))[None, :]
+
+
+def jagged(seed=0, **kw):
+    return Jagged(seed=seed, **kw)
+
+
+class BarePeriodic:
+    """A lab's minimal adapter: the four required members only, no bounds, no ``periodic``.
+    Its response is periodic in every control (a phase-like ``cos``) with a period of 2 pi
+    in device units, scaled by ``unit`` (the same device in other units)."""
+
+    def __init__(self, seed=0, unit=1.0, in_dim=4, out_dim=3, n_params=16, noise=0.002):
+        rng = np.random.default_rng(seed)
+        self.n_params, self.in_dim, self.out_dim = n_params, in_dim, out_dim
+        self.unit, self.noise = unit, noise
+        self.W = rng.normal(0, 1.0, (n_params, out_dim, in_dim)) / np.sqrt(n_params) * 3
+        self.phase = rng.uniform(0, 2 * np.pi, n_params)  # fixed offsets, as in any real shifter
+        self._rng = np.random.default_rng([seed, 99])
+
+    def query(self, theta, x):
+        c = np.cos(np.asarray(theta, float) / self.unit + self.phase)  # (n_params,)
+        a = np.tensordot(c, self.W, axes=1)  # (out_dim, in_dim)
+        y = np.tanh(x @ a.T)
+        return y + self._rng.normal(0, self.noise, y.shape)
+
+
+def bare_periodic(seed=0, **kw):
+    return BarePeriodic(seed=seed, **kw)

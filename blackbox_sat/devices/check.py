@@ -8,6 +8,7 @@ import numpy as np
 
 from .contract import describe
 from .metered import MeteredDevice
+from .scale import measure_scale
 
 #: Below this signal-to-noise ratio the outputs' dependence on the inputs is within a few
 #: read-noise standard deviations, so a surrogate fit is noise-limited (docs/experiments.md,
@@ -18,8 +19,9 @@ LOW_SNR = 3.0
 def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> dict:
     """Read the members, time one query and estimate the read noise from repeats.
 
-    Makes ``repeats + 1`` calls of ``device.query`` at the starting setting. Returns a
-    report dict whose ``warnings`` list what a run would assume or struggle with; raises a
+    Makes ``repeats + 1`` calls of ``device.query`` at the starting setting, and those of
+    :func:`.scale.measure_scale` for a device with unbounded parameters. Returns a report
+    dict whose ``warnings`` list what a run would assume or struggle with; raises a
     contract error naming the first broken member.
     """
     info = describe(device)
@@ -34,6 +36,12 @@ def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> di
     noise = float(ys.std(axis=0, ddof=1).mean()) if repeats > 1 else None
     spread = float(ys.mean(axis=0).std())
     snr = None if noise is None else (spread / noise if noise > 0 else float("inf"))
+    free = ~(np.isfinite(info.low) & np.isfinite(info.high))
+    measured = (
+        measure_scale(lambda t: meter.query(t, x, purpose="probe"), theta, free, seed)
+        if free.any()
+        else None
+    )
     return {
         "n_params": info.n_params,
         "in_dim": info.in_dim,
@@ -50,6 +58,8 @@ def check_device(device, repeats: int = 5, batch: int = 16, seed: int = 0) -> di
         "noise_std": noise,
         "output_spread": spread,
         "snr": snr,
+        # the unit of normalized steps: bound widths, or measured where there are no bounds
+        "scale": "bound widths" if measured is None else measured["scale"],
         "warnings": _warnings(device, info, snr),
     }
 
@@ -58,8 +68,8 @@ def _warnings(device, info, snr: float | None) -> list[str]:
     out = []
     if not info.has_bounds:
         out.append(
-            "no `bounds`: blackbox-sat, blackbox and pat need them (the surrogate's designs sample "
-            "a box of bound widths); spsa and ng-* run without, with a unit step scale"
+            "no `bounds`: runs measure a scale for the parameters instead (the step that moves the "
+            "outputs by a set fraction of their spread; see `scale` above, `--set scale=` overrides)"
         )
     if getattr(device, "input_bounds", None) is None:
         out.append(
@@ -95,6 +105,9 @@ def format_report(report: dict) -> list[str]:
         "in_dim": r["in_dim"],
         "out_dim": r["out_dim"],
         "bounds": bounds,
+        "scale": r["scale"]
+        if isinstance(r["scale"], str)
+        else f"{r['scale']:.4g} (device units per normalized unit, measured: no bounds)",
         "periodic": f"{r['periodic']} of {r['n_params']} parameters",
         "input_bounds": ib,
         "max_batch": r["max_batch"] or "none (any batch in one call)",

@@ -63,12 +63,15 @@ class DeviceInfo:
     max_batch: int | None
     theta0: np.ndarray | None
     has_bounds: bool
+    free_scale: float | None = None  # unit of unbounded parameters (devices/scale.py)
 
     @property
     def scale(self) -> np.ndarray:
-        """Per-parameter bound width, the unit of trust radii and of SAT's rho."""
+        """Per-parameter bound width, the unit of trust radii and of SAT's rho; unbounded
+        parameters take ``free_scale`` (measured or set), else ``DEFAULT_UNBOUNDED_SCALE``."""
         width = self.high - self.low
-        return np.where(np.isfinite(width), width, DEFAULT_UNBOUNDED_SCALE)
+        free = DEFAULT_UNBOUNDED_SCALE if self.free_scale is None else self.free_scale
+        return np.where(np.isfinite(width), width, free)
 
     def start(self, seed: int) -> np.ndarray:
         """The shared starting setting: ``theta0`` if given, else the bounds' midpoint plus a
@@ -84,20 +87,12 @@ class DeviceInfo:
         return self.project(mid + jitter)
 
     def project(self, theta: np.ndarray) -> np.ndarray:
-        """Map a setting back into the domain: periodic parameters wrap, others clip."""
-        theta = np.asarray(theta, dtype=float)
-        width = self.high - self.low
-        finite = np.isfinite(width)
-        wrapped = np.where(finite, self.low, 0.0) + np.mod(
-            theta - np.where(finite, self.low, 0.0), np.where(finite, width, 1.0)
-        )
-        out = np.where(
-            self.periodic & np.isfinite(width), wrapped, np.clip(theta, self.low, self.high)
-        )
-        if np.any(self.periodic & np.isfinite(width)):
-            # A wrapped value may land exactly on ``high`` through rounding; keep [low, high).
-            out = np.where(self.periodic & (out >= self.high), self.low, out)
-        return out
+        """Map a setting back into the domain: periodic parameters wrap into ``[low, high)``,
+        others clip (:func:`surrogates.design.wrap`, the one projection rule)."""
+        # imported here: the surrogates package loads torch, which --help must not wait for
+        from surrogates.design import wrap
+
+        return wrap(theta, self.low, self.high, self.periodic)
 
 
 def _int_member(device, name: str) -> int:

@@ -30,6 +30,7 @@ from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device, public_kw
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
+from blackbox_sat.training.surrogate_choice import heldout_scores
 from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
 
 
@@ -150,24 +151,16 @@ def fit_surrogate(
     t0 = time.perf_counter()
     sur.fit(theta[~held], x[~held], y[~held], groups[~held])
     fit_s = time.perf_counter() - t0
-    with torch.no_grad():
-        pred = (
-            sur.predict(
-                torch.as_tensor(theta[held], dtype=torch.float32),
-                torch.as_tensor(x[held], dtype=torch.float32),
-            )
-            .double()
-            .numpy()
-        )
-    resid = ((pred - y[held]) ** 2).sum()
+    scores = heldout_scores(sur, theta[held], x[held], y[held])
     report = {
         "kind": kind,
         "rows": len(y),
         "settings": len(ids),
         "heldout_settings": int(held.sum() and len(np.unique(groups[held]))),
         "fit_s": fit_s,
-        "heldout_r2": float(1 - resid / ((y[held] - y[held].mean(0)) ** 2).sum()),
-        "heldout_rmse": float(np.sqrt(resid / y[held].size)),
+        "heldout_r2": scores["r2"],
+        "heldout_rmse": scores["rmse"],
+        "heldout_delta_r2": scores["delta_r2"],  # the pipeline's selection score
     }
     getter = getattr(source, "true_model", None)
     if getter is not None:

@@ -11,6 +11,7 @@ replays the ledger (see :mod:`.devices.metered`): no query is paid for twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import InvalidInput, MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
-from blackbox_sat.devices.metered import MeteredDevice
+from blackbox_sat.devices.metered import BudgetExhausted, MeteredDevice
+from blackbox_sat.devices.scale import measure_scale
 from blackbox_sat.devices.spec import (
     SECRET_DEVICE_KW,
     load_device,
@@ -274,6 +276,22 @@ def _train_in(
         x_np = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
         y_cal = metered.query(theta0, x_np, purpose="calibrate")
     pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
+    free = ~(np.isfinite(info.low) & np.isfinite(info.high))
+    if free.any() and not spec.model_based:  # a unit for parameters without bounds
+        try:
+            scale = (
+                cfg.scale
+                or measure_scale(
+                    lambda t: metered.query(t, x_np, purpose="calibrate"), theta0, free, seed
+                )["scale"]
+            )
+        except BudgetExhausted:
+            raise InvalidInput(
+                f"a budget of {budget} settings is too small to measure the step unit of the "
+                "parameters without bounds (about 15 settings); raise --budget, or pass "
+                "--set scale=<device units>"
+            ) from None
+        metered.info = info = dataclasses.replace(info, free_scale=scale)
 
     bar = tqdm(
         total=budget if not spec.model_based else None,
@@ -335,6 +353,7 @@ def _train_in(
         "curve": ctx.curve,
         "sharpness": _sharpness(ctx, theta),
         "gain": float(pnn.gain),
+        "free_scale": info.free_scale,  # the unit of unbounded parameters (None: bounded)
         "config": as_dict(cfg),
         "extra": outcome.extra,
         "out": str(out.resolve()),

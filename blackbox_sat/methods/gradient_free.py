@@ -99,7 +99,8 @@ import numpy as np
 from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.config import RunConfig
 from blackbox_sat.training.context import MINIBATCH, TrainContext
-from blackbox_sat.training.refine import DeviceObjective, RefineConfig, refine
+from blackbox_sat.training.objectives import DeviceObjective
+from blackbox_sat.training.refine import RefineConfig, refine
 
 from .registry import MethodResult, register
 

@@ -53,6 +53,7 @@ from blackbox_sat.devices.contract import InvalidInput
 from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.config import RunConfig, build
 from blackbox_sat.training.context import MINIBATCH, TrainContext
+from blackbox_sat.training.pnn import readout_loss
 
 from .registry import MethodResult, register
 
@@ -223,21 +224,23 @@ def harmonic_sweep(
     )
     if state.idx is None or not np.array_equal(state.idx, idx):
         y = None
-        if state.y is not None and len(state.idx) == len(
-            idx
-        ):  # same rows reshuffled (small sets): reuse
+        same_size = state.idx is not None and len(state.idx) == len(idx)
+        if state.y is not None and same_size:  # same rows reshuffled (small sets): reuse
+            assert state.idx is not None
             old, new = np.argsort(state.idx), np.argsort(idx)
             if np.array_equal(state.idx[old], idx[new]):
                 y = np.empty_like(state.y)
                 y[new] = state.y[old]
         state.idx, state.x, state.y = idx.copy(), ctx.device_inputs(ctx.f_train[idx]), y
     periods = info.high - info.low
+    x_batch = state.x
+    assert x_batch is not None  # set with state.idx just above
 
     def measure(th: np.ndarray, kind: str) -> np.ndarray:
         # at most MINIBATCH inputs per setting (docs/protocol.md): a larger batch is several settings
         th = info.project(th)
         parts = [
-            dev.query(th, state.x[i : i + MINIBATCH], purpose="train")
+            dev.query(th, x_batch[i : i + MINIBATCH], purpose="train")
             for i in range(0, len(idx), MINIBATCH)
         ]
         state.settings[kind] += per
@@ -286,7 +289,7 @@ def harmonic_sweep(
             ):  # no harmonic fits: keep a move only if measured better
                 y_m = measure(at(j, cand[pick] - phi0), "guard")
                 with torch.no_grad():
-                    l_m = float(F.cross_entropy(ctx.pnn(torch.as_tensor(y_m)), labels))
+                    l_m = float(readout_loss(ctx.pnn, y_m, labels))
                 pick, new_y = (pick, y_m) if l_m < losses[0] else (0, state.y)
             theta = info.project(at(j, cand[pick] - phi0))
             state.y = new_y

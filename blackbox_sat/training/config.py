@@ -37,6 +37,7 @@ class RunConfig:
     )
     threads: int = 1  # torch threads of this run
     sharpness_samples: int = 256  # training inputs for result.json's Hessian eigenvalue
+    scale: float | None = None  # unit of parameters without bounds (None: measured)
 
 
 def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

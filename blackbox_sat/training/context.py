@@ -17,7 +17,7 @@ import torch
 from blackbox_sat.devices.contract import MissingCapability
 from blackbox_sat.devices.metered import MeteredDevice
 
-from .pnn import PNN
+from .pnn import PNN, readout_correct
 
 #: Settings at which ``curve`` snapshots are taken (docs/protocol.md), scaled by budget / 2000.
 CURVE_CHECKPOINTS = (250, 500, 1000, 2000)
@@ -74,6 +74,12 @@ class TrainContext:
     def info(self):
         return self.device.info
 
+    def settings_left(self) -> int:
+        """Settings the budget has left (the device's own count, or ``budget`` less those
+        used where the device is not metered by a budget)."""
+        left = self.device.remaining
+        return left if left is not None else max(0, self.budget - self.device.settings_used)
+
     # --- models for model-based methods ------------------------------------------------
     def model(self, which: str) -> torch.nn.Module:
         """``which`` in ``nominal``/``true``: the simulator view, or a clear error."""
@@ -98,9 +104,7 @@ class TrainContext:
         """
         f, y = (self.f_val, self.y_val) if split == "val" else (self.f_test, self.y_test)
         out = self.device.query(theta, self.device_inputs(f), purpose=purpose)
-        with torch.no_grad():
-            pred = self.pnn(torch.as_tensor(out)).argmax(1).numpy()
-        return float(np.mean(pred == y))
+        return readout_correct(self.pnn, out, y) / len(y)
 
     # --- progress: what is happening, the device loss, where it started ------------------
     def phase(self, name: str) -> None:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from blackbox_sat.optim.sat import sat_perturbation
 
 from .context import TrainContext
+from .objectives import device_loss
+from .pnn import readout_loss
 
 ASCENTS = ("device", "surrogate")
 
@@ -62,27 +63,10 @@ def _vjp(
     )
 
 
-def device_loss(
-    ctx: TrainContext,
-    theta: np.ndarray,
-    idx: np.ndarray,
-    purpose: str = "train",
-    x: torch.Tensor | None = None,
-    digital: bool = True,
-) -> tuple[float, torch.Tensor, torch.Tensor, np.ndarray]:
-    """Measure ``theta`` on training rows ``idx``: (loss, dL/dy, device inputs, raw outputs).
-
-    With ``digital`` and a hybrid PNN, the readout's gradient is accumulated in ``.grad``."""
-    if x is None:
-        x = ctx.pnn.device_inputs(ctx.f_train[idx])
-    y = ctx.device.query(theta, x.detach().numpy(), purpose=purpose)
-    yt = torch.as_tensor(y).requires_grad_(True)
-    loss = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
-    digital = digital and ctx.pnn.trainable
-    (g_y,) = torch.autograd.grad(loss, yt, retain_graph=digital)
-    if digital:  # the digital readout's exact gradient from the real outputs
-        loss.backward(inputs=list(ctx.pnn.readout.parameters()))
-    return float(loss.detach()), g_y, x, y
+def surrogate_vjp(stand_in, theta: np.ndarray, x: torch.Tensor, g_y: torch.Tensor) -> np.ndarray:
+    """``J_f_hat(theta)^T g_y`` ``(n_params,)``: the stand-in's pull-back of an output gradient
+    ``g_y (B, out_dim)`` at inputs ``x (B, in_dim)``."""
+    return _vjp(_as_model(stand_in), theta, x.detach(), g_y)[0]
 
 
 def physics_aware_step(
@@ -123,7 +107,7 @@ def physics_aware_step(
                     torch.as_tensor(theta_eps, dtype=torch.float32), x.detach().to(torch.float32)
                 )
             yt = (torch.as_tensor(y) + y_eps.double() - torch.as_tensor(y_hat)).requires_grad_(True)
-            loss_eps = F.cross_entropy(ctx.pnn(yt), torch.as_tensor(ctx.y_train[idx]))
+            loss_eps = readout_loss(ctx.pnn, yt, ctx.y_train[idx])
             (g_y,) = torch.autograd.grad(loss_eps, yt)
         grad, g_x, _ = _vjp(model, theta_eps, x, g_y)
     if g_x is not None:  # the digital input layer's gradient through df_hat/dx
@@ -214,7 +198,7 @@ class Anchors:
 
         def grad_at(th_np):
             th = torch.tensor(th_np, dtype=torch.float32, requires_grad=True)
-            loss = F.cross_entropy(ctx.pnn(model(th, x).double() + r), labels)
+            loss = readout_loss(ctx.pnn, model(th, x).double() + r, labels)
             return torch.autograd.grad(loss, th)[0].double()
 
         g = grad_at(theta)

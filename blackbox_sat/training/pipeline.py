@@ -2,6 +2,10 @@
 
 Within one settings budget ``B`` (every number below is a rule, not a device constant):
 
+0. **Budget rule** (:func:`surrogate_pays`): the surrogate is used only when the initial
+   design holds at least ``n_params / 2`` settings and ``min_rounds`` full rounds fit in the
+   rounds' share. Otherwise the whole budget goes to harmonic coordinate steps (every
+   parameter periodic) or to SPSA with the ``spsa`` method's settings, from ``theta0``.
 1. **Initial design**: ``init_fraction * B`` settings in an L-infinity box of
    ``radius`` (bound widths) around ``theta0``, each measured on ``inputs_per_setting``
    training inputs (purpose ``probe``). 20 % rather than 10 %: the surrogate's first fit
@@ -10,7 +14,13 @@ Within one settings budget ``B`` (every number below is a rule, not a device con
 2. **Surrogate**: ``surrogate=auto`` fits every candidate family on those queries and keeps
    the one that best predicts the ``theta``-driven change of the output on held-out
    *settings* (:func:`paired_delta_r2`).
-3. **Rounds**, until only the refinement share is left:
+3. **Rounds**, until only the refinement share is left. Each round is of one step type,
+   chosen by :mod:`.step_choice` from the surrogate's record of predicted against measured
+   decreases: *surrogate* rounds (below) while it predicts well; *guided* rounds (guided-ES
+   pairs, :mod:`.guided`, the surrogate as guide, ``(steps + probes) / 2`` pairs, step size
+   :func:`guided_step`) or *harmonic* rounds (harmonic coordinate steps of the ``harmonic``
+   method, when every parameter is periodic) while it fails. ``extra["budget_by_step"]``
+   holds the settings spent per step type. A surrogate round:
    - ``steps_per_round`` physics-aware SAT steps (:mod:`.physics_aware`): device forward on a
      minibatch, surrogate backward, Adam in normalized coordinates with step size
      ``lr_factor * radius`` (so steps match the trust region), each move clipped to the box
@@ -48,7 +58,9 @@ Within one settings budget ``B`` (every number below is a rule, not a device con
      numbers are per family (:data:`REFIT_BY_FAMILY`): the interferometric family refits
      for 200 steps on 300 settings.
 4. **Refinement**: the last ``refine_fraction * B`` settings go to zeroth-order refinement on
-   the device (:mod:`.refine`); ``sa-spsa`` keeps the flatness SAT found. Its result faces
+   the device (:mod:`.refine`), by default ``guided`` with the surrogate as guide (and, for
+   ``blackbox-sat``, measured around random offsets of norm ``refine.rho``, as ``sa-spsa``,
+   to keep the flatness SAT found). Its result faces
    the same acceptance test (one setting on the check minibatch) and is dropped if the
    device loss rose: with 160 parameters a 300-setting SPSA run is mostly noise.
 
@@ -79,57 +91,25 @@ step size over the budget (cosine, 0.732 against 0.748), which is not kept.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
-import surrogates
 from blackbox_sat.devices.metered import BudgetExhausted
-from surrogates.registry import family_options
 
 from .config import RunConfig
 from .context import TrainContext
-from .physics_aware import Anchors, anchored_steps, device_loss, normalized_step, physics_aware_step
+from .guided import GuidedSteps
+from .objectives import check_loss, check_minibatch, check_outputs, predicted_loss
 from .refine import RefineConfig, refine
-
-
-def _family(kind: str, **overrides: Any) -> Any:
-    """A field defaulting to ``kind``'s options with ``overrides``."""
-    return field(default_factory=lambda: replace(family_options(kind)(), **overrides))
-
-
-@dataclass(frozen=True)
-class SurrogateConfig:
-    """Which surrogate family, and each family's options (``surrogate.hyper.max_steps=...``)."""
-
-    SCALAR_FIELD: ClassVar[str] = "family"  # ``--set surrogate=gp`` sets the family
-    family: str = "auto"
-    candidates: tuple[str, ...] = ("hyper", "interferometric", "interferometric-layers", "gp")
-    gp_max_params: int = 50
-    # 3 members and a first fit of at most 3000 steps, for time: the loop refits anyway
-    # (docs/experiments.md, "Pipeline design choices").
-    hyper: Any = _family("hyper", n_members=3, max_steps=3000)  # noqa: RUF009 (frozen)
-    hyper_additive: Any = _family("hyper-additive", n_members=3)  # noqa: RUF009 (frozen)
-    mlp: Any = _family("mlp", n_members=3)  # noqa: RUF009 (frozen)
-    interferometric: Any = _family("interferometric")  # noqa: RUF009 (frozen)
-    interferometric_layers: Any = _family("interferometric-layers")  # noqa: RUF009 (frozen)
-    gp: Any = _family("gp")  # noqa: RUF009 (frozen)
-
-    def __post_init__(self) -> None:
-        kinds = set(surrogates.surrogate_kinds())
-        for name in (self.family, *self.candidates):
-            if name != "auto" and name not in kinds:
-                raise ValueError(
-                    f"unknown surrogate family {name!r}; known: auto, {', '.join(sorted(kinds))}"
-                )
-
-    def options(self, kind: str) -> dict[str, Any]:
-        """``kind``'s constructor keywords that differ from the family's own defaults."""
-        chosen, default = getattr(self, kind.replace("-", "_")), family_options(kind)()
-        return {k: v for k, v in asdict(chosen).items() if v != getattr(default, k)}
+from .step_choice import STEP_TYPES, SurrogateMonitor
+from .surrogate_choice import Dataset, SurrogateConfig, refit_plan, select_surrogate
+from .surrogate_steps import SurrogateSteps
+from .trust_region import TrustRegion
 
 
 @dataclass(frozen=True)
@@ -168,8 +148,15 @@ class PipelineConfig(RunConfig):
     accept_tol: Literal["auto"] | float = "auto"
     check_repeats: int = 3
     refine_fraction: float = 0.15
-    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="sa-spsa", rho=0.02))
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="guided", rho=0.02))
     refresh_after: int = 0
+    # step type of the rounds: "auto" (step_choice.py's rule), or one type for every round
+    steps: Literal["auto", "surrogate", "guided", "harmonic"] = "auto"
+    guided_c: float = 0.02  # guided-ES perturbation per coordinate (normalized), as refine's c
+    guided_step: float = 0.005  # guided-ES first step (normalized; refine.py's table)
+    guide_k: int = 4  # surrogate gradients spanning the guide subspace
+    guide_alpha: float = 0.5  # share of the guided search's variance that stays isotropic
+    min_rounds: int = 4  # fewest full rounds the surrogate needs to pay off (budget rule)
 
     def __post_init__(self) -> None:
         if not (
@@ -182,150 +169,6 @@ class PipelineConfig(RunConfig):
             )
         if not (0 < self.radius_min <= self.radius <= self.radius_max):
             raise ValueError("need 0 < radius_min <= radius <= radius_max")
-
-
-# Refit budget per surrogate family, used where ``refit_steps`` / ``refit_window`` are None
-# (the default; a number set by the user wins). The interferometric family is a first-order
-# expansion around its centre, so it needs recent data and more steps to re-fit after the
-# centre moves (mzi ``blackbox-sat``, seeds 0-2 in ``compare``: 46.9 +- 2.5 with 200 steps on
-# 300 settings against 37.1 +- 1.4 with the neural families' 100 on 500; 400 steps gave
-# 0.368 against 0.442 on seed 0).
-#: Families that model the parameters as phases of optical shifters: ``auto`` offers them only
-#: where some parameters are periodic.
-PHASE_FAMILIES = ("interferometric", "interferometric-layers")
-
-REFIT_BY_FAMILY = {
-    "default": {"refit_steps": 100, "refit_window": 500},
-    "interferometric": {"refit_steps": 200, "refit_window": 300},
-    # Global, so nothing to re-learn after a move: 100 steps (mzi seeds 0 / 1: 0.626 / 0.434,
-    # 5 min per run) did as well as 200 (0.556 / 0.520, 9 min).
-    "interferometric-layers": {"refit_steps": 100, "refit_window": 300},
-}
-
-
-def refit_plan(cfg: PipelineConfig, family: str) -> tuple[int, int]:
-    """``(refit_steps, refit_window)`` for ``family``: the user's numbers, else the family's."""
-    rule = REFIT_BY_FAMILY.get(family, REFIT_BY_FAMILY["default"])
-    return (
-        cfg.refit_steps if cfg.refit_steps is not None else rule["refit_steps"],
-        cfg.refit_window if cfg.refit_window is not None else rule["refit_window"],
-    )
-
-
-class Dataset:
-    """Every good query so far, as per-sample rows for the surrogate."""
-
-    def __init__(self):
-        self.theta, self.x, self.y, self.groups, self._next = [], [], [], [], 0
-
-    def add(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-        b = len(x)
-        self.theta.append(np.broadcast_to(theta, (b, theta.size)))
-        self.x.append(np.asarray(x))
-        self.y.append(np.asarray(y))
-        self.groups.append(np.full(b, self._next))
-        self._next += 1
-
-    def arrays(self, last: int | None = None):
-        """All rows, or those of the ``last`` settings measured."""
-        sl = slice(-last, None) if last else slice(None)
-        return (
-            np.concatenate(self.theta[sl]),
-            np.concatenate(self.x[sl]),
-            np.concatenate(self.y[sl]),
-            np.concatenate(self.groups[sl]),
-        )
-
-
-def candidate_families(ctx: TrainContext, cfg: PipelineConfig) -> list[str]:
-    """The families ``auto`` tries. The interferometric ones only where parameters are
-    phases (periodic); ``hyper-additive`` only where some are not (periodic columns get no
-    per-control path, so it would repeat ``hyper``); the GP only for small parameter counts,
-    where it is practical."""
-    fams = []
-    for f in cfg.surrogate.candidates:
-        if f in PHASE_FAMILIES and not ctx.info.periodic.any():
-            continue
-        if f == "hyper-additive" and ctx.info.periodic.all():
-            continue
-        if f == "gp" and ctx.info.n_params > cfg.surrogate.gp_max_params:
-            continue
-        fams.append(f)
-    return fams
-
-
-def _new_surrogate(kind: str, ctx: TrainContext):
-    kw = ctx.config.surrogate.options(kind)
-    return surrogates.make_surrogate(
-        kind,
-        theta_low=ctx.info.low,
-        theta_high=ctx.info.high,
-        periodic=ctx.info.periodic,
-        seed=ctx.seed,
-        **kw,
-    )
-
-
-def paired_delta_r2(pred: np.ndarray, y: np.ndarray, x: np.ndarray) -> float:
-    """Held-out R² of the ``theta``-driven part of the output, from measurements alone.
-
-    Rows that share an input ``x`` but come from different settings are paired, and the
-    predicted differences ``f(theta_a, x) - f(theta_b, x)`` are scored against the measured
-    ones. A model that ignores ``theta`` scores about 0, however well it predicts ``y``.
-    ``pred``, ``y``: ``(n, out_dim)``; ``x``: ``(n, in_dim)``. NaN when no input repeats.
-    """
-    _, key = np.unique(x, axis=0, return_inverse=True)
-    order = np.argsort(key.ravel(), kind="stable")
-    k = key.ravel()[order]
-    a, b = order[:-1][k[:-1] == k[1:]], order[1:][k[:-1] == k[1:]]
-    if len(a) == 0:
-        return float("nan")
-    d_true, d_pred = y[a] - y[b], pred[a] - pred[b]
-    return float(1 - ((d_pred - d_true) ** 2).sum() / (d_true**2).sum())
-
-
-def select_surrogate(ctx: TrainContext, data: Dataset, cfg: PipelineConfig) -> tuple[object, dict]:
-    """Fit the candidates on the initial queries; keep the best on held-out settings.
-
-    The score is :func:`paired_delta_r2`, the part of the output that ``theta`` changes,
-    because training uses the surrogate's ``theta``-gradient only (the measured outputs give
-    the rest). Ranking by plain output error picked ``mlp`` on mzi, whose gradients were the
-    worst there (docs/experiments.md#surrogate-quality-on-mzi)."""
-    theta, x, y, groups = data.arrays()
-    fams = (
-        [cfg.surrogate.family] if cfg.surrogate.family != "auto" else candidate_families(ctx, cfg)
-    )
-    if len(fams) == 1:
-        return _new_surrogate(fams[0], ctx).fit(theta, x, y, groups), {"chosen": fams[0]}
-    rng = np.random.default_rng([ctx.seed, 77])
-    ids = np.unique(groups)
-    held = rng.choice(ids, max(2, len(ids) // 5), replace=False)
-    test = np.isin(groups, held)
-    scores, r2 = {}, {}
-    var = y[test].var(axis=0).sum()
-    for fam in fams:
-        model = _new_surrogate(fam, ctx).fit(theta[~test], x[~test], y[~test], groups[~test])
-        with torch.no_grad():
-            pred = (
-                model.predict(
-                    torch.as_tensor(theta[test], dtype=torch.float32),
-                    torch.as_tensor(x[test], dtype=torch.float32),
-                )
-                .double()
-                .numpy()
-            )
-        r2[fam] = float(1 - ((pred - y[test]) ** 2).mean(axis=0).sum() / var)
-        delta = paired_delta_r2(pred, y[test], x[test])
-        scores[fam] = delta if np.isfinite(delta) else r2[fam]
-    best = max(scores, key=scores.get)
-    # A fresh fit on all settings, not a warm refit of the held-out model: on mzi (seeds 0 / 1,
-    # side by side) the warm refit saved 14-20 % of the run's time but gave 0.412 / 0.398
-    # against 0.442 / 0.502.
-    return _new_surrogate(best, ctx).fit(theta, x, y, groups), {
-        "chosen": best,
-        "heldout_delta_r2": scores,
-        "heldout_r2": r2,
-    }
 
 
 class Timer:
@@ -347,213 +190,283 @@ def measure_design(
 ) -> None:
     """Measure ``n`` designed settings around ``center`` (purpose ``probe``) into ``data``."""
     info = ctx.info
-    n = min(n, ctx.device.remaining or n)
+    n = min(n, ctx.settings_left() or n)
     if n <= 0:
         return
     from surrogates.design import design_settings, inputs_per_setting
 
+    # a parameter without bounds gets a box one scale wide around the centre (radius <= 0.5),
+    # so that the design's radius is in the same units as for a bounded one
+    low = np.where(np.isfinite(info.low), info.low, center - info.scale / 2)
+    high = np.where(np.isfinite(info.high), info.high, center + info.scale / 2)
     settings = design_settings(
         center,
         radius,
         n,
-        info.low,
-        info.high,
+        low,
+        high,
         global_fraction=cfg.global_fraction,
         periodic=info.periodic,
         seed=seed,
         spread=cfg.spread,
     )
-    settings = getattr(settings, "settings", settings)
+    points: Any = getattr(settings, "settings", settings)  # a design object or its array
     pool = ctx.device_inputs(ctx.f_train)
-    xs = inputs_per_setting(pool, len(settings), min(cfg.inputs_per_setting, len(pool)), ctx.rng)
-    for s, x in zip(settings, xs):
+    xs = inputs_per_setting(pool, len(points), min(cfg.inputs_per_setting, len(pool)), ctx.rng)
+    for s, x in zip(points, xs):
         s = info.project(s)
         data.add(s, x, ctx.device.query(s, x, purpose="probe"))
         ctx.snapshot(center)  # the centre is the current training point
 
 
-def run_pipeline(
-    ctx: TrainContext, cfg: PipelineConfig, rounds: bool = True, with_refinement: bool = True
-) -> tuple[np.ndarray, dict]:
-    """The loop of the module docstring. Returns ``(theta, extra)``.
-
-    ``rounds=False`` is ``pat``: one surrogate fit, then plain physics-aware steps with no
-    trust region, refits or refinement.
-    """
-
-    info, scale, budget, rho = ctx.info, ctx.info.scale, ctx.budget, cfg.rho
-    refine_rule = cfg.refine.rule if (with_refinement and cfg.refine_fraction > 0) else None
-    timer = Timer()
+def initial_fit(
+    ctx: TrainContext, cfg: PipelineConfig, timer: Timer
+) -> tuple[Dataset, object, dict]:
+    """Steps 1-2 of the module docstring: the initial design around ``theta0`` and the
+    surrogate chosen on it. Returns ``(data, surrogate, choice)``."""
     data = Dataset()
-    theta = ctx.theta0.copy()
-    radius = cfg.radius
-    reserve = int(cfg.refine_fraction * budget) + 1 if (rounds and refine_rule) else 0
-
     t0 = time.perf_counter()
-    measure_design(ctx, data, theta, radius, int(cfg.init_fraction * budget), cfg, seed=ctx.seed)
+    measure_design(ctx, data, ctx.theta0, cfg.radius, int(cfg.init_fraction * ctx.budget), cfg,
+                   seed=ctx.seed)  # fmt: skip
     timer.add("init_queries", t0)
     t0 = time.perf_counter()
     ctx.phase("surrogate fit")
     surrogate, choice = select_surrogate(ctx, data, cfg)
     timer.add("surrogate_fit", t0)
+    return data, surrogate, choice
+
+
+def sat_radius(ctx: TrainContext, cfg: PipelineConfig) -> float:
+    """SAT's ``rho`` now: ramped linearly with the settings spent (module docstring)."""
+    if not cfg.rho_ramp:
+        return cfg.rho
+    return cfg.rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * ctx.budget))
+
+
+class BudgetBook:
+    """Settings spent per step type, for ``extra["budget_by_step"]``."""
+
+    def __init__(self, ctx: TrainContext):
+        self.ctx = ctx
+        self.spent: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def on(self, kind: str):
+        before = self.ctx.device.settings_used
+        try:
+            yield
+        finally:
+            used = self.ctx.device.settings_used - before
+            self.spent[kind] = self.spent.get(kind, 0) + used
+
+
+def guided_step(cfg: PipelineConfig, spent: float) -> float:
+    """Step size (normalized, Adam) of guided-ES rounds after a fraction ``spent`` of the
+    budget: ``guided_step`` with Spall's decay ``((1 + A) / (k + 1 + A))^0.602`` (``A`` = 10 %
+    of the steps) read in budget fractions. Guided rounds start from a trained point, where
+    refinement's measured steps apply (:mod:`.refine`: from the mrr oracle point, Adam step
+    0.005 kept 0.85 of 0.89, 0.015 fell to 0.67). With the surrogate steps' ``lr_factor *
+    radius`` instead, guided rounds on ``mrr`` raised the check loss by 0.2-1 nats."""
+    return cfg.guided_step * (0.1 / (spent + 0.1)) ** 0.602
+
+
+def surrogate_pays(cfg: PipelineConfig, budget: int, n_params: int) -> bool:
+    """The budget rule: the surrogate is used only when its initial design holds at least
+    ``n_params / 2`` settings (each of ``inputs_per_setting`` inputs) and the rounds' share
+    of the budget affords ``min_rounds`` full rounds (steps and probes). Below that the
+    initial fit costs more than the rounds can return, and the budget goes to the fallback
+    steps from ``theta0`` (docs/experiments.md, "Small budgets")."""
+    rounds = (1 - cfg.init_fraction - cfg.refine_fraction) * budget
+    full = cfg.min_rounds * (cfg.steps_per_round + cfg.probes_per_round)
+    return cfg.init_fraction * budget >= n_params / 2 and rounds >= full
+
+
+#: Fallback rounds: ``(theta, n_settings) -> theta`` spending at most ``n_settings`` settings
+#: (harmonic coordinate steps are a method-level step, passed in by the methods).
+Fallback = Callable[[np.ndarray, int], np.ndarray]
+
+
+def run_pipeline(
+    ctx: TrainContext, cfg: PipelineConfig, harmonic: Fallback | None = None
+) -> tuple[np.ndarray, dict]:
+    """The loop of the module docstring. Returns ``(theta, extra)``. ``harmonic``: the
+    harmonic coordinate rounds to fall back on when every parameter is periodic."""
+    book = BudgetBook(ctx)
+    use_harmonic = harmonic is not None and bool(ctx.info.periodic.all())
+    if not surrogate_pays(cfg, ctx.budget, ctx.info.n_params):
+        return without_surrogate(ctx, cfg, harmonic if use_harmonic else None, book)
+    refine_rule = cfg.refine.rule if cfg.refine_fraction > 0 else None
+    # the refinement's share, plus one setting for its accept test
+    reserve = int(cfg.refine_fraction * ctx.budget) + 1 if refine_rule else 0
+    timer = Timer()
+    with book.on("init_design"):
+        data, surrogate, choice = initial_fit(ctx, cfg, timer)
     refit_steps, refit_window = refit_plan(cfg, choice["chosen"])
-
-    u = torch.tensor(theta / scale, requires_grad=True)
-
-    def step_size(r):
-        return cfg.lr if cfg.lr else cfg.lr_factor * r
-
-    opt = torch.optim.Adam([u], lr=step_size(radius))
-    if ctx.pnn.trainable:
-        opt.add_param_group({"params": list(ctx.pnn.parameters()), "lr": 0.01})
-    batches = ctx.minibatches(min(128, len(ctx.y_train)))
-    check_idx = np.random.default_rng([ctx.seed, 5]).choice(
-        len(ctx.y_train), min(128, len(ctx.y_train)), replace=False
-    )
-    history, round_log, n_rounds, accepted, rejected_run, refreshes = [], [], 0, 0, 0, 0
-    anchors = Anchors(len(ctx.y_train), info.out_dim)
-    check_loss, check_std, tol = np.inf, 0.0, 0.0
-    per_step = 2 if (rho > 0 and cfg.ascent == "device") else 1
+    steps = SurrogateSteps(ctx, cfg, surrogate, data)
+    guided = GuidedSteps(ctx, cfg.guided_c, cfg.guide_k, cfg.guide_alpha)
+    monitor = SurrogateMonitor(fallback="harmonic" if use_harmonic else "guided", fixed=cfg.steps)
+    if monitor.fixed == "harmonic" and not use_harmonic:
+        raise ValueError("steps=harmonic needs a device whose parameters are all periodic")
+    region = TrustRegion.from_config(cfg)
+    check_idx = check_minibatch(ctx)
+    round_log: list[dict] = []
+    refreshes = 0
+    round_size = cfg.steps_per_round + cfg.probes_per_round
     try:
-        # The check loss is measured noisily: repeats at the start give its spread, and a
-        # round is accepted unless its end is worse by more than that (``accept_tol="auto"``).
-        # A plain "not worse" test throws away improving rounds half the time once the
-        # per-round gain is below the noise (freespace: check-loss std 0.055 nats).
-        repeats = [
-            device_loss(ctx, theta, check_idx, digital=False)[0]
-            for _ in range(max(1, cfg.check_repeats))
-        ]
-        check_loss, check_std = (
-            float(np.mean(repeats)),
-            float(np.std(repeats, ddof=1)) if len(repeats) > 1 else 0.0,
-        )
-        tol = check_std if cfg.accept_tol == "auto" else float(cfg.accept_tol)
+        with book.on("checks"):
+            repeats = [
+                check_outputs(ctx, steps.theta, check_idx) for _ in range(max(1, cfg.check_repeats))
+            ]
+        region.calibrate([r[0] for r in repeats], cfg.accept_tol)
+        centre, y_centre = steps.theta.copy(), np.mean([r[1] for r in repeats], axis=0)
+        kind, mark = monitor.next_kind(region.tol), ctx.device.settings_used
         while True:
-            affordable = (
-                ctx.device.remaining - reserve - 1
-            ) // per_step  # one setting kept for the check
-            steps = min(cfg.steps_per_round, affordable) if rounds else affordable
-            if steps <= 0:
+            left = ctx.settings_left() - reserve - 1  # one setting for the accept test
+            n = {
+                "surrogate": min(cfg.steps_per_round, steps.affordable(reserve + 1)),
+                "guided": min(round_size, left) // 2,
+                "harmonic": min(round_size, left) if left >= 3 else 0,
+            }[kind]
+            if n <= 0:
                 break
-            ctx.phase(f"round {n_rounds + 1}" if rounds else "training")
-            theta_start, center_u = theta.copy(), (theta / scale).copy()
-            rho_now = (
-                rho * min(1.0, ctx.device.settings_used / max(1.0, cfg.rho_ramp * budget))
-                if cfg.rho_ramp
-                else rho
-            )
-            for _ in range(steps):
-                idx = next(batches)
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                step = physics_aware_step(
-                    ctx,
-                    theta,
-                    idx,
-                    surrogate,
-                    rho=rho_now,
-                    ascent=cfg.ascent,
-                    adaptive=cfg.adaptive,
-                )
-                box = (
-                    (center_u - radius, center_u + radius)
-                    if rounds and cfg.clip_to_region
-                    else None
-                )
-                if cfg.learn_from_steps:
-                    data.add(theta, step.x, step.y)
-                anchors.record(step, idx, theta)
-                theta = normalized_step(opt, u, step.grad, info, box)
-                theta = anchored_steps(
-                    ctx,
-                    anchors,
-                    surrogate,
-                    opt,
-                    u,
-                    theta,
-                    batches,
-                    cfg.inner_steps if rounds else 0,
-                    rho=rho_now,
-                    adaptive=cfg.adaptive,
-                    box=box,
-                )
-                timer.add("sat_steps", t0)
-                history.append({"settings": ctx.device.settings_used, "loss": step.loss})
-                ctx.snapshot(theta)
-            if not rounds:
-                break
-            n_rounds += 1
-            end_loss, *_ = device_loss(ctx, theta, check_idx, digital=False)
-            round_log.append(
-                {
-                    "radius": radius,
-                    "start_loss": check_loss,
-                    "end_loss": end_loss,
-                    "step_losses": [h["loss"] for h in history[-steps:]],
-                }
-            )
-            if end_loss <= check_loss + tol:
-                accepted, rejected_run = accepted + 1, 0
-                check_loss = end_loss
-                radius = min(radius * cfg.grow, cfg.radius_max)
-            else:
-                theta = theta_start
-                rejected_run += 1
-                radius = max(radius * cfg.shrink, cfg.radius_min)
-                with torch.no_grad():
-                    u.copy_(torch.as_tensor(theta / scale))
-            for group in opt.param_groups[:1]:
-                group["lr"] = step_size(radius)
+            ctx.phase(f"round {len(round_log) + 1} ({kind} steps)")
+            start = steps.theta.copy()
+            box = region.box(start / ctx.info.scale) if cfg.clip_to_region else None
             t0 = time.perf_counter()
-            measure_design(
-                ctx,
-                data,
-                theta,
-                radius,
-                min(cfg.probes_per_round, ctx.device.remaining - reserve),
-                cfg,
-                seed=ctx.seed * 1000 + n_rounds,
+            with book.on(f"{kind}_steps"):
+                if kind == "surrogate":
+                    steps.run(n, sat_radius(ctx, cfg), box, cfg.inner_steps)
+                elif kind == "guided":
+                    lr = guided_step(cfg, ctx.device.settings_used / ctx.budget)
+                    steps.reset(guided.run(start, n, lr, surrogate, data, box))
+                else:
+                    steps.reset(harmonic(start, n))  # type: ignore[misc]
+            timer.add(f"{kind}_steps", t0)
+            with book.on("checks"):
+                end_loss, y_end = check_outputs(ctx, steps.theta, check_idx)
+            expected = predicted_loss(ctx, surrogate, check_idx, centre, y_centre, centre)
+            predicted = expected - predicted_loss(
+                ctx, surrogate, check_idx, centre, y_centre, steps.theta
             )
+            round_log.append({
+                "kind": kind, "radius": region.radius, "start_loss": region.check_loss,
+                "end_loss": end_loss, "predicted_decrease": predicted,
+                "settings": ctx.device.settings_used - mark,
+            })  # fmt: skip
+            accepted = region.judge(end_loss)
+            monitor.observe(
+                kind, predicted, round_log[-1]["start_loss"] - end_loss,
+                round_log[-1]["settings"], accepted,
+            )  # fmt: skip
+            mark = ctx.device.settings_used
+            if kind == "surrogate":
+                round_log[-1]["step_losses"] = [h["loss"] for h in steps.history[-n:]]
+            if accepted:
+                centre, y_centre = steps.theta.copy(), y_end
+            else:
+                steps.reset(start)
+            steps.set_radius(region.radius)
+            kind = monitor.next_kind(region.tol)
+            t0 = time.perf_counter()
+            if kind == "surrogate":
+                with book.on("probes"):
+                    measure_design(
+                        ctx, data, steps.theta, region.radius,
+                        min(cfg.probes_per_round, ctx.settings_left() - reserve), cfg,
+                        seed=ctx.seed * 1000 + len(round_log),
+                    )  # fmt: skip
             timer.add("probe_queries", t0)
-            t0 = time.perf_counter()
-            th, x, y, g = data.arrays(refit_window)
-            if cfg.refresh_after and rejected_run >= cfg.refresh_after:
-                surrogate.fit(th, x, y, g)  # from scratch: new normalisation and weights
-                rejected_run, refreshes = 0, refreshes + 1
-            else:
-                surrogate.update(th, x, y, g, steps=refit_steps, centre=theta)
-            anchors.invalidate()
-            timer.add("surrogate_fit", t0)
+            if kind == "surrogate" or round_log[-1]["kind"] == "guided":  # new data to learn
+                t0 = time.perf_counter()
+                scratch = bool(cfg.refresh_after) and region.rejected_run >= cfg.refresh_after
+                steps.refit(refit_window, refit_steps, scratch=scratch)
+                if scratch:
+                    region.rejected_run, refreshes = 0, refreshes + 1
+                timer.add("surrogate_fit", t0)
     except BudgetExhausted:
         pass
+    theta = steps.theta
     extra = {
-        "check_loss_std": check_std,
-        "accept_tol": tol,
+        "check_loss_std": region.check_std,
+        "accept_tol": region.tol,
         "surrogate": choice["chosen"],
         "surrogate_selection": choice,
-        "rounds": n_rounds,
-        "accepted_rounds": accepted,
-        "final_radius": radius,
+        "rounds": len(round_log),
+        "rounds_by_step": {k: sum(r["kind"] == k for r in round_log) for k in STEP_TYPES},
+        "accepted_rounds": region.accepted,
+        "final_radius": region.radius,
         "round_log": round_log,
         "refit_steps": refit_steps,
         "refit_window": refit_window,
         "refreshes": refreshes,
     }
-    if refine_rule and ctx.device.remaining and ctx.device.remaining > 3:
+    if refine_rule and ctx.settings_left() > 3:
         t0 = time.perf_counter()
-        refined, ref_hist = refine(ctx, theta, ctx.device.remaining - 1, config=cfg.refine)
-        # The same acceptance test as a round's: refinement keeps its result only if the
-        # device loss on the check minibatch did not rise (one setting, reserved above).
-        refined_loss, *_ = device_loss(ctx, refined, check_idx, digital=False)
-        kept = refined_loss <= check_loss
-        theta = refined if kept else theta
+        with book.on("refine"):
+            theta, extra["refine"] = refine_and_check(ctx, cfg, theta, region, check_idx, surrogate)
         timer.add("refine", t0)
-        extra["refine"] = {
-            "rule": refine_rule,
-            "steps": len(ref_hist),
-            "check_loss_before": check_loss,
-            "check_loss_after": refined_loss,
-            "kept": bool(kept),
-        }
+    extra["budget_by_step"] = book.spent
     extra["time_s"] = {**timer.s, "device_queries": ctx.device.device_time}
     return theta, extra
+
+
+def without_surrogate(
+    ctx: TrainContext, cfg: PipelineConfig, harmonic: Fallback | None, book: BudgetBook
+) -> tuple[np.ndarray, dict]:
+    """Below the budget rule's threshold: the whole budget on the fallback steps from
+    ``theta0``: harmonic coordinate steps, or SPSA with the ``spsa`` method's settings
+    (first step 0.015, the returned point chosen on validation)."""
+    theta = ctx.theta0.copy()
+    if harmonic is not None:
+        with book.on("harmonic_steps"):
+            theta = harmonic(theta, ctx.settings_left())
+        rule = "harmonic"
+    else:
+        opt = replace(cfg.refine, rule="spsa", step=0.015, select="val", rho=0.0)
+        with book.on("spsa_steps"):
+            theta, _ = refine(ctx, theta, ctx.settings_left(), config=opt)
+        rule = "spsa"
+    return theta, {"surrogate": None, "without_surrogate": rule, "budget_by_step": book.spent}
+
+
+def refine_and_check(
+    ctx: TrainContext,
+    cfg: PipelineConfig,
+    theta: np.ndarray,
+    region: TrustRegion,
+    check_idx,
+    surrogate=None,
+) -> tuple[np.ndarray, dict]:
+    """Step 4: zeroth-order refinement with the budget left but one setting, kept only if the
+    device loss on the check minibatch did not rise (the round's accept test, strict)."""
+    refined, hist = refine(
+        ctx, theta, ctx.settings_left() - 1, config=cfg.refine, surrogate=surrogate
+    )
+    refined_loss = check_loss(ctx, refined, check_idx)
+    kept = refined_loss <= region.check_loss
+    return (refined if kept else theta), {
+        "rule": cfg.refine.rule,
+        "steps": len(hist),
+        "check_loss_before": region.check_loss,
+        "check_loss_after": refined_loss,
+        "kept": bool(kept),
+    }
+
+
+def run_pat(ctx: TrainContext, cfg: PipelineConfig) -> tuple[np.ndarray, dict]:
+    """``pat``: one surrogate fit, then plain physics-aware steps until the budget is spent:
+    no trust region, no refits, no refinement. Returns ``(theta, extra)``."""
+    timer = Timer()
+    data, surrogate, choice = initial_fit(ctx, cfg, timer)
+    steps = SurrogateSteps(ctx, cfg, surrogate, data)
+    t0 = time.perf_counter()
+    with contextlib.suppress(BudgetExhausted):
+        ctx.phase("training")
+        steps.run(steps.affordable(0), sat_radius(ctx, cfg))
+    timer.add("sat_steps", t0)
+    return steps.theta, {
+        "surrogate": choice["chosen"],
+        "surrogate_selection": choice,
+        "steps": len(steps.history),
+        "time_s": {**timer.s, "device_queries": ctx.device.device_time},
+    }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from blackbox_sat.data.encoding import FixedEncoding
@@ -44,6 +45,18 @@ def calibrate_gain(y: np.ndarray, n_classes: int) -> float:
             "be set; check that the device responds to its inputs (check-device) or give a different theta0"
         )
     return 2 * LOGIT_HALF_SPAN / spread
+
+
+def readout_loss(pnn: nn.Module, y: torch.Tensor | np.ndarray, labels) -> torch.Tensor:
+    """Cross-entropy of the PNN's logits for measured outputs ``y (B, out_dim)`` against
+    ``labels (B,)``: the one training loss every method measures (a scalar tensor)."""
+    return F.cross_entropy(pnn(torch.as_tensor(y)), torch.as_tensor(labels))
+
+
+def readout_correct(pnn: nn.Module, y, labels) -> int:
+    """How many of the outputs ``y (B, out_dim)`` the PNN classifies as ``labels (B,)``."""
+    with torch.no_grad():
+        return int((pnn(torch.as_tensor(y)).argmax(1).numpy() == np.asarray(labels)).sum())
 
 
 class PNN(nn.Module):

@@ -35,6 +35,14 @@ SAT's default, 0.05. Random is the default (it also measured better, below) beca
 true gradient, so the "ascent" direction is mostly noise anyway, and what it adds is a
 *bias* of unknown sign; the random version minimises a well-defined objective.
 
+``guided`` (the default refinement of ``blackbox`` and ``blackbox-sat``): guided ES
+(:mod:`.guided`, Maheswaranathan et al. 2019): Gaussian directions stretched along the span
+of the surrogate's last ``guide_k`` physics-aware gradients (``guide_alpha`` of the variance
+stays isotropic), antithetic pairs on one minibatch; each pair's mean outputs give the next
+guide gradient at no setting. With ``rho > 0`` the pair is measured around ``u + xi`` as in
+``sa-spsa``. Without a surrogate (``refine(..., surrogate=None)``) it is isotropic Gaussian
+search.
+
 Shared options (all counted in settings, all in normalized units)
 -----------------------------------------------------------------
 - ``c`` (0.02): perturbation per coordinate, 2 % of the bound width: far above a 12-bit DAC
@@ -120,14 +128,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from blackbox_sat.devices.metered import BudgetExhausted
 
 from .config import build
 from .context import MINIBATCH, TrainContext
+from .guided import Guide, guide_gradient
+from .objectives import DeviceObjective
 
-RULES = ("spsa", "rdsa", "sa-spsa")
+RULES = ("spsa", "rdsa", "sa-spsa", "guided")
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 #: Spall's asymptotically optimal practical exponents.
 ALPHA, GAMMA = 0.602, 0.101
@@ -139,7 +148,7 @@ A_FRACTION = 0.1
 class RefineConfig:
     """Every option of :func:`refine` (normalized units; module docstring)."""
 
-    rule: Literal["spsa", "rdsa", "sa-spsa"] = "spsa"
+    rule: Literal["spsa", "rdsa", "sa-spsa", "guided"] = "spsa"
     c: float = 0.02  # perturbation per coordinate (fraction of bound width)
     step: float = 0.002  # first-step size per coordinate (RMS), normalized
     a: float | None = None  # None: gain calibration; a number: fixed a
@@ -162,6 +171,8 @@ class RefineConfig:
     select: Literal["average", "last", "val"] = "average"
     batch: int = MINIBATCH
     purpose: str = "refine"
+    guide_k: int = 4  # guided: surrogate gradients spanning the guide subspace
+    guide_alpha: float = 0.5  # guided: share of the search variance that stays isotropic
 
     def __post_init__(self) -> None:
         if not (
@@ -187,97 +198,6 @@ class RefineConfig:
         return self.normalize == "adam"
 
 
-class DeviceObjective:
-    """Measured training loss of settings on the device, in device or normalized units.
-
-    ``loss(theta, idx)``: one setting (``theta`` in device units, projected into the
-    domain), inputs ``ctx.f_train[idx]`` (at most ``MINIBATCH``), cross-entropy of
-    ``ctx.pnn(y)``. ``losses(thetas, idx)``: several settings on the same minibatch
-    (common random numbers). ``*_u`` variants take normalized coordinates.
-    """
-
-    def __init__(self, ctx: TrainContext, purpose: str = "refine"):
-        self.ctx, self.purpose = ctx, purpose
-        self.info = ctx.info
-        self.scale = np.asarray(self.info.scale, float)
-        self.n = self.info.n_params
-        self.periodic = np.asarray(self.info.periodic, bool)
-        self._u_low = np.where(self.periodic, -np.inf, self.info.low / self.scale)
-        self._u_high = np.where(self.periodic, np.inf, self.info.high / self.scale)
-        self._cache: tuple | None = None
-
-    # --- coordinates ------------------------------------------------------------------
-    def to_u(self, theta) -> np.ndarray:
-        return np.asarray(theta, float) / self.scale
-
-    def to_theta(self, u) -> np.ndarray:
-        """Device setting for normalized ``u``: wrap periodic parameters, clip the others."""
-        return self.info.project(np.asarray(u, float) * self.scale)
-
-    def keep(self, u) -> np.ndarray:
-        """Iterate kept inside the domain: non-periodic coordinates clipped, periodic
-        ones left unwrapped (so that averages of iterates make sense)."""
-        return np.clip(u, self._u_low, self._u_high)
-
-    # --- cost -------------------------------------------------------------------------
-    def cost(self, batch: int = MINIBATCH) -> int:
-        """Settings one loss evaluation on ``batch`` inputs costs (``max_batch`` splits)."""
-        return self.ctx.device.settings_needed(batch)
-
-    # --- measurements -----------------------------------------------------------------
-    def _batch(self, idx):
-        idx = np.asarray(idx)
-        if idx.ndim != 1 or len(idx) < 1 or len(idx) > MINIBATCH:
-            raise ValueError(
-                f"idx must be 1-D with 1..{MINIBATCH} training indices, got shape {idx.shape}"
-            )
-        if self._cache is None or not np.array_equal(self._cache[0], idx):
-            x = self.ctx.device_inputs(self.ctx.f_train[idx])
-            self._cache = (idx.copy(), x, torch.as_tensor(self.ctx.y_train[idx]))
-        return self._cache[1], self._cache[2]
-
-    def loss(self, theta, idx, purpose: str | None = None) -> float:
-        x, labels = self._batch(idx)
-        y = self.ctx.device.query(self.info.project(theta), x, purpose=purpose or self.purpose)
-        with torch.no_grad():
-            return float(F.cross_entropy(self.ctx.pnn(torch.as_tensor(y)), labels))
-
-    def losses(self, thetas, idx, purpose: str | None = None) -> np.ndarray:
-        return np.array([self.loss(t, idx, purpose) for t in thetas])
-
-    def loss_u(self, u, idx, purpose: str | None = None) -> float:
-        return self.loss(self.to_theta(u), idx, purpose)
-
-    def losses_u(self, us, idx, purpose: str | None = None) -> np.ndarray:
-        return np.array([self.loss_u(u, idx, purpose) for u in us])
-
-    def accuracy(self, theta, split: str = "val", purpose: str = "train") -> float:
-        """Accuracy on ``split`` measured in chunks of at most ``MINIBATCH`` inputs, each a
-        setting; ``purpose='train'`` is charged (model selection on validation)."""
-        f, y = (
-            (self.ctx.f_val, self.ctx.y_val)
-            if split == "val"
-            else (self.ctx.f_train, self.ctx.y_train)
-        )
-        theta = self.info.project(theta)
-        correct = 0
-        for i in range(0, len(y), MINIBATCH):
-            out = self.ctx.device.query(
-                theta, self.ctx.device_inputs(f[i : i + MINIBATCH]), purpose=purpose
-            )
-            with torch.no_grad():
-                correct += int(
-                    (
-                        self.ctx.pnn(torch.as_tensor(out)).argmax(1).numpy() == y[i : i + MINIBATCH]
-                    ).sum()
-                )
-        return correct / len(y)
-
-    def accuracy_cost(self, split: str = "val") -> int:
-        n = len(self.ctx.y_val if split == "val" else self.ctx.y_train)
-        return sum(self.cost(min(MINIBATCH, n - i)) for i in range(0, n, MINIBATCH))
-
-
 def sample_directions(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
     """One direction ``(n,)`` with ``E[d d^T] = I``: Rademacher, Gaussian or uniform on the
     sphere of radius ``sqrt(n)``."""
@@ -287,14 +207,14 @@ def sample_directions(rng: np.random.Generator, kind: str, n: int) -> np.ndarray
         return rng.standard_normal(n)
     if kind == "sphere":
         z = rng.standard_normal(n)
-        return z * (math.sqrt(n) / max(np.linalg.norm(z), 1e-300))
+        return z * (math.sqrt(n) / max(float(np.linalg.norm(z)), 1e-300))
     raise ValueError(f"directions must be one of {DIRECTIONS}, got {kind!r}")
 
 
 def sphere_point(rng: np.random.Generator, n: int, radius: float) -> np.ndarray:
     """Uniform on the L2 sphere of ``radius`` in ``n`` dimensions."""
     z = rng.standard_normal(n)
-    return z * (radius / max(np.linalg.norm(z), 1e-300))
+    return z * (radius / max(float(np.linalg.norm(z)), 1e-300))
 
 
 def refine_options(rule: str = "spsa", **options: Any) -> RefineConfig:
@@ -305,13 +225,38 @@ def refine_options(rule: str = "spsa", **options: Any) -> RefineConfig:
 class _Estimator:
     """Two-sided ZO gradient estimates on one minibatch, with the rule's perturbation."""
 
-    def __init__(self, obj: DeviceObjective, opt: RefineConfig, rng: np.random.Generator):
+    def __init__(
+        self, obj: DeviceObjective, opt: RefineConfig, rng: np.random.Generator, surrogate=None
+    ):
         self.obj, self.rule, self.opt, self.rng = obj, opt.rule, opt, rng
         self.momentum = None  # EMA of past estimates, for sa="ascent"
+        self.surrogate = surrogate
+        self.guide = Guide(obj.n, opt.guide_k, opt.guide_alpha) if opt.rule == "guided" else None
+
+    def direction(self) -> np.ndarray:
+        if self.guide is not None:
+            return self.guide.direction(self.rng)
+        return sample_directions(self.rng, self.opt.direction_kind, self.obj.n)
+
+    def pair(self, u: np.ndarray, idx, ck: float, d: np.ndarray) -> tuple[float, float]:
+        """The losses at ``u +- ck d``; for ``guided``, the pair's outputs also give the next
+        guide gradient (their mean is the outputs at ``u``, to ``O(ck^2)``)."""
+        if self.guide is None or self.surrogate is None:
+            lp, lm = self.obj.losses_u([u + ck * d, u - ck * d], idx)
+            return lp, lm
+        (lp, yp), (lm, ym) = (
+            self.obj.loss_outputs(self.obj.to_theta(v), idx) for v in (u + ck * d, u - ck * d)
+        )
+        theta = self.obj.to_theta(u)
+        g = guide_gradient(
+            self.obj.ctx, self.surrogate, theta, self.obj.inputs(idx), (yp + ym) / 2, idx
+        )
+        self.guide.add(g * self.obj.scale)  # normalized units
+        return lp, lm
 
     def centre_offset(self) -> np.ndarray:
         n, rho = self.obj.n, self.opt.rho
-        if self.rule != "sa-spsa" or rho == 0:
+        if self.rule not in ("sa-spsa", "guided") or rho == 0:
             return np.zeros(n)
         m = self.momentum
         if self.opt.sa == "ascent" and m is not None and np.linalg.norm(m) > 0:
@@ -323,9 +268,9 @@ class _Estimator:
         all measured losses, and the perturbation centres used."""
         gs, ls, offs = [], [], []
         for _ in range(self.opt.resamples):
-            d = sample_directions(self.rng, self.opt.direction_kind, self.obj.n)
+            d = self.direction()
             xi = self.centre_offset()
-            lp, lm = self.obj.losses_u([u + xi + ck * d, u + xi - ck * d], idx)
+            lp, lm = self.pair(u + xi, idx, ck, d)
             gs.append((lp - lm) / (2 * ck) * d)
             ls += [lp, lm]
             offs.append(xi)
@@ -350,6 +295,7 @@ def refine(
     n_settings: int,
     rule: str = "spsa",
     config: RefineConfig | None = None,
+    surrogate=None,
     **options: Any,
 ) -> tuple[np.ndarray, RefineHistory]:
     """Zeroth-order refinement of ``theta`` on ``ctx.device`` within ``n_settings`` settings.
@@ -357,7 +303,7 @@ def refine(
     Returns ``(theta, history)``: the refined setting (device units, projected) and a
     :class:`RefineHistory` (a list of per-step dicts with ``settings_used`` and ``loss``,
     and ``history.summary``). Options: a :class:`RefineConfig` as ``config``, or its fields
-    as keywords (module docstring).
+    as keywords (module docstring). ``surrogate``: the guide of rule ``guided``.
     """
     opt = config if config is not None else refine_options(rule, **options)
     rule = opt.rule
@@ -396,7 +342,7 @@ def refine(
     alpha, gamma = opt.alpha, opt.gamma
     big_a = A_FRACTION * n_steps if opt.A is None else opt.A
     c = opt.c
-    est = _Estimator(obj, opt, rng)
+    est = _Estimator(obj, opt, rng, surrogate)
     avg_from = round((1 - opt.average) * n_steps) if opt.average > 0 else n_steps
     u_sum, n_avg = np.zeros_like(u), 0
     u_t = torch.zeros(len(u), dtype=torch.float64)
@@ -461,7 +407,7 @@ def refine(
             if k >= avg_from:
                 u_sum, n_avg = u_sum + u, n_avg + 1
             entry.update(accepted=accepted, settings_used=dev.settings_used)
-            if rule == "sa-spsa":
+            if rule in ("sa-spsa", "guided"):
                 entry["xi_norm"] = float(np.mean([np.linalg.norm(o) for o in offs]))
             history.append(entry)
             summary["steps"] = k + 1
