@@ -26,6 +26,9 @@ METHODS = (
     "pat",
     "insitu-sat",
     "harmonic",
+    "twin",
+    "twin-sat",
+    "dat",
 )
 TASKS = ("digits", "iris", "wine", "fashion-mnist")
 EPILOG = (
@@ -77,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=2000, help="device settings (calls of query)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="DIR", help="continue a killed run")
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from another run's theta and gain (and a twin method's calibration.pt)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser(
@@ -229,6 +237,7 @@ def _dispatch(args) -> int:
                 device_kw=parse_kv(args.device_kw),
                 config=parse_kv(args.set),
                 progress=not args.quiet,
+                init_from=args.init_from,
             )
         keys = (
             "method",

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blackbox_sat.data.tasks import load_task
-from blackbox_sat.devices.contract import MissingCapability, describe
+from blackbox_sat.devices.contract import InvalidInput, MissingCapability, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device
@@ -75,12 +75,14 @@ def train(
     config: dict | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train ``method`` on ``device`` (object or spec string) and return ``result.json``'s dict.
 
     ``task``: a name, an ``.npz`` path or ``(x_train, y_train, x_test, y_test)``.
     ``config``: method hyperparameters (``--set``). ``out``: run directory (a temporary
-    one when None).
+    one when None). ``init_from``: another run's directory: start from its ``theta`` and
+    readout gain (no gain setting is spent) and, for the twin methods, its ``calibration.pt``.
     """
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="blackbox-sat-"))
     if (out / "result.json").exists() and not overwrite:
@@ -101,6 +103,8 @@ def train(
         "device_kw": device_kw,
         "config": as_dict(cfg),
     }
+    if init_from is not None:
+        run_cfg["init_from"] = str(Path(init_from).resolve())
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in ("result.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
@@ -149,7 +153,11 @@ def _execute(
     pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg.pnn)
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)
-    if spec.model_based:
+    init = _init_from(run_cfg.get("init_from"), info)
+    if init:
+        theta0 = init["theta"]
+        pnn.gain.fill_(init["gain"])
+    elif spec.model_based:
         model = getattr(source, "true_model" if spec.needs == "true" else "nominal_model", None)
         if model is None:
             raise MissingCapability(
@@ -162,7 +170,8 @@ def _execute(
     else:
         x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
         y_cal = metered.query(theta0, x_cal, purpose="calibrate")
-    pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
+    if not init:
+        pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
 
     bar = tqdm(
         total=budget if not spec.model_based else None,
@@ -186,6 +195,7 @@ def _execute(
         cfg,
         budget,
         progress=bar,
+        init_calibration=init.get("calibration"),
     )
     t_train = time.perf_counter()
     outcome = spec.fn(ctx)
@@ -224,10 +234,32 @@ def _execute(
         "out": str(out),
     }
     np.save(out / "theta.npy", theta)
+    for name, write in outcome.files.items():
+        write(out / name)
     write_json_atomic(out / "model.json", pnn.to_dict())
     write_json_atomic(out / "result.json", result)
     ledger.close()
     return result
+
+
+def _init_from(run_dir: str | None, info) -> dict:
+    """``{"theta", "gain", "calibration"}`` of a finished run (``train --init-from``), or {}."""
+    if not run_dir:
+        return {}
+    d = Path(run_dir)
+    if not (d / "theta.npy").exists() or not (d / "model.json").exists():
+        raise InvalidInput(f"--init-from {d}: not a finished run (no theta.npy / model.json)")
+    theta = np.load(d / "theta.npy")
+    if theta.shape != (info.n_params,):
+        raise InvalidInput(
+            f"--init-from {d}: theta has shape {theta.shape}, this device takes ({info.n_params},)"
+        )
+    cal = d / "calibration.pt"
+    return {
+        "theta": info.project(theta),
+        "gain": json.loads((d / "model.json").read_text())["gain"],
+        "calibration": str(cal) if cal.exists() else None,
+    }
 
 
 def _sharpness(ctx: TrainContext, theta: np.ndarray) -> float | None:

@@ -46,6 +46,7 @@ class TrainContext:
     progress: object = None
     curve: list = field(default_factory=list)
     rng: np.random.Generator = None
+    init_calibration: str | None = None  # calibration.pt of the run given to --init-from
 
     def __post_init__(self):
         if self.rng is None:
