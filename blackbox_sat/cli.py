@@ -160,7 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ledger", required=True)
     p.add_argument(
-        "--kind", default="hyper", help="hyper | hyper-additive | mlp | interferometric | gp"
+        "--kind",
+        default="hyper",
+        help="hyper | hyper-additive | mlp | interferometric | gp | calibrated | calibrated+residual",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="surrogate option; calibrated kinds: model=package.module:function",
     )
     p.add_argument("--out", required=True, help="file for the fitted surrogate")
     p.add_argument(
@@ -311,9 +320,12 @@ def _dispatch(args) -> int:
             device=args.device,
             device_kw=parse_kv(args.device_kw) or None,
             seed=args.seed,
+            surrogate_kw=parse_kv(args.set),
         )
         write_report(rep, str(args.out) + ".json")
         print(json.dumps(rep))
+        for line in rep["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
         return 0
     if args.command == "check-device":
         from blackbox_sat.devices.check import check_device

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ def load_twin(path, model: nn.Module) -> CalibratedSurrogate:
         ) from exc
 
 
-def twin_report(sur: CalibratedSurrogate, source) -> dict:
+def twin_report(sur: Any, source) -> dict:
     """The fit's report for ``result.json``, and the parameters' rms error against the
     simulator's ``calibration_truth()`` where it has one."""
     rep = {
