@@ -3,7 +3,7 @@
 | method | what it is |
 |---|---|
 | ``twin`` | calibrate, train on the calibrated model with exact gradients (``oracle``'s protocol on the twin), deploy |
-| ``twin-sat`` | calibrate; SAT on the twin in silico; physics-aware SAT on the device with the twin as backward pass, recalibrating on what those steps measured; zeroth-order refinement |
+| ``twin-sat`` | calibrate; SAT on the twin in silico (kept where it costs no resolvable validation accuracy); physics-aware SAT on the device with the twin as backward pass, recalibrating on what those steps measured; zeroth-order refinement |
 | ``dat`` | the datasheet model plus a learned neural residual, fitted in the loop to measured outputs (DAT, Zheng et al. 2023) |
 
 The model comes from ``--set model=package.module:function`` or the device's
@@ -29,6 +29,7 @@ Device steps fine-tune a point already trained in silico, so their Adam rate is
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,6 +133,29 @@ def twin(ctx: TrainContext) -> MethodResult:
     return res
 
 
+def in_silico_sat(ctx: TrainContext, model, rho: float) -> tuple[MethodResult, float]:
+    """SAT on the twin, kept unless plain training on it validates better by more than the
+    validation accuracy's standard error ``sqrt(p (1 - p) / n_val)`` (flatness is worth a
+    difference the validation set cannot resolve, not more). Costs no setting. Returns the
+    result and the radius chosen (``rho`` or 0)."""
+    sat = train_on_models(ctx, [model], [model], rho=rho, label="twin-sat")
+    sat_digital = copy.deepcopy(ctx.pnn.state_dict())  # a hybrid PNN's layers go with theta
+    plain = train_on_models(ctx, [model], [model], label="twin-sat plain")
+    p = plain.extra["model_val_accuracy"]
+    tolerance = float(np.sqrt(p * (1 - p) / len(ctx.y_val)))
+    keep_sat = sat.extra["model_val_accuracy"] >= p - tolerance
+    chosen = sat if keep_sat else plain
+    if keep_sat:
+        ctx.pnn.load_state_dict(sat_digital)
+    chosen.extra["in_silico"] = {
+        "rho": rho if keep_sat else 0.0,
+        "sat_val": sat.extra["model_val_accuracy"],
+        "plain_val": p,
+        "tolerance": tolerance,
+    }
+    return chosen, (rho if keep_sat else 0.0)
+
+
 def device_steps(
     ctx: TrainContext,
     theta: np.ndarray,
@@ -194,9 +218,7 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
     rows = Rows()
     sur = calibrate(ctx, cfg, rows)
     cal = twin_report(sur, ctx.source)
-    res = train_on_models(
-        ctx, [sur.predict_setting], [sur.predict_setting], rho=cfg.rho, label="twin-sat"
-    )
+    res, rho = in_silico_sat(ctx, sur.predict_setting, cfg.rho)
     n_refine = round(cfg.refine_fraction * ctx.budget)
     updates: list[float] = []
 
@@ -210,7 +232,7 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
         lambda: sur.predict_setting,
         _left(ctx) - n_refine,
         cfg.device_lr_factor * res.extra["chosen_lr"],
-        cfg.rho,
+        rho,
         cfg.inner_steps,
         rows,
         cfg.recalibrations,
