@@ -20,7 +20,7 @@ from surrogates import CalibratedSurrogate
 
 #: A 6-mode mesh (30 phases) with large static phase offsets, where the datasheet is far off.
 OFFSETS: dict = {"n_modes": 6, "sigma_phase": 0.5}
-FAST = {"lr_grid": [0.1], "epochs": 60, "patience": 15}
+FAST = {"lr_grid": [0.1], "epochs": 30, "patience": 10}
 
 
 def _train(tmp_path, name, method, budget=40, device_kw=OFFSETS, **kw):

@@ -37,6 +37,7 @@ import torch
 
 from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.calibrate import (
+    MAX_FRACTION,
     Rows,
     calibration_settings,
     check_calibration_model,
@@ -103,15 +104,32 @@ def _model(ctx: TrainContext, spec: str):
 
 def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
     """Measure the design into ``rows`` and fit; warm from ``ctx.init_calibration`` if given.
-    Returns the fitted :class:`~surrogates.CalibratedSurrogate`."""
+    When every attempt of a fit from the datasheet stalls (a local minimum: large errors make
+    the landscape rougher, and more settings smooth it), measure as many settings again and
+    refit, while the design's budget cap allows. Returns the fitted
+    :class:`~surrogates.CalibratedSurrogate` (``report["escalations"]``: each earlier fit)."""
     model = _model(ctx, cfg.model)
     n_unknowns = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n = cfg.settings or calibration_settings(n_unknowns, ctx.info.out_dim, MINIBATCH, _left(ctx))
+    cap = calibration_settings(n_unknowns, ctx.info.out_dim, MINIBATCH, _left(ctx))
+    n = cfg.settings or cap
+    cap = cfg.settings or max(cap, int(MAX_FRACTION * _left(ctx)))  # a given count is kept
     measure_design(ctx, min(n, _left(ctx)), rows)
     if ctx.init_calibration:
         sur = load_twin(ctx.init_calibration, model)
         return sur.update(*rows.arrays(), steps=cfg.max_iter)
-    return fit_twin(model, rows, ctx.seed, residual=cfg.residual, max_iter=cfg.max_iter)
+    escalations = []
+    while True:
+        sur = fit_twin(
+            copy.deepcopy(model), rows, ctx.seed, residual=cfg.residual, max_iter=cfg.max_iter
+        )
+        stalled = all(a["stalled"] for a in sur.report["attempts"])
+        more = min(len(rows), cap - len(rows), _left(ctx))
+        if not stalled or more <= 0:
+            break
+        escalations.append({"settings": len(rows), "heldout_nrmse": sur.report["heldout_nrmse"]})
+        measure_design(ctx, more, rows)
+    sur.report["escalations"] = escalations
+    return sur
 
 
 def _saver(sur):

@@ -21,7 +21,9 @@ docs/calibration.md):
 - **How many settings**: enough measured values for ``VALUES_PER_UNKNOWN`` per unknown
   parameter, ``ceil(20 * n_unknowns / (inputs * out_dim))``, at least ``MIN_SETTINGS`` (so
   that the 20 % hold-out of whole settings has 2 and restarts are judged on unseen
-  settings), at most ``MAX_FRACTION`` of the budget (the rest trains).
+  settings), at most ``MAX_FRACTION`` of the budget (the rest trains). When every restart
+  of the fit stalls, the twin methods double the settings, up to ``MAX_FRACTION`` of the
+  budget (``methods/twin.py`` ``calibrate``).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class Rows:
 def measure_design(ctx: TrainContext, n: int, rows: Rows, inputs: int = MINIBATCH) -> None:
     """Measure ``n`` design settings, ``inputs`` training inputs each (``REPEATS`` of them
     repeated), into ``rows``; purpose ``probe`` (charged)."""
-    rng = np.random.default_rng([ctx.seed, 77])
+    rng = np.random.default_rng([ctx.seed, 77, len(rows)])  # new settings for a second call
     thetas = design_settings(ctx.info, n, rng, ctx.theta0)
     n_train = len(ctx.y_train)
     repeats = min(REPEATS, inputs // 2)
@@ -192,6 +194,7 @@ def twin_report(sur: Any, source) -> dict:
             "restarts",
             "noise_nrmse",
             "fit_seconds",
+            "escalations",
         )
     }
     rep["attempts"] = [
