@@ -68,6 +68,7 @@ def test_init_from_carries_theta_gain_and_calibration(tmp_path):
     _train(tmp_path, "c", "twin", config=still)  # the same without --init-from
     assert np.allclose(np.load(tmp_path / "b" / "theta.npy"), np.load(tmp_path / "a" / "theta.npy"))
     assert second["gain"] == first["gain"]
+    assert second["extra"]["calibration"]["init"]["kept"] == "warm"  # same chip: warm fits
     with Ledger(tmp_path / "b" / "ledger.sqlite") as led:
         _, _, _, groups = led.samples()
     assert second["settings_used"] == 4 and len(np.unique(groups)) == 4  # no gain setting

@@ -10,8 +10,9 @@ The model comes from ``--set model=package.module:function`` or the device's
 ``calibration_model()`` (:mod:`blackbox_sat.training.calibrate`, which also holds the query
 design and its rules). ``train --init-from DIR`` hands the method another run's theta as
 ``theta0`` and its ``calibration.pt`` as ``ctx.init_calibration``: the twin methods then
-recalibrate warm from it (a new chip, or the same chip after drift) instead of from the
-datasheet. Each run saves its calibration as ``calibration.pt``.
+refit it warm on the new settings and also fit from the datasheet, and keep the one with the
+lower error on those settings (warm wins on the same chip after drift, the datasheet can win
+on a new chip, whose errors are as far from the old chip's as from the datasheet). Each run saves its calibration as ``calibration.pt``.
 
 Budget rule of ``twin-sat`` (any model; fractions of the budget ``B``):
 
@@ -114,9 +115,17 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
     n = cfg.settings or cap
     cap = cfg.settings or max(cap, int(MAX_FRACTION * _left(ctx)))  # a given count is kept
     measure_design(ctx, min(n, _left(ctx)), rows)
-    if ctx.init_calibration:
-        sur = load_twin(ctx.init_calibration, model)
-        return sur.update(*rows.arrays(), steps=cfg.max_iter)
+    if ctx.init_calibration:  # the same chip drifted, or a new one: keep what fits better
+        warm = load_twin(ctx.init_calibration, copy.deepcopy(model))
+        warm.update(*rows.arrays(), steps=cfg.max_iter)
+        fresh = fit_twin(
+            copy.deepcopy(model), rows, ctx.seed, residual=cfg.residual, max_iter=cfg.max_iter
+        )
+        errors = (warm.report["updates"][-1]["train_nrmse"], fresh.report["final_train_nrmse"])
+        sur = warm if errors[0] <= errors[1] else fresh
+        sur.report["init"] = {"warm_nrmse": errors[0], "datasheet_nrmse": errors[1]}
+        sur.report["init"]["kept"] = "warm" if sur is warm else "datasheet"
+        return sur
     escalations = []
     while True:
         sur = fit_twin(

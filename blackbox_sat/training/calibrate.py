@@ -195,6 +195,7 @@ def twin_report(sur: Any, source) -> dict:
             "noise_nrmse",
             "fit_seconds",
             "escalations",
+            "init",
         )
     }
     rep["attempts"] = [
