@@ -12,12 +12,13 @@ design and its rules). ``train --init-from DIR`` hands the method another run's 
 ``theta0`` and its ``calibration.pt`` as ``ctx.init_calibration``: the twin methods then
 refit it warm on the new settings and also fit from the datasheet, and keep the one with the
 lower error on those settings (warm wins on the same chip after drift, the datasheet can win
-on a new chip, whose errors are as far from the old chip's as from the datasheet). Each run saves its calibration as ``calibration.pt``.
+on a new chip, whose errors are as far from the old chip's as from the datasheet). Each run
+saves its calibration as ``calibration.pt``.
 
 Budget rule of ``twin-sat`` (any model; fractions of the budget ``B``):
 
 - calibration: the design's settings (``calibration_settings``: ~20 values per unknown, at
-  least 10, at most 20 % of ``B``);
+  least 10, at most 20 % of ``B``; doubled while every restart stalls, see :func:`calibrate`);
 - refinement: the last ``refine_fraction`` = 15 % of ``B`` (the black-box pipeline's
   measured share), ``sa-spsa`` at its defaults;
 - the rest: physics-aware SAT steps, split into ``recalibrations`` equal blocks, each
