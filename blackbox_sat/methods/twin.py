@@ -130,7 +130,13 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
         )
         errors = (warm.report["updates"][-1]["train_nrmse"], fresh.report["final_train_nrmse"])
         sur = warm if errors[0] <= errors[1] else fresh
-        sur.report["init"] = {"warm_nrmse": errors[0], "datasheet_nrmse": errors[1]}
+        sur.report["init"] = {
+            "settings": len(
+                rows
+            ),  # the recalibration's (the rest of a warm report is the old fit's)
+            "warm_nrmse": errors[0],
+            "datasheet_nrmse": errors[1],
+        }
         sur.report["init"]["kept"] = "warm" if sur is warm else "datasheet"
         return sur
     escalations = []
