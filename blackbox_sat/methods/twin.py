@@ -139,7 +139,7 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
         }
         sur.report["init"]["kept"] = "warm" if sur is warm else "datasheet"
         return sur
-    escalations = []
+    escalations: list[dict] = []
     while True:
         sur = fit_twin(
             copy.deepcopy(model), rows, ctx.seed, residual=cfg.residual, max_iter=cfg.max_iter
