@@ -27,6 +27,9 @@ METHODS = (
     "insitu-sat",
     "harmonic",
     "guided-es",
+    "twin",
+    "twin-sat",
+    "dat",
 )
 TASKS = ("digits", "iris", "wine", "fashion-mnist")
 EPILOG = (
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a killed run exactly as configured in DIR/config.json; --device (and "
         "--device-kw) may say where the device is now, e.g. tcp://host:NEWPORT; --method, --task, "
         "--seed, --set and --budget are refused (start a new run with --out to change them)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from another run's theta and gain (and a twin method's calibration.pt)",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -186,7 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ledger", required=True)
     p.add_argument(
-        "--kind", default="hyper", help="hyper | hyper-additive | mlp | interferometric | gp"
+        "--kind",
+        default="hyper",
+        help="hyper | hyper-additive | mlp | interferometric | gp | calibrated | calibrated+residual",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="surrogate option; calibrated kinds: model=package.module:function",
     )
     p.add_argument("--out", required=True, help="file for the fitted surrogate")
     p.add_argument(
@@ -284,6 +301,7 @@ def _dispatch(args) -> int:
                 config=parse_kv(getattr(args, "set", [])),
                 progress=not args.quiet,
                 overwrite=args.overwrite,
+                init_from=args.init_from,
             )
         keys = (
             "method",
@@ -362,10 +380,13 @@ def _dispatch(args) -> int:
             device=args.device,
             device_kw=parse_kv(args.device_kw) or None,
             seed=args.seed,
+            surrogate_kw=parse_kv(args.set),
         )
         write_report(rep, str(args.out) + ".json")
         print(json.dumps(rep))
         _wrote(Path("."), [str(args.out), str(args.out) + ".json"])
+        for line in rep["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
         return 0
     if args.command == "check-device":
         from blackbox_sat.devices.check import check_device, format_report

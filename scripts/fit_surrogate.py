@@ -2,10 +2,15 @@
 loss-gradient cosine, for each family and data size (thin wrapper over the public API).
 
     .venv/bin/python scripts/fit_surrogate.py --device mrr --kinds hyper,mlp --sizes 250,500,1000
+    .venv/bin/python scripts/fit_surrogate.py --device mzi --kinds calibrated --sizes 10,20 \
+        --random --set model=package.module:function
+
+Warnings (held-out R² of the theta-driven change near zero, and what to change) go to stderr.
 """
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
@@ -79,6 +84,16 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="runs/surrogates")
     ap.add_argument("--task", default="digits")
     ap.add_argument("--device-kw", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="surrogate option, e.g. model=package.module:function for the calibrated kinds",
+    )
+    ap.add_argument(
+        "--random", action="store_true", help="settings over the whole box (calibration's design)"
+    )
     args = ap.parse_args()
     kw = parse_kv(args.device_kw)
     info = bs.describe(bs.load_device(args.device, **kw))
@@ -100,7 +115,7 @@ if __name__ == "__main__":
             args.device,
             n,
             d,
-            around=centre,
+            around=None if args.random else centre,
             radius=args.radius,
             inputs=args.inputs,
             task=args.task,
@@ -108,8 +123,17 @@ if __name__ == "__main__":
         )
         for kind in args.kinds.split(","):
             rep = fit_surrogate(
-                f"{d}/ledger.sqlite", kind=kind, out=f"{d}/{kind}.pt", centre=centre, task=args.task
+                f"{d}/ledger.sqlite",
+                kind=kind,
+                out=f"{d}/{kind}.pt",
+                centre=centre,
+                task=args.task,
+                surrogate_kw=parse_kv(args.set),
             )
+            for line in rep["warnings"]:
+                print(f"warning ({kind}, {n} settings): {line}", file=sys.stderr)
+            if "calibration" in rep:
+                print(json.dumps({"kind": kind, "settings": n, **rep["calibration"]}), flush=True)
             rows.append({"settings": n, **rep})
             print(
                 json.dumps(

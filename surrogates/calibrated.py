@@ -724,6 +724,16 @@ class CalibratedSurrogate(SurrogateBase):
         mean = self.predict(theta, x)
         return mean, torch.zeros_like(mean)
 
+    def predict_setting(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One setting ``theta (n_params,)``, inputs ``x (batch, in_dim)`` -> ``(batch, out_dim)``
+        in ``theta``'s dtype, differentiable in both: the fitted model (and residual) as a
+        plain ``model(theta, x)``, the form training code takes, without the grouping of
+        :meth:`predict` (float32 runs at float32 speed where the model computes in its input's dtype)."""
+        pred = self.model(theta, x)
+        if self.residual_active and self.net is not None:
+            pred = self._with_residual(pred.to(_F64), x.to(_F64)).to(pred.dtype)
+        return pred
+
     def predict(self, theta: ArrayLike, x: ArrayLike) -> torch.Tensor:
         """``(m, out_dim)`` in ``dtype``, differentiable in ``theta`` and ``x``."""
         theta, x = self._as_query(theta, x)

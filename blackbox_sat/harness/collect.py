@@ -12,6 +12,13 @@ held-out R² of the part of the output that ``theta`` changes, ``y(theta, x) - y
 the true model's loss gradients at the centre, and ``true_grad_turn``: the mean cosine between
 the true gradient at the centre and at held-out settings: how much the gradient turns across
 the region the data cover, i.e. how much curvature a model must get right.
+
+``kind="calibrated"`` / ``"calibrated+residual"`` fit a physical model's error parameters
+(``surrogate_kw["model"]``: ``package.module:function``, or the simulator's own
+``calibration_model()``); the report adds the calibration's own held-out error against the
+datasheet's and, on a simulator, each identified parameter's rms error against the truth
+(``report["calibration"]``). For every kind, ``report["warnings"]`` says what to change
+when the held-out R² of the theta-driven change is below ``DELTA_R2_WARN``.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from blackbox_sat.data.tasks import load_task
-from blackbox_sat.devices.contract import describe
+from blackbox_sat.devices.contract import InvalidInput, describe
 from blackbox_sat.devices.ledger import Ledger
 from blackbox_sat.devices.metered import MeteredDevice
 from blackbox_sat.devices.spec import load_device, public_kw
+from blackbox_sat.training.calibrate import resolve_calibration_model, twin_report
 from blackbox_sat.training.pnn import CALIBRATION_INPUTS, PNN, calibrate_gain
 from blackbox_sat.training.surrogate_choice import heldout_scores
 from surrogates import design_settings, inputs_per_setting, make_surrogate, space_filling
@@ -147,6 +155,15 @@ def fit_surrogate(
     kw = dict(surrogate_kw or {})
     if info is not None:
         kw.update(theta_low=info.low, theta_high=info.high, periodic=info.periodic)
+    calibrated = kind.startswith("calibrated")
+    if calibrated:  # a grey-box fit: the user's physical model (or the simulator's own)
+        spec = kw.pop("model", None)
+        if source is None and spec in (None, "device"):
+            raise InvalidInput(
+                f"--kind {kind} needs a calibration model: --set model=package.module:function "
+                "(or --device of a simulator that has calibration_model())"
+            )
+        kw["model"] = resolve_calibration_model(source, spec)
     sur = make_surrogate(kind, seed=seed, **kw)
     t0 = time.perf_counter()
     sur.fit(theta[~held], x[~held], y[~held], groups[~held])
@@ -162,11 +179,14 @@ def fit_surrogate(
         "heldout_rmse": scores["rmse"],
         "heldout_delta_r2": scores["delta_r2"],  # the pipeline's selection score
     }
+    if calibrated:
+        report["calibration"] = twin_report(sur, source)
     getter = getattr(source, "true_model", None)
     if getter is not None:
         report.update(
             _simulator_metrics(sur, getter(), info, theta[held], x[held], centre, ledger_path, task)
         )
+    report["warnings"] = fit_warnings(report)
     if out is not None:
         sur.save(out)
         report["saved"] = str(out)
@@ -212,6 +232,25 @@ def _simulator_metrics(sur, true, info, theta_h, x_h, centre, ledger_path, task)
         "true_grad_norm": float(np.linalg.norm(g_true)),
         "true_grad_turn": float(np.mean(turn)),
     }
+
+
+#: Held-out R² of the theta-driven change below which a surrogate is called uninformative.
+DELTA_R2_WARN = 0.2
+
+
+def fit_warnings(report: dict) -> list[str]:
+    """What to change when the fit predicts little of how ``theta`` moves the outputs."""
+    r2 = report.get("heldout_r2_delta")
+    if r2 is None or not r2 < DELTA_R2_WARN:
+        return []
+    return [
+        f"held-out R² of the theta-driven output change is {r2:.2f} (near zero or below): "
+        f"the {report['kind']} surrogate does not predict how theta moves the outputs, so its "
+        "gradients are no better than guesses. Change one of: the design's radius (collect "
+        "--radius: smaller for a local model, or --random over the whole range for a global "
+        "one), more settings (collect --settings), or another kind (calibrated with a "
+        "physical model, --set model=package.module:function; interferometric for phases)"
+    ]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

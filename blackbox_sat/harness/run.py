@@ -82,6 +82,7 @@ def train(
     config: dict | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train ``method`` on ``device`` (object or spec string) and return ``result.json``'s dict.
 
@@ -89,7 +90,9 @@ def train(
     ``config``: method hyperparameters (``--set``). ``out``: run directory (a temporary
     one when None). Every input is checked before ``out`` is created or the device queried;
     a run that fails before training starts leaves no folder behind. ``overwrite``: replace
-    a run already in ``out``.
+    a run already in ``out``. ``init_from``: another run's directory: start from its
+    ``theta`` and readout gain (no gain setting is spent) and, for the twin methods, its
+    ``calibration.pt``.
     """
     out = Path(out) if out is not None else None
     if out is not None and not overwrite:
@@ -118,6 +121,8 @@ def train(
         "device_kw": device_kw,
         "config": {},
     }
+    if init_from is not None:
+        run_cfg["init_from"] = str(Path(init_from).resolve())
     prepared = _prepare(device, task, run_cfg, config, secret_kw)
     run_cfg["config"] = as_dict(prepared.cfg)
     run_cfg["device_path"] = module_home(device)  # so evaluate finds an adapter from anywhere
@@ -267,15 +272,20 @@ def _train_in(
     pnn = PNN.build(data.x_train, data.n_classes, info, mode=cfg.pnn)
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)
-    if spec.model_based:
+    init = _init_from(run_cfg.get("init_from"), info)
+    x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach()
+    x_np = x_cal.numpy()
+    if init:
+        theta0 = init["theta"]
+        pnn.gain.fill_(init["gain"])
+    elif spec.model_based:
         getter = "true_model" if spec.needs == "true" else "nominal_model"
         with torch.no_grad():
-            x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS])
             y_cal = getattr(source, getter)()(torch.as_tensor(theta0), x_cal).numpy()
     else:
-        x_np = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).detach().numpy()
         y_cal = metered.query(theta0, x_np, purpose="calibrate")
-    pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
+    if not init:
+        pnn.gain.fill_(calibrate_gain(y_cal, data.n_classes))
     free = ~(np.isfinite(info.low) & np.isfinite(info.high))
     if free.any() and not spec.model_based:  # a unit for parameters without bounds
         try:
@@ -315,6 +325,7 @@ def _train_in(
         cfg,
         budget,
         progress=bar if progress else None,
+        init_calibration=init.get("calibration"),
     )
     started.append(True)
     t_train = time.perf_counter()
@@ -359,9 +370,31 @@ def _train_in(
         "out": str(out.resolve()),
     }
     np.save(out / "theta.npy", theta)
+    for name, write in outcome.files.items():
+        write(out / name)
     write_json_atomic(out / "model.json", pnn.to_dict())
     write_json_atomic(out / "result.json", result)
     return result
+
+
+def _init_from(run_dir: str | None, info) -> dict:
+    """``{"theta", "gain", "calibration"}`` of a finished run (``train --init-from``), or {}."""
+    if not run_dir:
+        return {}
+    d = Path(run_dir)
+    if not (d / "theta.npy").exists() or not (d / "model.json").exists():
+        raise InvalidInput(f"--init-from {d}: not a finished run (no theta.npy / model.json)")
+    theta = np.load(d / "theta.npy")
+    if theta.shape != (info.n_params,):
+        raise InvalidInput(
+            f"--init-from {d}: theta has shape {theta.shape}, this device takes ({info.n_params},)"
+        )
+    cal = d / "calibration.pt"
+    return {
+        "theta": info.project(theta),
+        "gain": json.loads((d / "model.json").read_text())["gain"],
+        "calibration": str(cal) if cal.exists() else None,
+    }
 
 
 def _sharpness(ctx: TrainContext, theta: np.ndarray) -> float | None:

@@ -33,6 +33,8 @@ NEEDS = ("device", "nominal", "true", "approximate")
 class MethodResult:
     theta: np.ndarray
     extra: dict = field(default_factory=dict)
+    #: Files for the run directory: name -> writer(path), e.g. a twin's ``calibration.pt``.
+    files: dict[str, Callable[[Any], None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,16 @@ Physics (docs/protocol.md, "The built-in simulators")
   unit power (``x / sqrt(|x|^2 + 1e-12)``, so the all-zero input gives zero output).
   Output: intensities ``|U x|^2`` on N photodiodes, summing to 1; ``full_scale = 1``
   (all the light on one detector).
+- **Detector saturation** (keyword ``saturation``, off by default): the true model reads
+  ``P / (1 + P / saturation)`` instead of the power ``P`` (a photodiode/TIA compressing
+  near ``saturation`` of full scale). Neither the datasheet nor :meth:`MZIMesh.calibration_model`
+  has it: a model-form error for testing calibration (``calibration_truth()`` then no
+  longer reproduces ``true_model()``).
+- **Unequal arm loss** (keyword ``arm_loss``, dB per phase shifter, default 0: off): the
+  shifter arm of every MZI (both ``theta`` and ``phi``) transmits ``10^(-arm_loss / 20)``
+  of the field and the other arm nothing less (heater absorption, doped-waveguide loss),
+  so the mesh is lossy and the interference's extinction is limited. A model-form error
+  like ``saturation``, absent from the datasheet and the calibration model.
 - **Query noise** (in :mod:`.noise`, applied by :meth:`SimulatedDevice.query`): 12-bit DAC
   over [0, 2pi] (1.5 mrad steps); programming noise 0.005 rad per shifter per query
  ; read noise 0.003 of full scale. 0.003 is the std of an ideal ADC of
@@ -127,9 +137,19 @@ class MeshModel(torch.nn.Module):
     idx_b: torch.Tensor
     perm: torch.Tensor
 
-    def __init__(self, n_modes: int, bs_error: np.ndarray, phase_bias: np.ndarray, kappa: float):
+    def __init__(
+        self,
+        n_modes: int,
+        bs_error: np.ndarray,
+        phase_bias: np.ndarray,
+        kappa: float,
+        saturation: float | None = None,
+        arm_loss: float = 0.0,
+    ):
         super().__init__()
         self.n_modes = n = int(n_modes)
+        self.saturation = None if not saturation else float(saturation)
+        self.arm_amp = 10 ** (-float(arm_loss) / 20)  # field transmission of a shifter's arm
         layout = clements_layout(n)
         e = np.clip(bs_error, -1 + 1e-9, 1 - 1e-9)  # (M, 2): first, second coupler
         self.register_buffer("t", torch.as_tensor(np.sqrt((1 + e) / 2)))
@@ -159,8 +179,9 @@ class MeshModel(torch.nn.Module):
         m = a.shape[0] // 2
         t, k = self.t.to(real), self.k.to(real)
         t1, t2, k1, k2 = t[:, 0], t[:, 1], k[:, 0], k[:, 1]
-        e_th = torch.polar(torch.ones_like(a[:m]), a[:m])  # exp(i theta)
-        e_ph = torch.polar(torch.ones_like(a[m:]), a[m:])  # exp(i phi)
+        amp = torch.full_like(a[:m], self.arm_amp)
+        e_th = torch.polar(amp, a[:m])  # exp(i theta), times the arm's loss
+        e_ph = torch.polar(amp, a[m:])  # exp(i phi)
         # DC(e2) P(theta) DC(e1) P(phi), multiplied out for all MZIs at once.
         t00 = e_ph * (t1 * t2 * e_th - k1 * k2)
         t01 = 1j * (k1 * t2 * e_th + t1 * k2)
@@ -181,7 +202,10 @@ class MeshModel(torch.nn.Module):
         x = x.to(theta.dtype)
         x = x / torch.sqrt((x * x).sum(-1, keepdim=True) + _EPS_POWER)
         field = x.to(u.dtype) @ u.transpose(0, 1)
-        return field.real**2 + field.imag**2
+        power = field.real**2 + field.imag**2
+        if self.saturation:  # detector compression: a model-form error no calibration model has
+            power = power / (1 + power / self.saturation)
+        return power
 
 
 class MeshCalibrationModel(CalibrationModelBase):
@@ -294,6 +318,8 @@ class MZIMesh(SimulatedDevice):
         dac_bits: int | None = 12,
         beta: float = BETA,
         beta_spread: float = BETA_SPREAD,
+        saturation: float | None = None,
+        arm_loss: float = 0.0,
     ):
         n = int(n_modes)
         if n < 2:
@@ -310,7 +336,11 @@ class MZIMesh(SimulatedDevice):
             crosstalk=crosstalk,
             beta=beta,
             beta_spread=beta_spread,
+            saturation=saturation,
+            arm_loss=arm_loss,
         )
+        self.saturation = None if not saturation else float(saturation)
+        self.arm_loss = float(arm_loss)
         self.n_modes = self.in_dim = self.out_dim = n
         self.layout = clements_layout(n)
         m = len(self.layout)
@@ -335,7 +365,9 @@ class MZIMesh(SimulatedDevice):
                 self.n_modes, np.zeros((m, 2)), np.zeros(self.n_params), self.crosstalk
             )
         bias = self.phase_offset + self.beta_j * self.drift
-        return MeshModel(self.n_modes, self.bs_error, bias, self.crosstalk)
+        return MeshModel(
+            self.n_modes, self.bs_error, bias, self.crosstalk, self.saturation, self.arm_loss
+        )
 
     def calibration_model(
         self, fit_crosstalk: bool = False, crosstalk: float | None = None
@@ -390,7 +422,7 @@ def mzi(
     unless ``sigma_phase`` is given, phase-offset std (rad). ``noise``: read noise std as a
     fraction of full scale. ``drift``: temperature change in K. ``crosstalk``: neighbour
     heater fraction. ``programming_noise``: rad per query. ``dac_bits``: None for off.
-    Other keywords (``beta`` rad/K, ``beta_spread``) go to :class:`MZIMesh`."""
+    Other keywords (``beta`` rad/K, ``beta_spread``, ``saturation``, ``arm_loss``) go to :class:`MZIMesh`."""
     return MZIMesh(
         seed=seed,
         sigma=sigma,

@@ -57,6 +57,7 @@ class TrainContext:
     progress: Any = None  # a progress bar (tqdm: ``n``, ``refresh()``) or None
     curve: list = field(default_factory=list)
     rng: np.random.Generator | None = None  # None: seeded from ``seed`` in __post_init__
+    init_calibration: str | None = None  # calibration.pt of the run given to --init-from
 
     def __post_init__(self) -> None:
         if self.rng is None:
