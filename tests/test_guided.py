@@ -104,9 +104,18 @@ def test_the_monitor_moves_rounds_away_from_a_failing_surrogate_and_retries_it()
     for _ in range(12):
         kind = m.next_kind(0.05)
         kinds.append(kind)
-        m.observe(kind, 0.3, -0.1, 50, accepted=False)
+        # the fallback makes slow progress; the surrogate's retries keep failing
+        m.observe(kind, 0.3, 0.05 if kind == "harmonic" else -0.1, 50, accepted=kind == "harmonic")
     # retried after 4 rounds, then after 8: the retries back off
     assert kinds == ["harmonic"] * 3 + ["surrogate"] + ["harmonic"] * 7 + ["surrogate"]
+
+
+def test_a_fallback_that_achieves_nothing_does_not_take_the_budget():
+    m = monitor_with([(0.3, -0.1), (0.4, 0.0), (0.2, -0.05), (0.3, 0.05)], fallback="guided")
+    assert m.failing(tol=0.05)
+    for kind in ("guided", "guided"):  # both rejected
+        m.observe(kind, 0.0, -0.2, 50, accepted=False)
+    assert m.preferred(0.05) == "surrogate"
 
 
 def test_noise_alone_does_not_condemn_a_surrogate():

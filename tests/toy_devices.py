@@ -98,10 +98,11 @@ def bare(seed=0, noise=0.0, in_dim=4, out_dim=3, flat=False):
 
 class Jagged(Opaque):
     """An :class:`Opaque` device whose outputs also depend on the controls through a
-    high-frequency term (period 1/40 of the bound width, below the trust radius), built to
-    defeat a smooth surrogate: its predicted changes do not come true on the device."""
+    high-frequency term (period 1/100 of the bound width, below the trust radius), built to
+    defeat a smooth surrogate: its predicted changes do not come true on the device, while
+    guided-ES pairs, whose spacing averages the ripple, still make progress."""
 
-    def __init__(self, seed=0, amplitude=0.6, freq=40.0, **kw):
+    def __init__(self, seed=0, amplitude=0.3, freq=100.0, **kw):
         super().__init__(seed=seed, **kw)
         rng = np.random.default_rng([seed, 7])
         self.Q = rng.normal(0, 1.0, (self.n_params, self.out_dim))

@@ -27,7 +27,7 @@ from then on each round goes to the *preferred* type, and the other one is retri
 changed (at most 32), so that both records stay current at a falling cost. The preferred type is the fallback when its measured decrease per setting over
 its last two rounds leads the surrogate's over its last two by more than two standard
 deviations of that comparison's noise, the surrogate when the fallback trails it by more
-than one, and otherwise the fallback only if the surrogate fails the skill rule above (the
+than one or made no progress at all, and otherwise the fallback only if the surrogate fails the skill rule above (the
 settings of a round include the probes before it; a rejected round counts as no decrease;
 the first round, from ``theta0``, is left out). So a surrogate that predicts well but moves
 slowly (a mesh whose phases it only learns locally) still loses the budget to a faster
@@ -97,14 +97,20 @@ class SurrogateMonitor:
     def preferred(self, tol: float) -> str:
         """The step type the record favours (module docstring)."""
         own, other = self.rate("surrogate"), self.rate(self.fallback)
+        lead = None
         if own is not None and other is not None:
             # the fallback's lead over the surrogate's last rounds' settings, in standard
             # deviations of its noise (each side sums two decreases of variance 2 tol^2)
             lead = (other[0] - own[0]) * own[1] / (np.sqrt(8) * tol + 1e-12)
             if lead > 2:
                 return self.fallback  # clearly faster
-            if lead < -1:
-                return "surrogate"  # measurably slower: the skill test is not needed
+            if lead < -1 or other[0] <= 0:
+                # measurably slower, or no progress at all: a failing forecast alone does not
+                # hand the budget to a fallback that achieved nothing (on mrr the surrogate
+                # fails the skill test while every guided round was rejected, and the loop
+                # lost 2-4 points to them: docs/experiments.md, "A loop that measures its own
+                # surrogate")
+                return "surrogate"
         return self.fallback if self.failing(tol) else "surrogate"
 
     def next_kind(self, tol: float) -> str:
