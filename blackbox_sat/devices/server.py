@@ -1,7 +1,7 @@
 """``blackbox-sat serve-device``: serve one device over TCP to :class:`~.remote.RemoteDevice`.
 
 Standard library only (``socketserver`` threads, ``sqlite3``); the wire protocol is in
-:mod:`.remote` and in docs/design.md, "Wire protocol (version 1)".
+:mod:`.wire` and in docs/design.md, "Wire protocol (version 1)".
 
 - Binds ``127.0.0.1`` unless another host is given. Traffic is not encrypted: across an
   untrusted network, tunnel it (``ssh -L``).
@@ -51,7 +51,7 @@ from .contract import (
     check_theta,
     describe,
 )
-from .remote import (
+from .wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     REQUEST_ID_RE,
