@@ -399,7 +399,7 @@ def _dispatch(args) -> int:
         print("OK: the device satisfies the contract")
         return 0
     if args.command == "serve-device":
-        from blackbox_sat.devices.server import serve
+        from blackbox_sat.devices.serve_device import serve
 
         return serve(
             args.device,

@@ -21,12 +21,12 @@ import time
 
 import numpy as np
 import torch
-from blackbox_sat.pnn import PNN
-from blackbox_sat.tasks import load_task
 
+from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import describe
 from blackbox_sat.sim import BUILTINS
 from blackbox_sat.sim.calibration import parameter_rms
+from blackbox_sat.training.pnn import PNN
 from surrogates import make_surrogate
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 import blackbox_sat as bs
-from blackbox_sat.devices.remote import RemoteDevice, query_digest
+from blackbox_sat.devices.remote import RemoteDevice
 from blackbox_sat.devices.server import DeviceServer
+from blackbox_sat.devices.wire import query_digest
 
 DEVICE = ["--device", "mrr", "--device-kw", "in_dim=4", "--device-kw", "out_dim=3"]
 

@@ -285,7 +285,7 @@ def parse(argv: list[str]) -> dict:
     a = ap.parse_args(argv)
     p: dict[str, Any] = dict(PRESETS["full" if a.full else "quick"])
     if a.full and p["task"] == "fashion-mnist":
-        from blackbox_sat.data.tasks import find_fashion_mnist
+        from blackbox_sat.data.idx import find_fashion_mnist
 
         try:
             find_fashion_mnist()

@@ -38,11 +38,9 @@ from blackbox_sat.devices.remote import (
     RemoteAuthError,
     RemoteDevice,
     RemoteDeviceError,
-    encode_array,
-    loads,
-    pack,
 )
 from blackbox_sat.devices.server import DeviceServer
+from blackbox_sat.devices.wire import encode_array, loads, pack
 from blackbox_sat.sim import BUILTINS
 
 from .conftest import QUIET, TOKEN, Faulty, mrr4, start_server_process, stop, wait_for

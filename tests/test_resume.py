@@ -23,8 +23,8 @@ import pytest
 import blackbox_sat as bs
 from blackbox_sat.cli import main
 from blackbox_sat.devices.ledger import Ledger
-from blackbox_sat.devices.remote import query_digest
 from blackbox_sat.devices.server import DeviceServer
+from blackbox_sat.devices.wire import query_digest
 
 from .conftest import QUIET, ROOT, TOKEN, Faulty, mrr4, start_server_process, stop, wait_for
 

@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from blackbox_sat.data import tasks
-from blackbox_sat.data.tasks import (
-    TASK_NAMES,
-    IDXFormatError,
-    Task,
-    TaskDataError,
-    load_task,
-    read_idx,
-)
+from blackbox_sat.data import idx, tasks
+from blackbox_sat.data.idx import IDXFormatError, read_idx
+from blackbox_sat.data.tasks import TASK_NAMES, Task, TaskDataError, load_task
 
 # ---------------------------------------------------------------------------------------------
 # digits: the benchmark protocol
@@ -293,14 +287,14 @@ def test_read_idx_corrupt_files(tmp_path):
 
 @pytest.fixture
 def no_system_data(monkeypatch, tmp_path):
-    monkeypatch.delenv(tasks.DATA_ENV, raising=False)
-    monkeypatch.setattr(tasks, "SYSTEM_FASHION_MNIST_DIRS", (tmp_path / "system-none",))
+    monkeypatch.delenv(idx.DATA_ENV, raising=False)
+    monkeypatch.setattr(idx, "SYSTEM_FASHION_MNIST_DIRS", (tmp_path / "system-none",))
 
 
 def _write_fashion(folder: Path, n_train=60, n_test=20, gz_train=True):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    files = tasks.FASHION_FILES
+    files = idx.FASHION_FILES
     write_idx(
         folder / (files["x_train"] + (".gz" if gz_train else "")),
         rng.integers(0, 256, size=(n_train, 4, 5), dtype=np.uint8),
@@ -326,15 +320,15 @@ def test_fashion_mnist_absent_says_how_to_install(no_system_data, tmp_path):
 
 def test_fashion_mnist_partial_folder_names_missing_files(no_system_data, monkeypatch, tmp_path):
     _write_fashion(tmp_path / "data")
-    (tmp_path / "data" / (tasks.FASHION_FILES["y_test"])).unlink()
-    monkeypatch.setenv(tasks.DATA_ENV, str(tmp_path / "data"))
+    (tmp_path / "data" / (idx.FASHION_FILES["y_test"])).unlink()
+    monkeypatch.setenv(idx.DATA_ENV, str(tmp_path / "data"))
     with pytest.raises(FileNotFoundError, match="missing t10k-labels-idx1-ubyte"):
         load_task("fashion_mnist")
 
 
 def test_fashion_mnist_from_env_subfolder(no_system_data, monkeypatch, tmp_path):
     _write_fashion(tmp_path / "data" / "fashion-mnist")
-    monkeypatch.setenv(tasks.DATA_ENV, str(tmp_path / "data"))
+    monkeypatch.setenv(idx.DATA_ENV, str(tmp_path / "data"))
     t = load_task("fashion-mnist")
     assert t.name == "fashion-mnist" and t.n_classes == 10 and t.n_features == 20
     assert (len(t.y_train), len(t.y_val), len(t.y_test)) == (48, 12, 20)  # val: a fifth when < 5000
@@ -349,25 +343,23 @@ def test_fashion_mnist_data_dir_and_system_dir(no_system_data, monkeypatch, tmp_
     _write_fashion(tmp_path / "explicit", gz_train=False)
     assert len(load_task("fashion-mnist", data_dir=tmp_path / "explicit").y_test) == 20
     _write_fashion(tmp_path / "sys", n_test=30)
-    monkeypatch.setattr(tasks, "SYSTEM_FASHION_MNIST_DIRS", (tmp_path / "sys",))
+    monkeypatch.setattr(idx, "SYSTEM_FASHION_MNIST_DIRS", (tmp_path / "sys",))
     assert len(load_task("fashion-mnist").y_test) == 30
 
 
 def test_fashion_mnist_mismatched_counts(no_system_data, tmp_path):
     _write_fashion(tmp_path / "d")
-    write_idx(tmp_path / "d" / tasks.FASHION_FILES["y_test"], np.zeros(19, dtype=np.uint8))
+    write_idx(tmp_path / "d" / idx.FASHION_FILES["y_test"], np.zeros(19, dtype=np.uint8))
     with pytest.raises(IDXFormatError, match="test files disagree"):
         load_task("fashion-mnist", data_dir=tmp_path / "d")
 
 
 @pytest.mark.skipif(
-    not all(
-        tasks._find_idx(tasks.DEBIAN_FASHION_MNIST_DIR, b) for b in tasks.FASHION_FILES.values()
-    ),
+    not all(idx.find_idx(idx.DEBIAN_FASHION_MNIST_DIR, b) for b in idx.FASHION_FILES.values()),
     reason="Debian's dataset-fashion-mnist is not installed",
 )
 def test_fashion_mnist_debian_package(monkeypatch):
-    monkeypatch.delenv(tasks.DATA_ENV, raising=False)
+    monkeypatch.delenv(idx.DATA_ENV, raising=False)
     t = load_task("fashion-mnist")
     assert (len(t.y_train), len(t.y_val), len(t.y_test)) == (55000, 5000, 10000)
     assert t.n_features == 784 and np.all(np.bincount(t.y_val) == 500)

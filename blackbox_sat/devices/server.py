@@ -1,7 +1,7 @@
 """``blackbox-sat serve-device``: serve one device over TCP to :class:`~.remote.RemoteDevice`.
 
 Standard library only (``socketserver`` threads, ``sqlite3``); the wire protocol is in
-:mod:`.remote` and in docs/design.md, "Wire protocol (version 1)".
+:mod:`.wire` and in docs/design.md, "Wire protocol (version 1)".
 
 - Binds ``127.0.0.1`` unless another host is given. Traffic is not encrypted: across an
   untrusted network, tunnel it (``ssh -L``).
@@ -18,14 +18,9 @@ Standard library only (``socketserver`` threads, ``sqlite3``); the wire protocol
 - Every request is logged on logger ``blackbox_sat.server``, one line each: time, peer,
   request id, kind, status, duration.
 
-**Journal.** Every successful query's result is written, before the reply is sent, to a
-SQLite file in WAL mode (``journal``: table ``journal(request_id TEXT PRIMARY KEY, time,
-digest, batch, out_dim, y BLOB)``, ``y`` little-endian float64). A query whose id is in the
-journal is answered from it (reply ``"journal": true``) without touching the device, also
-after a server restart on the same file; a retry that arrives while its first attempt is
-still being measured waits for that attempt. An id reused with a different ``theta``/``x``
-is refused. Failed calls (device raised, NaN, wrong shape) are not journaled: a retry of one
-measures again. The journal grows by one row per measured query (``y`` bytes plus ~150 B).
+**Journal.** Every successful query's result is written to the durable journal
+(:mod:`.journal`) before the reply is sent; a query whose id is in it is answered from it.
+The ``serve-device`` command (token, journal file, signals) is in :mod:`.serve_device`.
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ import hmac
 import logging
 import socket
 import socketserver
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -51,7 +45,8 @@ from .contract import (
     check_theta,
     describe,
 )
-from .remote import (
+from .journal import Journal
+from .wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     REQUEST_ID_RE,
@@ -75,17 +70,6 @@ DEFAULT_MAX_CONNECTIONS = 64
 AUTH_TIMEOUT = 10.0
 KINDS = ("info", "query", "stats")
 
-_JOURNAL_SCHEMA = """
-CREATE TABLE IF NOT EXISTS journal (
-    request_id TEXT PRIMARY KEY,
-    time REAL NOT NULL,
-    digest TEXT NOT NULL,
-    batch INTEGER NOT NULL,
-    out_dim INTEGER NOT NULL,
-    y BLOB NOT NULL
-);
-"""
-
 
 class _Refused(Exception):
     """A request answered with an error reply; ``close`` also ends the connection."""
@@ -93,57 +77,6 @@ class _Refused(Exception):
     def __init__(self, etype: str, message: str, close: bool = False):
         super().__init__(message)
         self.etype, self.message, self.close = etype, message, close
-
-
-class Journal:
-    """Durable request id -> result map (SQLite, WAL). ``None`` path: in memory, not durable."""
-
-    def __init__(self, path: str | Path | None):
-        self.path = None if path is None else Path(path)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            ":memory:" if self.path is None else str(self.path),
-            timeout=30.0,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_JOURNAL_SCHEMA)
-
-    def get(self, request_id: str):
-        """``(digest, y)`` or None."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT digest, batch, out_dim, y FROM journal WHERE request_id=?", (request_id,)
-            ).fetchone()
-        if row is None:
-            return None
-        return row[0], np.frombuffer(row[3], "<f8").reshape(row[1], row[2]).copy()
-
-    def put(self, request_id: str, digest: str, y: np.ndarray) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
-                (
-                    request_id,
-                    time.time(),
-                    digest,
-                    y.shape[0],
-                    y.shape[1],
-                    np.ascontiguousarray(y, "<f8").tobytes(),
-                ),
-            )
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM journal").fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -524,116 +457,3 @@ class DeviceServer:
             with self._state:
                 del self._inflight[rid]
             event.set()
-
-
-def read_token(token_file: str | Path | None = None, env: str = "BLACKBOX_SAT_TOKEN") -> str:
-    """The server token from ``token_file`` (stripped) or the environment variable."""
-    import os
-
-    if token_file is not None:
-        path = Path(token_file)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read --token-file {path}: {exc}") from exc
-        if not token:
-            raise InvalidInput(f"--token-file {path} is empty")
-        try:
-            if path.stat().st_mode & 0o077:
-                log.warning("token file %s is readable by other users; chmod 600 it", path)
-        except OSError:
-            pass
-        return token
-    token = os.environ.get(env, "").strip()
-    if not token:
-        raise InvalidInput(
-            f"serve-device needs a token: --token-file FILE or ${env}. Make one with "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > token && chmod 600 token`"
-        )
-    return token
-
-
-def default_journal(token_file: str | Path | None) -> Path:
-    """``serve-device-journal.sqlite`` next to the token file, else in the current directory."""
-    base = Path(token_file).resolve().parent if token_file is not None else Path.cwd()
-    return base / "serve-device-journal.sqlite"
-
-
-def serve(
-    spec: str,
-    device_kw: dict | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    token_file: str | Path | None = None,
-    journal: str | Path | None = None,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    out=None,
-    threads: int = 1,
-) -> int:
-    """``blackbox-sat serve-device``: load ``spec``, listen, print the address, serve until
-    SIGINT/SIGTERM. Prints ``listening on tcp://HOST:PORT`` (with the port picked when 0)
-    as its first stdout line, flushed.
-
-    ``threads``: torch threads (0 keeps torch's default). One, as for trials: the device
-    answers one small query at a time, and a thread pool per core only competes with the
-    trainers on the same machine."""
-    import signal
-    import sys
-
-    import torch
-
-    from .spec import load_device
-
-    if threads:
-        torch.set_num_threads(threads)
-    out = out or sys.stdout
-    token = read_token(token_file)
-    journal = Path(journal) if journal is not None else default_journal(token_file)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    if spec.startswith("tcp://"):
-        raise InvalidInput(
-            "serve-device serves a local device; give a simulator or package.module:factory spec"
-        )
-    device = load_device(spec, **(device_kw or {}))
-    try:
-        server = DeviceServer(
-            device,
-            token,
-            host=host,
-            port=port,
-            journal=journal,
-            max_message_bytes=max_message_bytes,
-            name=spec,
-        )
-    except OSError as exc:
-        raise InvalidInput(f"cannot listen on {host}:{port}: {exc}") from exc
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "listening on %s: traffic is not encrypted; tunnel it (ssh -L) across untrusted networks",
-            host,
-        )
-
-    def _stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    print(f"listening on {server.url}", file=out, flush=True)
-    print(
-        f"device {spec}: n_params={server.info.n_params} in_dim={server.info.in_dim} out_dim={server.info.out_dim}; "
-        f"journal {journal} ({len(server.journal)} results)",
-        file=out,
-        flush=True,
-    )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    print("serve-device stopped", file=out, flush=True)
-    return 0
