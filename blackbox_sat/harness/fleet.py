@@ -308,7 +308,7 @@ def fleet_table(rows: list[dict]) -> str:
         + " | ".join(cols)
         + " | chip oracle | "
         + " | ".join(f"{c} / oracle" for c in cols)
-        + " | settings | failed |"
+        + f" | settings{' (recal / fine-tune)' if ft else ''} | failed |"
     )
     lines = [
         f"## Per unseen chip: as-is / after {k}-setting recalibration"
@@ -318,7 +318,7 @@ def fleet_table(rows: list[dict]) -> str:
         "Test accuracy in %, mean over training seeds; ratios are means of per-run ratios to "
         "the chip's own `oracle`. Recalibration: `twin --set settings=K` from a twin run's "
         "calibration, a K-setting `spsa` fine-tune for other methods; fine-tune: `twin-sat` "
-        "(twin runs) or `spsa` (others); settings: the most spent on a chip. `fleet.csv` has "
+        "(twin runs) or `spsa` (others); settings: the most spent on a chip (no gain setting: the run's is kept). `fleet.csv` has "
         "every run.",
         "",
         head,
@@ -331,13 +331,16 @@ def fleet_table(rows: list[dict]) -> str:
         for chip in [*chips, "mean"]:
             sel = [r for r in mine if chip == "mean" or r["chip"] == chip]
             good = [r for r in sel if r["status"] == "ok"]
-            spent = [int(r.get("settings_finetune", r["settings_recal"])) for r in good]
+            spent = " / ".join(
+                str(max(int(r[f"settings_{st}"]) for r in good)) if good else "N/A"
+                for st in ("recal", "finetune")[: 1 + ft]
+            )
             lines.append(
                 f"| {method} | {'**mean**' if chip == 'mean' else chip} | "
                 + " | ".join(_pct(_mean(good, c)) for c in keys)
                 + f" | {_pct(_mean(good, 'acc_oracle'))} | "
                 + " | ".join(_ratio(good, c) for c in keys)
-                + f" | {max(spent) if spent else 'N/A'} | {len(sel) - len(good)} |"
+                + f" | {spent} | {len(sel) - len(good)} |"
             )
     failed = [r for r in rows if r["status"] != "ok"]
     lines += [f"- {r['method']} seed {r['seed']} chip {r['chip']}: {r['error']}" for r in failed]
