@@ -166,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete the trials, runs, tables and plots already in --out, and run every trial afresh",
     )
+    p.add_argument(
+        "--recalibrate",
+        type=int,
+        metavar="K",
+        help="also move each trial's setting to every unseen chip and report it as-is, after a "
+        "K-setting recalibration (twin runs: `twin --set settings=K`; others: K settings of spsa) "
+        "and against the chip's oracle: fleet.csv and a summary.md section",
+    )
+    p.add_argument(
+        "--finetune",
+        type=int,
+        metavar="F",
+        help="with --recalibrate K: also a fine-tune to K + F settings per chip (twin runs: "
+        "twin-sat; others: spsa)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser(
@@ -346,8 +361,14 @@ def _dispatch(args) -> int:
             address=args.address,
             rerun_changed=args.rerun_changed,
             overwrite=args.overwrite,
+            recalibrate=args.recalibrate,
+            finetune=args.finetune,
         )
         print(summary_table(res["summary"]))
+        if res["fleet"]:
+            from blackbox_sat.harness.fleet import fleet_table
+
+            print(fleet_table(res["fleet"]))
         print("wrote " + ", ".join(res["files"]))
         return 0
     if args.command == "collect":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from blackbox_sat.data.tasks import load_task
 from blackbox_sat.devices.contract import InvalidInput
 
 from .backends import run_trials
+from .fleet import check_fleet, fleet_jobs, run_fleet, stale, write_fleet
 from .run import write_json_atomic
 from .trials import (  # noqa: F401  (Trial, run_trial: public names)
     DEFAULT_SWEEPS,
@@ -64,6 +66,8 @@ def compare(
     address: str | None = None,
     rerun_changed: bool = False,
     overwrite: bool = False,
+    recalibrate: int | None = None,
+    finetune: int | None = None,
 ) -> dict:
     """Run a study and write ``results.csv`` and ``summary.md`` into ``out``.
 
@@ -75,8 +79,12 @@ def compare(
     requested; a different one raises :class:`InvalidInput` naming the keys, unless
     ``rerun_changed`` (then it runs afresh). ``overwrite``: delete the trials, runs, tables
     and plots already in ``out`` first, so every trial runs afresh. The methods' options, the
-    budget and the device keywords are checked before ``out`` is created. Returns
-    ``{"rows", "summary", "out", "files"}``.
+    budget and the device keywords are checked before ``out`` is created.
+    ``recalibrate``: K settings; each finished trial's setting is then measured on every
+    unseen chip as-is, after a K-setting recalibration (and, with ``finetune`` F, after a
+    fine-tune to K + F settings) and against the chip's own oracle (:mod:`.fleet`), into
+    ``fleet.csv`` and a section of ``summary.md``. Returns ``{"rows", "summary", "out",
+    "files", "fleet"}`` (``fleet``: the per-chip rows, empty without ``recalibrate``).
     """
     if not isinstance(device, str):
         raise InvalidInput(
@@ -95,9 +103,11 @@ def compare(
         sweep,
         str(out),
     )
+    check_fleet(recalibrate, finetune, next(iter(study.trials())).unseen if study.seeds else ())
     _check_study(study)
     if overwrite:
         _clear(Path(out))
+    jobs = [] if recalibrate is None else fleet_jobs(list(study.trials()), recalibrate, finetune)
     todo, rows, changed = [], {}, {}
     for t in study.trials():
         if t.row_path.exists():
@@ -110,6 +120,8 @@ def compare(
                 if not rerun_changed:
                     changed[t.key] = diff
         todo.append(t)
+    if not rerun_changed:  # a per-chip row of another configuration is refused the same way
+        changed.update(stale(jobs))
     if changed:  # refused before anything is written or run
         raise InvalidInput(
             f"{Path(out) / 'trials'} holds finished trials of another configuration: "
@@ -138,11 +150,17 @@ def compare(
         bar.update()
     bar.close()
     ordered = [rows[t.key] for t in study.trials() if t.key in rows]
+    bar = tqdm(total=len(jobs), desc="chips", disable=not progress or not jobs)
+    fleet = run_fleet(jobs, rows, on_done=lambda job: bar.update())
+    bar.close()
     task = load_task(study.task)
     chance = 1 / task.n_classes
     summary = summarise(ordered, chance=chance, n_test=len(task.y_test))
-    files = write_results(ordered, summary, Path(out), study, chance=chance)
-    return {"rows": ordered, "summary": summary, "out": str(out), "files": files}
+    sections = [write_fleet(fleet, Path(out))] if jobs else []
+    files = write_results(ordered, summary, Path(out), study, chance=chance, sections=sections)
+    if jobs:
+        files.insert(2, str(Path(out) / "fleet.csv"))
+    return {"rows": ordered, "summary": summary, "out": str(out), "files": files, "fleet": fleet}
 
 
 def _check_study(study: Study) -> None:
@@ -173,7 +191,7 @@ def _check_study(study: Study) -> None:
 
 #: What a study writes into its folder (``--overwrite`` deletes these, nothing else).
 STUDY_FILES = (
-    *("study.json", "results.csv", "summary.md"),
+    *("study.json", "results.csv", "summary.md", "fleet.csv"),
     *("curves.png", "sweep.png", "unseen.png", "sigma.png"),
 )
 
@@ -181,7 +199,7 @@ STUDY_FILES = (
 def _clear(out: Path) -> None:
     import shutil
 
-    for name in ("trials", "runs"):
+    for name in ("trials", "runs", "fleet"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in STUDY_FILES:
         (out / name).unlink(missing_ok=True)
@@ -316,9 +334,15 @@ def summary_table(summary: dict) -> str:
 
 
 def write_results(
-    rows: list[dict], summary: dict, out: Path, study: Study, chance: float | None = None
+    rows: list[dict],
+    summary: dict,
+    out: Path,
+    study: Study,
+    chance: float | None = None,
+    sections: Sequence[str] = (),
 ) -> list[str]:
-    """Write ``results.csv``, ``summary.md`` and the plots; return the paths written."""
+    """Write ``results.csv``, ``summary.md`` (with ``sections``, markdown, after the tables)
+    and the plots; return the paths written."""
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("traceback", "trial")))
     tmp = out / "results.csv.tmp"
     with tmp.open("w", newline="") as fh:
@@ -356,6 +380,8 @@ def write_results(
                     + " | ".join(_fmt(e.get(k), spread=e["n_ok"] > 1) for k in curve_keys)
                     + " |"
                 )
+    for section in sections:
+        text += ["", section]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         text += ["", "## Failed trials", ""] + [
