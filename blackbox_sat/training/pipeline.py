@@ -353,7 +353,7 @@ def run_pipeline(
                 "end_loss": end_loss, "predicted_decrease": predicted,
                 "settings": ctx.device.settings_used - mark,
             })  # fmt: skip
-            accepted = region.judge(end_loss)
+            accepted = region.judge(end_loss, resize=kind == "surrogate")
             monitor.observe(
                 kind, predicted, round_log[-1]["start_loss"] - end_loss,
                 round_log[-1]["settings"], accepted,

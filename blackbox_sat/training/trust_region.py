@@ -47,14 +47,19 @@ class TrustRegion:
         """The L-infinity box ``(lo, hi)`` of the current radius around ``center_u`` (normalized)."""
         return center_u - self.radius, center_u + self.radius
 
-    def judge(self, end_loss: float) -> bool:
-        """The accept test for a move whose check loss is ``end_loss``; updates the radius
-        and, when accepted, the centre's check loss. Returns whether it was accepted."""
+    def judge(self, end_loss: float, resize: bool = True) -> bool:
+        """The accept test for a move whose check loss is ``end_loss``; updates the centre's
+        check loss when accepted and, if ``resize``, the radius. Returns whether it was
+        accepted. Only the surrogate's own rounds resize: the radius is where the surrogate
+        is trusted, so a fallback step's failure says nothing about it."""
         if end_loss <= self.check_loss + self.tol:
-            self.accepted, self.rejected_run = self.accepted + 1, 0
+            self.accepted = self.accepted + 1
             self.check_loss = end_loss
-            self.radius = min(self.radius * self.grow, self.radius_max)
+            if resize:
+                self.rejected_run = 0
+                self.radius = min(self.radius * self.grow, self.radius_max)
             return True
-        self.rejected_run += 1
-        self.radius = max(self.radius * self.shrink, self.radius_min)
+        if resize:
+            self.rejected_run += 1
+            self.radius = max(self.radius * self.shrink, self.radius_min)
         return False
