@@ -420,7 +420,7 @@ def harmonic_run(
     if n_avg:
         mean = info.low + np.mod(np.angle(phase_sum), 2 * np.pi) * period / (2 * np.pi)
         theta = info.project(np.where(info.periodic, mean, theta))
-    result = MethodResult(
+    return MethodResult(
         theta,
         {
             "steps": state.steps,
@@ -437,5 +437,4 @@ def harmonic_run(
             "averaged": n_avg,
             "loss_trace": state.loss_trace,
         },
-    )
-    return result, state
+    ), state
