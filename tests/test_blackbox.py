@@ -8,7 +8,12 @@ import pytest
 import blackbox_sat as bs
 from blackbox_sat.cli import main
 from blackbox_sat.devices.ledger import Ledger
+from blackbox_sat.methods import blackbox as blackbox_methods
+from blackbox_sat.methods.registry import get_method
+from blackbox_sat.sim.mzi import mzi
 from blackbox_sat.training import physics_aware
+
+from .conftest import make_ctx
 
 FAST_FIT = {"surrogate": "hyper", "surrogate_kw": {"hyper": {"n_members": 2, "max_steps": 300}}}
 SMALL = {
@@ -311,3 +316,40 @@ def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, mon
         progress=False,
     )
     assert r["extra"]["refreshes"] == 0 and len(fits) == 1
+
+
+def test_where_the_harmonic_law_holds_blackbox_sat_is_the_harmonic_method_run():
+    """The law test is the harmonic run's own first chunk, so ``blackbox-sat`` on an
+    all-periodic device gets ``--method harmonic``'s configuration, settings, minibatches and
+    device noise: the same theta, not a run shifted by a separate test."""
+    runs = {}
+    for method in ("harmonic", "blackbox-sat"):  # 320: the budget rule lets a surrogate pay
+        ctx = make_ctx(mzi(seed=0, n_modes=6), task="iris", budget=320, method=method)
+        runs[method] = (get_method(method).fn(ctx), ctx.device.settings_used)
+    (h, h_used), (b, b_used) = runs["harmonic"], runs["blackbox-sat"]
+    np.testing.assert_array_equal(b.theta, h.theta)
+    assert b_used == h_used and b.extra["checks"] == h.extra["checks"]
+    assert b.extra["harmonic_law"]["holds"] is True and b.extra["surrogate"] is None
+    spent = b.extra["budget_by_step"]
+    assert 0 < spent["law_test"] < 60 and spent["law_test"] + spent["harmonic_steps"] == b_used - 1
+
+
+def test_where_the_harmonic_law_fails_the_pipeline_runs_from_theta0(monkeypatch):
+    """A failed law test abandons the harmonic run after its first checked chunk; the
+    pipeline gets the budget left and the rough coordinates found."""
+    real = blackbox_methods.harmonic_run
+
+    def failing(ctx, options=None, holds=None):
+        def rough(state):  # as if coordinate 0 fitted no harmonic order
+            state.rough.add(0)
+            return holds(state)
+
+        return real(ctx, options, rough if holds else None)
+
+    monkeypatch.setattr(blackbox_methods, "harmonic_run", failing)
+    ctx = make_ctx(mzi(seed=0, n_modes=6), task="iris", budget=320, method="blackbox", config=SMALL)
+    r = get_method("blackbox").fn(ctx)
+    spent = r.extra["budget_by_step"]
+    assert r.extra["harmonic_law"] == {"holds": False, "rough": [0]}
+    assert 0 < spent["law_test"] < 60 and spent["init_design"] > 0
+    assert sum(spent.values()) == ctx.device.settings_used - 1 <= 319  # 1: the gain calibration

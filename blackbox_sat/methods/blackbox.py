@@ -12,7 +12,6 @@ The black-box methods receive nothing but the device contract object.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,9 +33,9 @@ from blackbox_sat.training.refine import RefineConfig
 
 from .harmonic import (
     HARMONIC_DEFAULTS,
-    HarmonicConfig,
+    HarmonicState,
     coordinate_stream,
-    harmonic,
+    harmonic_run,
     harmonic_sweep,
     new_state,
 )
@@ -86,52 +85,45 @@ def blackbox(ctx: TrainContext) -> MethodResult:
     return _pipeline_or_harmonic(ctx)
 
 
-#: Coordinates measured (with their held-out checks) to test the harmonic law first.
-LAW_TEST_COORDINATES = 8
-
-
 def _pipeline_or_harmonic(ctx: TrainContext) -> MethodResult:
     """An exact law before a learned model. Where every parameter is periodic (and
-    ``steps=auto``), ``LAW_TEST_COORDINATES`` harmonic steps first test the harmonic law on
-    held-out phases (:mod:`.harmonic`, about 20 settings). If it holds (no coordinate that
-    no harmonic order up to ``max_order`` fits), the budget left goes to the ``harmonic``
-    method and no surrogate is built: on ``mzi`` every surrogate round of the loop was
+    ``steps=auto``), the ``harmonic`` method starts, and its first chunk tests the harmonic
+    law on held-out phases (:func:`.harmonic.harmonic_run`, ``checks_first`` checks, about
+    40 settings). If it holds (no coordinate that no harmonic order up to ``max_order``
+    fits), that run goes on and no surrogate is built: the result is the ``harmonic``
+    method's own run, setting for setting. On ``mzi`` every surrogate round of the loop was
     rejected (the check loss rose by 0.3-1.3 nats) and the loop reached 0.43 against
     harmonic's 0.64, after 400 settings and 600 s of surrogate fits (docs/experiments.md,
     "A loop that measures its own surrogate"). Below the budget rule's threshold
     (:func:`..training.pipeline.surrogate_pays`) no surrogate would be built anyway, and the
-    ``harmonic`` method gets the whole budget without the test. Otherwise: the pipeline,
-    with harmonic rounds as its fallback."""
-    fallback = harmonic_rounds(ctx)
-    if fallback is None or ctx.config.steps != "auto" or not ctx.info.periodic.all():
-        theta, extra = run_pipeline(ctx, ctx.config, fallback)
+    ``harmonic`` method gets the whole budget without the test. Otherwise (or if the law
+    fails): the pipeline from ``theta0``, with harmonic rounds as its fallback."""
+    if ctx.config.steps != "auto" or not ctx.info.periodic.all():
+        theta, extra = run_pipeline(ctx, ctx.config, harmonic_rounds(ctx))
         return MethodResult(theta, extra)
-    if not surrogate_pays(ctx.config, ctx.budget, ctx.info.n_params):
-        return _harmonic_method(ctx, {"law_test": 0}, {"holds": None})  # no surrogate anyway
-    assert ctx.rng is not None  # set in TrainContext.__post_init__
-    before, stream = ctx.device.settings_used, copy.deepcopy(ctx.rng.bit_generator.state)
-    fallback(ctx.theta0, 2 * LAW_TEST_COORDINATES + 6)  # a current point, noise, 4 checks
-    state = fallback.state
-    if state.rough or not state.checks:
-        theta, extra = run_pipeline(ctx, ctx.config, fallback)
+    before, verdict = ctx.device.settings_used, {"law_test": 0}
+
+    def holds(state: HarmonicState) -> bool:
+        verdict["law_test"] = ctx.device.settings_used - before
+        return not state.rough and bool(state.checks)
+
+    test = surrogate_pays(ctx.config, ctx.budget, ctx.info.n_params)  # else no surrogate anyway
+    out, state = harmonic_run(ctx, holds=holds if test else None)
+    if out is None:  # the law failed: the settings spent on it are gone, the record kept
+        theta, extra = run_pipeline(ctx, ctx.config, harmonic_rounds(ctx, state))
         extra["harmonic_law"] = {"holds": False, "rough": sorted(state.rough)}
+        extra["budget_by_step"]["law_test"] = verdict["law_test"]
         return MethodResult(theta, extra)
-    ctx.rng.bit_generator.state = stream  # the harmonic method's own minibatches
-    checks = state.checks[:LAW_TEST_COORDINATES]
-    law_test = ctx.device.settings_used - before
-    return _harmonic_method(ctx, {"law_test": law_test}, {"holds": True, "checks": checks})
-
-
-def _harmonic_method(ctx: TrainContext, spent: dict, law: dict) -> MethodResult:
-    """The ``harmonic`` method with its own defaults, from ``theta0``, on the budget left."""
-    before = ctx.device.settings_used
-    saved, ctx.config = ctx.config, HarmonicConfig()
-    try:
-        out = harmonic(ctx)
-    finally:
-        ctx.config = saved
-    spent["harmonic_steps"] = ctx.device.settings_used - before
-    out.extra.update(surrogate=None, harmonic_law=law, budget_by_step=spent)
+    checks = state.checks[: HARMONIC_DEFAULTS["checks_first"]]
+    used = ctx.device.settings_used - before
+    out.extra.update(
+        surrogate=None,
+        harmonic_law={"holds": True, "checks": checks} if test else {"holds": None},
+        budget_by_step={
+            "law_test": verdict["law_test"],
+            "harmonic_steps": used - verdict["law_test"],
+        },
+    )
     return out
 
 
@@ -145,10 +137,11 @@ def guided_es(ctx: TrainContext) -> MethodResult:
     return MethodResult(theta, extra)
 
 
-def harmonic_rounds(ctx: TrainContext):
+def harmonic_rounds(ctx: TrainContext, state: HarmonicState | None = None):
     """The pipeline's harmonic fallback: ``(theta, n_settings) -> theta``, harmonic coordinate
     steps (:mod:`.harmonic`, its default options) in minibatch chunks of ``refresh``
-    coordinates, cyclic across calls, the damping scheduled over the whole budget. None for
+    coordinates, cyclic across calls, the damping scheduled over the whole budget. ``state``:
+    the orders, noise and rough coordinates already known (from a failed law test). None for
     a device with no periodic parameter."""
     if not ctx.info.periodic.any():
         return None
@@ -157,7 +150,7 @@ def harmonic_rounds(ctx: TrainContext):
     rng = np.random.default_rng([ctx.seed, 0x4A52])
     stream = coordinate_stream(coords, opts["sweep"], rng, int(opts["block"]))
     batches = ctx.minibatches(int(opts["batch"]))
-    state = new_state(ctx.info, opts)
+    state = state if state is not None else new_state(ctx.info, opts)
     d0, d1 = opts["damping"], opts["damping_end"]
 
     def rounds(theta: np.ndarray, n_settings: int) -> np.ndarray:
@@ -178,7 +171,6 @@ def harmonic_rounds(ctx: TrainContext):
             if out["stopped"]:
                 return theta
 
-    rounds.state = state  # type: ignore[attr-defined]  # the law's record, for the caller
     return rounds
 
 

@@ -42,6 +42,7 @@ about 1 %), digits, budget 2000, mean test accuracy over seeds 0-2 (0-5 where ma
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -371,7 +372,23 @@ def harmonic(ctx: TrainContext) -> MethodResult:
     """A thin loop over :func:`harmonic_sweep`: ``refresh`` coordinates per minibatch until
     the budget is spent, the damping scheduled over the budget; the accuracy curve is
     recorded after every chunk."""
-    cfg = _config({k: getattr(ctx.config, k) for k in HARMONIC_DEFAULTS})
+    out, _ = harmonic_run(ctx, {k: getattr(ctx.config, k) for k in HARMONIC_DEFAULTS})
+    assert out is not None  # no law test asked for: never abandoned
+    return out
+
+
+def harmonic_run(
+    ctx: TrainContext,
+    options: dict | None = None,
+    holds: Callable[[HarmonicState], bool] | None = None,
+) -> tuple[MethodResult | None, HarmonicState]:
+    """The ``harmonic`` method's run from ``theta0`` with ``options`` (keys of
+    :data:`HARMONIC_DEFAULTS`; the rest default as for ``--method harmonic``). ``holds``, if
+    given, is asked once, after the chunk that completes the first ``checks_first`` steps
+    (their held-out checks): False abandons the run, ``(None, state)``. The law is tested
+    by the run itself, so a caller that goes on gets exactly the ``harmonic`` method's
+    settings, minibatches and device noise, not a run shifted by a separate test."""
+    cfg = _config(options or {})
     info = ctx.info
     coords = periodic_coords(info)
     rng = np.random.default_rng([ctx.seed, 0x4A52])
@@ -388,6 +405,10 @@ def harmonic(ctx: TrainContext) -> MethodResult:
         theta, out = harmonic_sweep(
             ctx, theta, chunk, next(batches), state, rng, **{**cfg, "damping": damping}
         )
+        if holds is not None and (state.steps >= cfg["checks_first"] or out["stopped"]):
+            if not holds(state):
+                return None, state
+            holds = None
         if cfg["average"] and spent >= 1 - cfg["average"]:  # circular mean: phases wrap
             phase_sum, n_avg = (
                 phase_sum + np.exp(2j * np.pi * (theta - info.low) / period),
@@ -416,4 +437,4 @@ def harmonic(ctx: TrainContext) -> MethodResult:
             "averaged": n_avg,
             "loss_trace": state.loss_trace,
         },
-    )
+    ), state
