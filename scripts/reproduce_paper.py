@@ -47,7 +47,9 @@ RHO_METHODS = ("oracle-sat", "blackbox-sat", "twin-sat")
 RHO_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
 #: Seconds per trial (train + every evaluation) on one core of the 2-core box, mzi N=32 hybrid
 #: on digits, 2000 settings (docs/experiments.md, "reproduce_paper timing"); only for the
-#: estimate printed at start. ``dat`` and ``twin-sat`` were not measured (guesses);
+#: estimate printed at start. ``twin-sat`` measured 1100 s wall (its recalibrations refit
+#: on every measured row); ``dat`` had not finished after 28 min of CPU (its residual refits
+#: on every row, at 1500 of 2000 settings), so 2400 is a lower bound;
 #: ``blackbox-sat`` on an all-periodic mesh tests the harmonic law and trains by harmonic
 #: steps, without a surrogate fit (guess from mzi N=16: 8 s of CPU, times 4 for N=32).
 SECONDS = {
@@ -55,12 +57,12 @@ SECONDS = {
     "offline-sat": 10,
     "nat": 11,
     "pat": 1800,
-    "dat": 120,
+    "dat": 2400,
     "insitu-sat": 52,
     "insitu-sat[rho=0]": 52,
     "oracle": 5,
     "oracle-sat": 15,
-    "twin-sat": 120,
+    "twin-sat": 1100,
     "blackbox-sat": 60,
 }
 #: Methods the quick preset leaves out unless named in --methods: their surrogate fit on a

@@ -86,9 +86,9 @@ def monitor_with(records, **kw):
 def test_the_monitor_keeps_a_surrogate_whose_predictions_come_true():
     m = monitor_with([(0.3, 0.25), (0.2, 0.1), (-0.2, -0.15), (0.1, 0.12)])  # rises too
     assert not m.failing(tol=0.05)
-    assert m.next_kind(0.05) == "guided"  # the fallback is measured once
-    m.observe("guided", 0.0, 0.01, 50)
-    assert m.next_kind(0.05) == "surrogate"  # and found slower
+    assert m.next_kind(0.05) == "surrogate"  # the fallback waits until the surrogate fails
+    m.observe("guided", 0.0, 0.01, 50)  # measured anyway (a forced round): found slower
+    assert m.next_kind(0.05) == "surrogate"
 
 
 def test_a_faster_fallback_takes_the_budget_from_a_surrogate_that_predicts_well():
@@ -173,9 +173,12 @@ def test_the_rule_moves_budget_off_a_surrogate_the_device_defeats():
     from .toy_devices import jagged, opaque
 
     defeated, smooth = run_on(jagged()), run_on(opaque())
-    spent = defeated["budget_by_step"]
-    assert spent.get("guided_steps", 0) >= 100  # whole rounds moved to guided ES
-    assert spent.get("guided_steps", 0) > smooth["budget_by_step"].get("guided_steps", 0)
+    kinds = [r["kind"] for r in defeated["round_log"]]
+    # the failing surrogate hands rounds to guided ES (tried, then retried), more than on a
+    # smooth device where the surrogate keeps its predictions
+    assert kinds.count("guided") >= 2
+    spent = defeated["budget_by_step"].get("guided_steps", 0)
+    assert spent > smooth["budget_by_step"].get("guided_steps", 0)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ class BlackboxConfig(PipelineConfig):
     """``blackbox``: the pipeline without SAT, refined by plain SPSA."""
 
     rho: float = 0.0
-    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="guided", rho=0.0))
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="spsa", rho=0.0))
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class GuidedEsConfig(BlackboxConfig):
     guide, refitted on the pairs; no probes), then guided refinement."""
 
     steps: Literal["auto", "surrogate", "guided", "harmonic"] = "guided"
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(rule="guided", rho=0.0))
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def blackbox_sat(ctx: TrainContext) -> MethodResult:
 @register(
     "blackbox",
     BlackboxConfig,
-    summary="surrogate, plain physics-aware training in trust regions, guided ZO refinement",
+    summary="surrogate, plain physics-aware training in trust regions, SPSA refinement",
 )
 def blackbox(ctx: TrainContext) -> MethodResult:
     return _pipeline_or_harmonic(ctx)
