@@ -1,94 +1,32 @@
 """The black-box SAT pipeline: surrogate, physics-aware SAT in trust regions, ZO refinement.
 
-Within one settings budget ``B`` (every number below is a rule, not a device constant):
+Within one settings budget ``B`` (every number is a rule, not a device constant; the
+measurement behind each rule is in docs/experiments.md, "Pipeline design choices"):
 
-0. **Budget rule** (:func:`surrogate_pays`): the surrogate is used only when the initial
-   design holds at least ``n_params / 2`` settings and ``min_rounds`` full rounds fit in the
-   rounds' share. Otherwise the whole budget goes to harmonic coordinate steps (every
-   parameter periodic) or to SPSA with the ``spsa`` method's settings, from ``theta0``.
-1. **Initial design**: ``init_fraction * B`` settings in an L-infinity box of
-   ``radius`` (bound widths) around ``theta0``, each measured on ``inputs_per_setting``
-   training inputs (purpose ``probe``). 20 % rather than 10 %: the surrogate's first fit
-   sets the direction of the first rounds (mrr ``blackbox-sat``, seeds 0-2: 0.800 / 0.842 /
-   0.822 against 0.814 / 0.766 / 0.804; freespace, seed 0: 0.896 against 0.892).
-2. **Surrogate**: ``surrogate=auto`` fits every candidate family on those queries and keeps
-   the one that best predicts the ``theta``-driven change of the output on held-out
-   *settings* (:func:`paired_delta_r2`).
-3. **Rounds**, until only the refinement share is left. Each round is of one step type,
-   chosen by :mod:`.step_choice` from the surrogate's record of predicted against measured
-   decreases: *surrogate* rounds (below) while it predicts well; *guided* rounds (guided-ES
-   pairs, :mod:`.guided`, the surrogate as guide, ``(steps + probes) / 2`` pairs, step size
-   :func:`guided_step`) or *harmonic* rounds (harmonic coordinate steps of the ``harmonic``
-   method, when every parameter is periodic) while it fails. ``extra["budget_by_step"]``
-   holds the settings spent per step type. A surrogate round:
-   - ``steps_per_round`` physics-aware SAT steps (:mod:`.physics_aware`): device forward on a
-     minibatch, surrogate backward, Adam in normalized coordinates with step size
-     ``lr_factor * radius`` (so steps match the trust region), each move clipped to the box
-     of ``radius`` around the round's centre. After each, ``inner_steps`` steps that cost no
-     setting, on anchored outputs (:class:`.physics_aware.Anchors`: each input's latest
-     measurement plus the surrogate's predicted change since). Measured on mrr (seed 0,
-     refinement off): 0.814 with 3 against 0.776 without; the round's accept test below
-     guards them like any other move;
-   - **accept or reject** the round's end point by the device loss on one fixed check
-     minibatch (one setting; the start point's check loss is known from the round before),
-     with a tolerance of the check loss's measured spread (``check_repeats`` measurements
-     at the start; ``accept_tol="auto"``; a number sets it in nats). Freespace, seed 1: 0.862
-     against 0.608 with a strict test. The spread is measured at ``theta0``, where the loss
-     is highest (0.03-0.05 nats on mrr, 0.06-0.10 on freespace), so it overstates the noise
-     late in training:
-     accepted rounds re-centre the box and grow it by ``grow``; rejected ones return to the
-     start and shrink it by ``shrink``;
-   - ``probes_per_round`` new settings around the centre, then a warm refit of the surrogate
-     on the queries of the last ``refit_window`` settings (probes *and* training steps) for
-     ``refit_steps`` steps. Recent data only, because the surrogate must be right where
-     training is now (on mrr, with 10 probes and 40 steps per round: 0.59 with a window of
-     300 settings against 0.52 with all data). With 25 probes per round, a window of 500
-     settings (10 rounds) measured better than 300 (compare, seeds 0-2: mrr 83.7 +- 0.9
-     against 82.1 +- 1.7, freespace 85.7 +- 4.2 against 87.1 +- 3.1, one freespace seed
-     0.798 against 0.828) and faster (48-50 s against 59-87 s per mrr run in ``compare``).
-     Probes and steps are split evenly (25 and 25 per round): consecutive training steps
-     all point one way, so a window dominated by them leaves the surrogate's Jacobian
-     unidentified in most directions, and the gradient cosine to the true one *fell* as
-     training went on (mrr, 40 steps and 10 probes: 0.69 in the first round, 0.45-0.6 later).
-     With 25 and 25 it rose instead (mrr to 0.74, freespace to 0.95), and ``blackbox`` went
-     from 0.748 to 0.826 on mrr and from 0.860 to 0.912 on freespace (seed 0). A refit is
-     100 warm steps: 200 took 97-103 s per mrr run against 56 s (two runs side by side)
-     for the same accuracy there (0.80 / 0.756 against 0.814 / 0.766, seeds 0 / 1), and
-     about one point less on freespace (0.908 / 0.904 against 0.892 / 0.898). These two
-     numbers are per family (:data:`REFIT_BY_FAMILY`): the interferometric family refits
-     for 200 steps on 300 settings.
-4. **Refinement**: the last ``refine_fraction * B`` settings go to zeroth-order refinement on
-   the device (:mod:`.refine`): ``sa-spsa`` for ``blackbox-sat`` (measured around random
-   offsets of norm ``refine.rho``, to keep the flatness SAT found), ``spsa`` for
-   ``blackbox``; ``guided`` (the surrogate as guide) is an option, not the default, since on
-   ``mrr`` at 1000 settings its result was dropped more often (docs/experiments.md, "Two
-   fixes after the merge"). Its result faces
-   the same acceptance test (one setting on the check minibatch) and is dropped if the
-   device loss rose: with 160 parameters a 300-setting SPSA run is mostly noise.
+0. **Budget rule** (:func:`surrogate_pays`): a surrogate only when the initial design holds
+   at least ``n_params / 2`` settings and ``min_rounds`` full rounds fit; otherwise the
+   budget goes to harmonic steps (every parameter periodic) or to ``spsa``.
+1. **Initial design**: ``init_fraction * B`` settings in a box of ``radius`` bound widths
+   around ``theta0``, each measured on ``inputs_per_setting`` training inputs.
+2. **Surrogate**: ``surrogate=auto`` keeps the family that best predicts the
+   ``theta``-driven change of the outputs on held-out settings (:mod:`.surrogate_choice`).
+3. **Rounds** until the refinement share is left, each of one step type chosen by
+   :mod:`.step_choice` from predicted against measured decreases: *surrogate* rounds
+   (:mod:`.surrogate_steps`: physics-aware SAT steps with the device forward and the
+   surrogate backward, Adam step ``lr_factor * radius``, clipped to the trust region, plus
+   ``inner_steps`` anchored steps that cost no setting), or *guided* / *harmonic* rounds
+   while the surrogate fails. Each round's end point is accepted or rejected by the check
+   loss (:class:`.trust_region.TrustRegion`: tolerance = the check loss's measured
+   spread; accept grows the region, reject returns and shrinks it). After a surrogate round,
+   ``probes_per_round`` new settings and a warm refit on the last ``refit_window``
+   settings: the surrogate must be right where training is now.
+4. **Refinement**: the last ``refine_fraction * B`` settings go to zeroth-order refinement
+   (:mod:`.refine`; ``sa-spsa`` for ``blackbox-sat``, ``spsa`` for ``blackbox``), kept only
+   if the check loss did not rise.
 
-**SAT radius.** ``rho`` is the L2 norm of the ascent step in bound widths, ramped up
-linearly over the budget (``rho_ramp=1``: ``rho * settings_used / budget``; 0 switches the
-ramp off), as warm-up is usual for SAM: early on, the ascent only slows the descent (mrr, the
-true model as stand-in, seed 0: accuracy 0.40 at 250 settings with a constant rho 0.05
-against 0.60 with rho 0). Flatness costs on-chip accuracy on a sharp device even with exact
-gradients: on mrr the true-model stand-in reached 0.856 / 0.848 / 0.804 with rho 0 / 0.02 /
-0.05, on freespace 0.914 (rho 0) against 0.904 (0.05). The default 0.02 keeps that cost to
-about one point.
-
-``radius_min`` is 0.025: with 0.01 the rejected rounds shrank the steps until progress
-stalled (mrr, seed 0: 0.776 against 0.748 at 0.01, refinement off). The training steps'
-own measurements (``learn_from_steps``) join the refit data: 0.65 against 0.59 without.
-``refresh_after=k`` (off by default) refits the surrogate from scratch on the refit window
-after ``k`` rejected rounds in a row, when warm refits have not repaired its local picture.
-With ``k = 2`` (seeds 0-4, side by side or against the same seeds' default runs): freespace
-+3.0 points on average and never worse (seed 1: 0.894 against 0.798, seed 3: 0.886 against
-0.830, the others unchanged); mrr -1.2 (seed 2: 0.794 against 0.842) at up to twice the
-wall time (123 s against 61 s, seed 3), because mrr rejects every other round as a matter
-of course; mzi -1.8 (seeds 0-2). A device that accepts most rounds and then stalls is where
-it pays.
-``spread="shells"`` for the designs (:func:`surrogates.design.trust_region`) is an option,
-off by default because it measured worse on mrr (0.578 against 0.714); so did annealing the
-step size over the budget (cosine, 0.732 against 0.748), which is not kept.
+**SAT radius.** ``rho`` (L2, bound widths) ramps up linearly over the budget, as warm-up is
+usual for SAM: early on the ascent only slows the descent. ``extra["budget_by_step"]``
+records the settings spent per step type.
 """
 
 from __future__ import annotations
