@@ -151,52 +151,31 @@ def train_on_models(
     )
 
 
-@register(
-    "oracle",
-    ModelTrainingConfig,
-    needs="true",
-    summary="exact gradients through the true, noise-free chip model",
-)
-def oracle(ctx: TrainContext) -> MethodResult:
-    model = ctx.model("true")
-    return train_on_models(ctx, [model], [model], label="oracle")
+#: The methods that train on one model of the chip: (name, config, which model, with SAT,
+#: summary). Data rather than four near-copies of one function.
+ONE_MODEL_METHODS = (
+    ("oracle", ModelTrainingConfig, "true", False,
+     "exact gradients through the true, noise-free chip model"),
+    ("oracle-sat", ModelSatConfig, "true", True,
+     "SAT with exact gradients through the true chip model: what flatness buys without model error"),
+    ("offline", ModelTrainingConfig, "nominal", False,
+     "backprop on the nominal (datasheet) model, deployed as-is"),
+    ("offline-sat", ModelSatConfig, "nominal", True, "SAT on the nominal model, deployed as-is"),
+)  # fmt: skip
 
 
-@register(
-    "oracle-sat",
-    ModelSatConfig,
-    needs="true",
-    summary="SAT with exact gradients through the true chip model: what flatness buys without model error",
-)
-def oracle_sat(ctx: TrainContext) -> MethodResult:
-    model = ctx.model("true")
-    return train_on_models(
-        ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive, label="oracle-sat"
-    )
+def _on_one_model(name: str, which: str, sat: bool):
+    def method(ctx: TrainContext) -> MethodResult:
+        model = ctx.model(which)
+        kw = {"rho": ctx.config.rho, "adaptive": ctx.config.adaptive} if sat else {}
+        return train_on_models(ctx, [model], [model], label=name, **kw)
+
+    method.__name__ = name.replace("-", "_")
+    return method
 
 
-@register(
-    "offline",
-    ModelTrainingConfig,
-    needs="nominal",
-    summary="backprop on the nominal (datasheet) model, deployed as-is",
-)
-def offline(ctx: TrainContext) -> MethodResult:
-    model = ctx.model("nominal")
-    return train_on_models(ctx, [model], [model], label="offline")
-
-
-@register(
-    "offline-sat",
-    ModelSatConfig,
-    needs="nominal",
-    summary="SAT on the nominal model, deployed as-is",
-)
-def offline_sat(ctx: TrainContext) -> MethodResult:
-    model = ctx.model("nominal")
-    return train_on_models(
-        ctx, [model], [model], rho=ctx.config.rho, adaptive=ctx.config.adaptive, label="offline-sat"
-    )
+for _name, _config, _which, _sat, _summary in ONE_MODEL_METHODS:
+    register(_name, _config, needs=_which, summary=_summary)(_on_one_model(_name, _which, _sat))
 
 
 @register(

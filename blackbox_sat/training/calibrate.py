@@ -41,6 +41,7 @@ from torch import nn
 from blackbox_sat.devices.contract import InvalidInput, MissingCapability
 from blackbox_sat.devices.spec import resolve_factory
 from surrogates import CalibratedSurrogate
+from surrogates.calibration_model import check_model
 
 from .context import MINIBATCH, TrainContext
 
@@ -84,15 +85,10 @@ def check_calibration_model(model, info, x: np.ndarray, theta: np.ndarray) -> No
     """Refuse, before any setting is spent, a model that is not a module, has no parameters,
     or gives a wrong shape or non-finite outputs at ``theta (n_params,)``, ``x (batch, in_dim)``."""
     what = type(model).__name__
-    if not isinstance(model, nn.Module):
-        raise CalibrationModelError(
-            f"the calibration model must be a torch.nn.Module model(theta, x) -> y, got {what}"
-        )
-    if not any(p.requires_grad for p in model.parameters()):
-        raise CalibrationModelError(
-            f"the calibration model {what} has no nn.Parameter: nothing to calibrate; register "
-            "the chip's unknown errors (coupler ratios, phase offsets, gains) as nn.Parameter"
-        )
+    try:  # the surrogate's own check: a module with parameters to identify
+        check_model(model)
+    except (TypeError, ValueError) as exc:
+        raise CalibrationModelError(str(exc)) from None
     with torch.no_grad():
         y = model(torch.as_tensor(theta, dtype=torch.float64), torch.as_tensor(x).double())
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x), info.out_dim):
