@@ -22,8 +22,9 @@ Budget rule of ``twin-sat`` (any model; fractions of the budget ``B``):
 - refinement: the last ``refine_fraction`` = 15 % of ``B`` (the black-box pipeline's
   measured share), ``sa-spsa`` at its defaults;
 - the rest: physics-aware SAT steps, split into ``recalibrations`` equal blocks, each
-  followed by a warm recalibration on every row measured so far, so the backward pass of
-  the next block, and the saved twin, use the chip's outputs near the working point.
+  followed by a warm recalibration on the design and the last ``REFIT_WINDOW`` settings,
+  so the backward pass of the next block, and the saved twin, use the chip's outputs near
+  the working point (``dat`` refits its residual on the same window).
 
 Device steps fine-tune a point already trained in silico, so their Adam rate is
 ``device_lr_factor`` (0.1) times the rate the in-silico search chose, cosine-decayed.
@@ -40,6 +41,7 @@ import torch
 from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.calibrate import (
     MAX_FRACTION,
+    REFIT_WINDOW,
     Rows,
     calibration_settings,
     check_calibration_model,
@@ -268,8 +270,10 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
     n_refine = round(cfg.refine_fraction * ctx.budget)
     updates: list[float] = []
 
+    n_design = len(rows)
+
     def recalibrate():
-        sur.update(*rows.arrays())
+        sur.update(*rows.window(REFIT_WINDOW, keep_first=n_design).arrays())
         updates.append(sur.report["updates"][-1]["train_nrmse"])
 
     theta, losses = device_steps(
@@ -308,7 +312,7 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
 def dat(ctx: TrainContext) -> MethodResult:
     """In silico on the datasheet model first, then ``rounds`` alternations: physics-aware
     steps with the datasheet plus residual as the backward pass, then a fresh residual fit on
-    every output measured so far. The model's parameters stay at their datasheet values."""
+    the last ``REFIT_WINDOW`` settings' outputs. The model's parameters stay at their datasheet values."""
     cfg = ctx.config
     model = _model(ctx, cfg.model)
     res = train_on_models(ctx, [model], [model], label="dat")
@@ -320,7 +324,7 @@ def dat(ctx: TrainContext) -> MethodResult:
             return
         sur = fit_twin(
             model,
-            rows,
+            rows.window(REFIT_WINDOW),
             ctx.seed,
             residual=True,
             max_iter=0,  # the datasheet stays: only the residual learns

@@ -53,6 +53,10 @@ MIN_SETTINGS = 10
 MAX_FRACTION = 0.2
 #: Inputs of a calibration setting that repeat others in the same query (read-noise estimate).
 REPEATS = 8
+#: Device-step settings a refit in the loop uses, the most recent ones (plus the design):
+#: the twin must be right near the working point, which recent settings cover, and a refit
+#: on every row grows with the budget (1100 s at 2000 settings on a 992-phase mesh).
+REFIT_WINDOW = 128
 
 
 class CalibrationModelError(InvalidInput):
@@ -131,6 +135,13 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.parts)
+
+    def window(self, recent: int, keep_first: int = 0) -> Rows:
+        """The first ``keep_first`` settings (a calibration design) and the ``recent`` last."""
+        out = Rows()
+        head = self.parts[:keep_first]
+        out.parts = head + self.parts[max(len(head), len(self.parts) - recent) :]
+        return out
 
     def arrays(self, start: int = 0) -> tuple[np.ndarray, ...]:
         """``theta (m, P)``, ``x (m, D)``, ``y (m, out)``, ``groups (m,)`` of settings ``start:``."""
