@@ -359,22 +359,24 @@ def write_markdown(rows: list[dict], p: dict, wall: float, out: Path, label: str
                 f"{r.get('worst_loss', float('nan')):.3g} | {pct(None if r.get('acc_lost') is None else 100 * r['acc_lost'])} |"
             )
     rho_rows = [r for r in rows if r["section"] == "rho"]
-    if rho_rows:
-        plot_rho(rho_rows, out / "paper_rho.png")
+    for dev in dict.fromkeys(r["device"] for r in rho_rows):
+        dev_rows = [r for r in rho_rows if r["device"] == dev]
+        plot_rho(dev_rows, out / f"paper_rho_{dev}.png")
         text += [
             "",
-            f"## SAT radius: on-chip against transfer ({rho_rows[0]['device']}, seed 0)",
+            f"## SAT radius: on-chip against transfer ({dev}, seed 0)",
             "",
-            "![rho](paper_rho.png)",
+            f"![rho](paper_rho_{dev}.png)",
             "",
-            "| method | rho | trained chip | unseen chips | sweep mean |",
-            "|---|---|---|---|---|",
+            "| method | rho | trained chip | unseen chips | sweep mean | λmax |",
+            "|---|---|---|---|---|---|",
         ]
-        for r in rho_rows:
+        for r in dev_rows:
             if r["status"] == "ok":
                 text.append(
-                    f"| `{r['method']}` | {r['rho']:g} | {100 * r['acc_chip']:.1f} | "
-                    f"{100 * r['acc_unseen_mean']:.1f} | {100 * r['acc_drift_mean']:.1f} |"
+                    f"| `{r['method']}` | {rho_label(r)} | {100 * r['acc_chip']:.1f} | "
+                    f"{100 * r['acc_unseen_mean']:.1f} | {100 * r['acc_drift_mean']:.1f} | "
+                    f"{r.get('sharpness') or float('nan'):.3g} |"
                 )
     text += [
         "",
@@ -406,6 +408,11 @@ def write_markdown(rows: list[dict], p: dict, wall: float, out: Path, label: str
     return path
 
 
+def rho_label(r: dict) -> str:
+    """``0.5`` for SAM at radius 0.5, ``0.5 ASAM`` for the adaptive variant."""
+    return f"{r['rho']:g}{' ASAM' if r.get('adaptive') else ''}"
+
+
 def plot_rho(rows: list[dict], path: Path) -> None:
     """On-chip accuracy against unseen-chip and perturbed accuracy, one line per method
     through its rho values."""
@@ -421,7 +428,7 @@ def plot_rho(rows: list[dict], path: Path) -> None:
     ):
         for m in dict.fromkeys(r["method"] for r in rows):
             pts = [
-                (100 * r["acc_chip"], 100 * r[key], r["rho"])
+                (100 * r["acc_chip"], 100 * r[key], rho_label(r))
                 for r in rows
                 if r["method"] == m and r["status"] == "ok"
             ]
@@ -429,7 +436,7 @@ def plot_rho(rows: list[dict], path: Path) -> None:
                 continue
             ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", label=m)
             for x, y, rho in pts:
-                ax.annotate(f"{rho:g}", (x, y), fontsize=7)
+                ax.annotate(rho, (x, y), fontsize=7)
         ax.set_xlabel("trained chip accuracy (%)")
         ax.set_ylabel(f"{label} (%)")
         ax.grid(alpha=0.3)

@@ -42,14 +42,19 @@ from paper_report import FLAT_RHO, PAIRS, SWEEPS, TABLE1, write_markdown
 UNSEEN = (101, 102, 103, 104, 105)
 #: Extra error levels of the transfer table; Table 1's own sigma (0.15) is compare's unseen chips.
 TRANSFER_SIGMAS = (0.10,)
-#: The rho sweep: methods and radii (normalized L2; rho 0 is the same method without SAT).
-RHO_METHODS = ("oracle-sat", "blackbox-sat", "twin-sat")
-RHO_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
+#: The rho sweep, per device: the methods with a radius there (on an all-periodic mesh
+#: ``blackbox-sat`` trains by harmonic steps, which have none, so ``insitu-sat`` takes its
+#: place), and the radii (normalized L2; rho 0 is the same method without SAT); each radius
+#: as plain SAM and, at the largest, ASAM (``adaptive``).
+RHO_METHODS = {
+    "mzi": ("oracle-sat", "insitu-sat", "twin-sat"),
+    "mrr": ("oracle-sat", "blackbox-sat", "twin-sat"),
+}
+RHO_GRID = ((0.0, False), (0.05, False), (0.2, False), (0.5, False), (0.5, True))
 #: Seconds per trial (train + every evaluation) on one core of the 2-core box, mzi N=32 hybrid
 #: on digits, 2000 settings (docs/experiments.md, "reproduce_paper timing"); only for the
-#: estimate printed at start. ``twin-sat`` measured 1100 s wall (its recalibrations refit
-#: on every measured row); ``dat`` had not finished after 28 min of CPU (its residual refits
-#: on every row, at 1500 of 2000 settings), so 2400 is a lower bound;
+#: estimate printed at start. ``twin-sat`` and ``dat`` refit on a window of recent settings
+#: (1100 s and over 2400 s when they refit on every measured row);
 #: ``blackbox-sat`` on an all-periodic mesh tests the harmonic law and trains by harmonic
 #: steps, without a surrogate fit (guess from mzi N=16: 8 s of CPU, times 4 for N=32).
 SECONDS = {
@@ -57,26 +62,28 @@ SECONDS = {
     "offline-sat": 10,
     "nat": 11,
     "pat": 1800,
-    "dat": 2400,
+    "dat": 210,
     "insitu-sat": 52,
     "insitu-sat[rho=0]": 52,
     "oracle": 5,
     "oracle-sat": 15,
-    "twin-sat": 1100,
+    "twin-sat": 140,
     "blackbox-sat": 60,
 }
 #: Methods the quick preset leaves out unless named in --methods: their surrogate fit on a
 #: 992-phase mesh alone outlasts the preset's time (SECONDS).
 SLOW = ("pat",)
 PRESETS = {
-    "quick": dict(task="digits", n_modes=32, seeds=1, budget=2000, workers=2, rho=None, skip=SLOW),
+    "quick": dict(
+        task="digits", n_modes=32, seeds=1, budget=2000, workers=2, rho=("mzi",), skip=SLOW
+    ),
     "full": dict(
         task="fashion-mnist",
         n_modes=64,
         seeds=3,
         budget=2000,
         workers=2,
-        rho="mrr",
+        rho=("mzi", "mrr"),
         skip=(),
     ),
 }
@@ -121,10 +128,10 @@ def estimate_s(p: dict, plan: dict) -> float:
             if p["methods"] is None and m in p["skip"]:
                 continue
             total += trial_s(m, device) * p["seeds"]
-    if p.get("rho"):  # one seed per radius, one at a time: counts once per worker
-        for m in RHO_METHODS:
+    for device in p.get("rho") or ():  # one seed per radius
+        for m in RHO_METHODS[device]:
             if p["methods"] is None or m in p["methods"]:
-                total += len(RHO_GRID) * trial_s(m, p["rho"]) * max(1, p["workers"])
+                total += len(RHO_GRID) * trial_s(m, device)
     return total / max(1, p["workers"])
 
 
@@ -179,39 +186,54 @@ def run_section(name: str, spec: tuple, p: dict, runs: Path) -> list[dict]:
     return rows
 
 
-def run_rho_sweep(p: dict, runs: Path) -> list[dict]:
-    """SAT radius against transfer: each of RHO_METHODS at each of RHO_GRID on ``p["rho"]``
-    (mrr, or mzi with the hybrid PNN), seed 0; rows carry ``rho`` and section ``rho``."""
-    device = p["rho"]
+def rho_trial(device: str, m: str, rho: float, adaptive: bool, p: dict, runs: Path) -> list[dict]:
+    """One trial of the rho sweep (method ``m`` at radius ``rho``, seed 0, chip 0)."""
     kw, cfg = ({"n_modes": p["n_modes"]}, {"pnn": "hybrid"}) if device == "mzi" else ({}, {})
-    known, rows = set(bs.method_names()), []
-    for m in RHO_METHODS:
-        if m not in known or (p["methods"] is not None and m not in p["methods"]):
-            continue
-        for rho in RHO_GRID:
-            c = {**cfg, **p["set"], "rho": rho}
-            if m == "blackbox-sat":  # its refinement has its own radius; both move together
-                c["refine.rho"] = rho
-            res = bs.compare(
-                device,
-                task=p["task"],
-                methods=[m],
-                seeds=[0],
-                budget=p["budget"],
-                out=runs / "rho" / m / f"rho{rho:g}",
-                device_kw=kw,
-                config=c,
-                unseen=UNSEEN,
-                sweep=SWEEPS[device],
-                workers=1,
-                progress=False,
-            )
-            for r in res["rows"]:
-                r.update(section="rho", device=device, rho=rho)
-                if r["status"] == "ok":
-                    r["run_dir"] = str(runs / "rho" / m / f"rho{rho:g}" / "runs" / m / "seed0")
-                rows.append(r)
-    return rows
+    c = {**cfg, **p["set"], "rho": rho, "adaptive": adaptive}
+    if m == "blackbox-sat":  # its refinement has its own radius; both move together
+        c["refine.rho"] = rho
+    folder = runs / "rho" / device / m / f"rho{rho:g}{'-asam' if adaptive else ''}"
+    res = bs.compare(
+        device,
+        task=p["task"],
+        methods=[m],
+        seeds=[0],
+        budget=p["budget"],
+        out=folder,
+        device_kw=kw,
+        config=c,
+        unseen=UNSEEN,
+        sweep=SWEEPS[device],
+        workers=1,
+        progress=False,
+    )
+    for r in res["rows"]:
+        r.update(section="rho", device=device, rho=rho, adaptive=adaptive)
+        if r["status"] == "ok":
+            r["run_dir"] = str(folder / "runs" / m / "seed0")
+    return res["rows"]
+
+
+def run_rho_sweep(p: dict, runs: Path) -> list[dict]:
+    """SAT radius against transfer: on each device of ``p["rho"]``, each of its RHO_METHODS at
+    each of RHO_GRID (mzi with the hybrid PNN), trials in ``p["workers"]`` processes (spawned:
+    a forked torch can hang); rows carry ``rho``, ``adaptive`` and section ``rho``."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    known = set(bs.method_names())
+    jobs = [
+        (device, m, rho, adaptive)
+        for device in p["rho"]
+        for m in RHO_METHODS[device]
+        if m in known and (p["methods"] is None or m in p["methods"])
+        for rho, adaptive in RHO_GRID
+    ]
+    if p["workers"] <= 1:
+        return [r for job in jobs for r in rho_trial(*job, p, runs)]
+    with ProcessPoolExecutor(p["workers"], mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(rho_trial, *job, p, runs) for job in jobs]
+        return [r for f in futures for r in f.result()]
 
 
 def add_transfer(rows: list[dict]) -> None:
@@ -283,7 +305,9 @@ def parse(argv: list[str]) -> dict:
     ap.add_argument(
         "--sections", help="comma-separated subset of table1,mrr,freespace ('' for none)"
     )
-    ap.add_argument("--rho-sweep", choices=("mrr", "mzi", "none"), help="the rho sweep's device")
+    ap.add_argument(
+        "--rho-sweep", help="the rho sweep's devices, comma-separated (mzi, mrr), or none"
+    )
     ap.add_argument("--label", default="", help="a line put at the top of paper.md")
     a = ap.parse_args(argv)
     p: dict[str, Any] = dict(PRESETS["full" if a.full else "quick"])
@@ -298,7 +322,11 @@ def parse(argv: list[str]) -> dict:
         if getattr(a, k) is not None:
             p[k] = getattr(a, k)
     if a.rho_sweep is not None:
-        p["rho"] = None if a.rho_sweep == "none" else a.rho_sweep
+        p["rho"] = tuple(d for d in a.rho_sweep.split(",") if d not in ("", "none"))
+        if unknown := set(p["rho"]) - set(RHO_METHODS):
+            ap.error(
+                f"--rho-sweep: no sweep for {sorted(unknown)}; choose from {sorted(RHO_METHODS)}"
+            )
     p["methods"] = None if a.methods is None else a.methods.split(",")
     p["sections"] = None if a.sections is None else [x for x in a.sections.split(",") if x]
     pairs = [kv.split("=", 1) for kv in a.set]

@@ -42,6 +42,7 @@ def test_quick_path_end_to_end_on_a_tiny_budget(tmp_path):
         "## Transfer",
         "## Drift and misalignment",
         "## Flatness",
+        "## SAT radius: on-chip against transfer (mzi",
         "## Verdicts",
     ):
         assert heading in text
@@ -58,6 +59,10 @@ def test_quick_path_end_to_end_on_a_tiny_budget(tmp_path):
     line = next(x for x in verdicts.splitlines() if x.startswith("| mrr drift -1 K: `oracle-sat`"))
     assert line.split("|")[4].strip() in ("reproduced", "partly", "not")
     assert (out / "paper_perturbation.png").exists() and (out / "paper_flatness.png").exists()
+    # the quick preset's rho sweep: oracle-sat at every radius, ASAM included
+    radius = text.split("## SAT radius")[1].split("## Verdicts")[0]
+    assert sum(x.startswith("| `oracle-sat` |") for x in radius.splitlines()) == len(mod.RHO_GRID)
+    assert "| `oracle-sat` | 0.5 ASAM |" in radius and (out / "paper_rho_mzi.png").exists()
 
 
 @pytest.mark.parametrize("flag", ["--quick", "--full"])
