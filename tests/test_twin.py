@@ -201,7 +201,7 @@ def test_refit_window_keeps_the_design_and_the_most_recent_settings():
     rows = Rows()
     for i in range(10):
         rows.add(np.full(3, float(i)), np.zeros((2, 4)), np.zeros((2, 5)))
-    theta, x, y, groups = rows.window(4, keep_first=2).arrays()
+    theta, _, _, groups = rows.window(4, keep_first=2).arrays()
     assert sorted(set(theta[:, 0])) == [0.0, 1.0, 6.0, 7.0, 8.0, 9.0]
     assert len(groups) == 12 and groups.max() == 5
     assert len(rows.window(50, keep_first=2)) == 10  # a short history is kept whole
