@@ -20,6 +20,7 @@ TABLE1 = (
     ("SAT in situ", "insitu-sat", 97.1),
     ("the limit", "oracle", None),
     ("oracle-sat", "oracle-sat", None),
+    ("twin", "twin", None),  # the twin without SAT or device steps: what twin-sat adds
     ("twin-sat", "twin-sat", None),
     ("blackbox-sat", "blackbox-sat", None),
 )

@@ -67,6 +67,7 @@ SECONDS = {
     "insitu-sat[rho=0]": 52,
     "oracle": 5,
     "oracle-sat": 15,
+    "twin": 30,
     "twin-sat": 140,
     "blackbox-sat": 60,
 }

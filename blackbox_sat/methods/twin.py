@@ -77,6 +77,7 @@ class TwinConfig(ModelTrainingConfig):
 @dataclass(frozen=True)
 class TwinSatConfig(TwinConfig):
     rho: float = 0.05  # SAT radius, normalized L2, in silico and on the device
+    adaptive: bool = False  # ASAM: the perturbation scaled by |theta|, in silico and on the device
     device_lr_factor: float = 0.1  # device steps' Adam rate / the in-silico rate chosen
     inner_steps: int = 3  # anchored steps per device setting (physics_aware.Anchors)
     recalibrations: int = 2  # blocks of device steps, each followed by a recalibration
@@ -181,12 +182,14 @@ def twin(ctx: TrainContext) -> MethodResult:
     return res
 
 
-def in_silico_sat(ctx: TrainContext, model, rho: float) -> tuple[MethodResult, float]:
+def in_silico_sat(
+    ctx: TrainContext, model, rho: float, adaptive: bool = False
+) -> tuple[MethodResult, float]:
     """SAT on the twin, kept unless plain training on it validates better by more than the
     validation accuracy's standard error ``sqrt(p (1 - p) / n_val)`` (flatness is worth a
     difference the validation set cannot resolve, not more). Costs no setting. Returns the
     result and the radius chosen (``rho`` or 0)."""
-    sat = train_on_models(ctx, [model], [model], rho=rho, label="twin-sat")
+    sat = train_on_models(ctx, [model], [model], rho=rho, adaptive=adaptive, label="twin-sat")
     sat_digital = copy.deepcopy(ctx.pnn.state_dict())  # a hybrid PNN's layers go with theta
     plain = train_on_models(ctx, [model], [model], label="twin-sat plain")
     p = plain.extra["model_val_accuracy"]
@@ -215,6 +218,7 @@ def device_steps(
     rows: Rows,
     blocks: int,
     after_block,
+    adaptive: bool = False,
 ) -> tuple[np.ndarray, list[float]]:
     """Physics-aware (SAT) steps on the device for ``n_settings`` settings, the backward pass
     through ``stand_in()`` (re-read each block), every measurement added to ``rows``;
@@ -236,13 +240,22 @@ def device_steps(
             for _ in range(min(per_block, n_settings - done)):
                 opt.zero_grad()
                 idx = next(batches)
-                step = physics_aware_step(ctx, theta, idx, model, rho=rho)
+                step = physics_aware_step(ctx, theta, idx, model, rho=rho, adaptive=adaptive)
                 assert step.x is not None and step.y is not None  # a device step measures
                 rows.add(theta, step.x, step.y)
                 anchors.record(step, idx, theta)
                 theta = normalized_step(opt, u, step.grad, info)
                 theta = anchored_steps(
-                    ctx, anchors, model, opt, u, theta, batches, inner_steps, rho=rho
+                    ctx,
+                    anchors,
+                    model,
+                    opt,
+                    u,
+                    theta,
+                    batches,
+                    inner_steps,
+                    rho=rho,
+                    adaptive=adaptive,
                 )
                 sched.step()
                 losses.append(step.loss)
@@ -266,7 +279,7 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
     rows = Rows()
     sur = calibrate(ctx, cfg, rows)
     cal = twin_report(sur, ctx.source)
-    res, rho = in_silico_sat(ctx, sur.predict_setting, cfg.rho)
+    res, rho = in_silico_sat(ctx, sur.predict_setting, cfg.rho, cfg.adaptive)
     n_refine = round(cfg.refine_fraction * ctx.budget)
     updates: list[float] = []
 
@@ -287,6 +300,7 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
         rows,
         cfg.recalibrations,
         recalibrate,
+        adaptive=cfg.adaptive,
     )
     history = None
     if _left(ctx) > 0:
