@@ -160,16 +160,19 @@ def slow_mrr4(delay=0.004, **kw):
     return Faulty(mrr4(**kw), delay=delay)
 
 
-def make_ctx(device, task="iris", budget=400, seed=0, config=None, method="spsa") -> TrainContext:
-    """The context ``train`` builds, without files: metered device (no ledger), PNN with
-    the gain calibrated on the device (1 setting), encoded data."""
+def make_ctx(
+    device, task="iris", budget=400, seed=0, config=None, method="spsa", pnn_mode="device"
+) -> TrainContext:
+    """The context ``train`` builds, without files: metered device (no ledger), PNN
+    (``pnn_mode``) with the gain calibrated on the device (1 setting), encoded data."""
     info = describe(device)
     data = load_task(task)
-    pnn = PNN.build(data.x_train, data.n_classes, info)
+    pnn = PNN.build(data.x_train, data.n_classes, info, pnn_mode)
     metered = MeteredDevice(device, None, budget=budget)
     theta0 = info.start(seed)
     f_train = pnn.features(data.x_train)
-    x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).numpy()
+    with torch.no_grad():
+        x_cal = pnn.device_inputs(f_train[:CALIBRATION_INPUTS]).numpy()
     pnn.gain.fill_(
         calibrate_gain(metered.query(theta0, x_cal, purpose="calibrate"), data.n_classes)
     )

@@ -234,3 +234,31 @@ def test_public_train_api(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "opaque").exists()
+
+
+def test_hybrid_readout_is_trained_on_the_measured_outputs_at_no_extra_setting():
+    def run(**config):
+        ctx = make_ctx(
+            mzi(seed=0, n_modes=6),
+            task="iris",
+            budget=150,
+            method="harmonic",
+            pnn_mode="hybrid",
+            config=config,
+        )
+        eye = {k: v.clone() for k, v in ctx.pnn.state_dict().items()}
+        res = get_method("harmonic").fn(ctx)
+        y = ctx.device.query(res.theta, ctx.device_inputs(ctx.f_train), purpose="eval")
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(
+                ctx.pnn(torch.as_tensor(y)), torch.as_tensor(ctx.y_train)
+            )
+        moved = {k for k, v in ctx.pnn.state_dict().items() if not torch.equal(v, eye[k])}
+        return float(loss), moved, res.extra, ctx.device.settings_used
+
+    loss_off, moved_off, extra_off, used_off = run(readout_lr=0.0)
+    loss_on, moved_on, extra_on, used_on = run()
+    assert not moved_off and extra_off["readout_steps"] == 0
+    assert moved_on == {"readout.weight", "readout.bias"} and extra_on["readout_steps"] > 0
+    assert used_on == used_off  # the readout costs no setting
+    assert loss_on < loss_off - 0.1, (loss_on, loss_off)

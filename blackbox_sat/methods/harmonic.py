@@ -12,8 +12,13 @@ minimiser. This is sequential minimal optimisation (Nakanishi, Fujii, Todo, Phys
 Research 2, 043158 (2020), "NFT") and Rotosolve (Ostaszewski, Grant, Benedetti, Quantum 5,
 391 (2021)) applied to every output of a PNN, so the loss can be any function of them.
 Only the contract is used: ``periodic`` picks the coordinates (others are left alone; none
-periodic is an error), the bounds give the period, settings wrap by ``info.project``. A
-hybrid PNN's digital layers are not trained here (they keep their identity start).
+periodic is an error), the bounds give the period, settings wrap by ``info.project``.
+
+Hybrid PNN: the readout acts on measured outputs, so after every minibatch chunk it takes
+``readout_steps`` Adam steps on the outputs known at the current theta for the last
+``readout_memory`` minibatches (:mod:`..training.readout_memory`), at no setting; the
+minimisation then uses the current readout. The input layer changes the device's inputs,
+so no measurement here gives its gradient: it keeps its identity start.
 
 Harmonic check (``check_every`` steps and the first ``checks_first``): one setting at a
 random held-out phase. An error above ``check_tol`` of the output spread and above 3 x the
@@ -36,6 +41,8 @@ about 1 %), digits, budget 2000, mean test accuracy over seeds 0-2 (0-5 where ma
 - ``average`` (circular mean over the last quarter): cyclic .610 vs .601 without;
 - order: ``auto`` raised no coordinate on ``mzi`` (largest check error 0.12 of the spread);
   fixed order 2 (4 new settings a step) .513 (cyclic, seeds 0-1), .441 (random order).
+No gain from gain-priority sweeps, sweep extrapolation, per-coordinate damping, cautious or
+recalled loss curves (docs/experiments.md, "The harmonic method on mzi", 2026-12-02).
 ``mrr`` and ``freespace`` declare no periodic parameter, so this method refuses them.
 """
 
@@ -55,6 +62,7 @@ from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.config import RunConfig, build
 from blackbox_sat.training.context import MINIBATCH, TrainContext
 from blackbox_sat.training.pnn import readout_loss
+from blackbox_sat.training.readout_memory import readout_memory
 
 from .registry import MethodResult, register
 
@@ -80,6 +88,9 @@ class HarmonicConfig(RunConfig):
     check_tol: float = 0.15  # check error / output spread (and > 3 noise) that raises the order
     grid: int = 128  # phase grid points over one period (plus a local refine)
     batch: int = MINIBATCH
+    readout_lr: float = 0.03  # hybrid PNN: Adam on the readout from measured outputs (0: off)
+    readout_memory: int = 8  # ... on the last this many minibatches
+    readout_steps: int = 10  # ... this many steps after every minibatch chunk
 
 
 #: The method's own options (its configuration less what every method accepts).
@@ -398,6 +409,7 @@ def harmonic_run(
     theta, phase_sum, n_avg = info.project(ctx.theta0), 0.0, 0
     period = np.where(info.periodic, info.high - info.low, 1.0)
     d0, d1 = cfg["damping"], cfg["damping_end"]
+    memory = readout_memory(ctx.pnn, int(cfg["readout_memory"]), float(cfg["readout_lr"]))
     while ctx.device.settings_used < ctx.budget:
         spent = ctx.device.settings_used / max(ctx.budget, 1)
         chunk = [next(stream) for _ in range(max(1, int(cfg["refresh"])))]
@@ -405,6 +417,9 @@ def harmonic_run(
         theta, out = harmonic_sweep(
             ctx, theta, chunk, next(batches), state, rng, **{**cfg, "damping": damping}
         )
+        if memory is not None and state.y is not None:  # free: outputs already measured
+            memory.add(state.y, ctx.y_train[state.idx])
+            memory.train(int(cfg["readout_steps"]))
         if holds is not None and (state.steps >= cfg["checks_first"] or out["stopped"]):
             if not holds(state):
                 return None, state
@@ -436,5 +451,6 @@ def harmonic_run(
             "rough": sorted(state.rough),
             "averaged": n_avg,
             "loss_trace": state.loss_trace,
+            "readout_steps": memory.steps if memory is not None else 0,
         },
     ), state
