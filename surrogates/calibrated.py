@@ -69,7 +69,7 @@ class CalibratedSurrogate(CalibrationFit):
         max_restarts, restart_scale, stall_factor, stall_fraction: restarts (see the fit).
         refit_all: after choosing the best attempt, refit warm on all settings.
         residual_hidden, residual_steps, residual_lr, residual_l2, residual_gate,
-            residual_joint: the residual network's width, Adam steps and rate, output
+            residual_joint: the ``"mlp"`` network's width; the residual's Adam steps and rate, output
             penalty, the rule that keeps it only if it lowers the held-out error, and a joint
             L-BFGS refinement of model and network after the network's own fit.
         adam_lr: Adam's rate in whitened units (prior std).
