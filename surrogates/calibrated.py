@@ -69,9 +69,9 @@ class CalibratedSurrogate(CalibrationFit):
         max_restarts, restart_scale, stall_factor, stall_fraction: restarts (see the fit).
         refit_all: after choosing the best attempt, refit warm on all settings.
         residual_hidden, residual_steps, residual_lr, residual_l2, residual_gate,
-            residual_joint: the ``"mlp"`` network's width; the residual's Adam steps and rate, output
-            penalty, the rule that keeps it only if it lowers the held-out error, and a joint
-            L-BFGS refinement of model and network after the network's own fit.
+            residual_joint: the ``"mlp"`` network's width; the residual's Adam steps and
+            rate, output penalty, the rule that keeps it only if it lowers the held-out
+            error, and a joint L-BFGS refinement of model and residual after its own fit.
         adam_lr: Adam's rate in whitened units (prior std).
         theta_low, theta_high, periodic, seed, dtype: as for every surrogate (bounds and
             periodicity are accepted for the common interface and not used: the model knows
@@ -384,7 +384,7 @@ class CalibratedSurrogate(CalibrationFit):
         self.residual_active = bool(state["residual_active"])
         if state["net"] is not None:
             assert self.in_dim is not None and self.out_dim is not None, "loaded dimensions"
-            if self.residual_form == "monotone":
+            if "knots" in state["net"]:  # by what was saved: older files hold the mlp
                 self.net = MonotoneMap(state["net"]["knots"])
             else:
                 self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
