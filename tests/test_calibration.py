@@ -359,3 +359,15 @@ def test_monotone_residual_lowers_heldout_error_under_saturation(tmp_path):
     sur.save(path)
     back = CalibratedSurrogate.load(path, model=dev.calibration_model())
     assert torch.equal(back.predict(theta[:9], x[:9]), sur.predict(theta[:9], x[:9]))
+    mlp = make_surrogate(
+        "calibrated+residual",
+        model=dev.calibration_model(),
+        residual_form="mlp",
+        residual_gate=False,
+        residual_steps=50,
+        max_restarts=0,
+    ).fit(theta, x, y, g)
+    for fitted in (sur, mlp):  # each form reloads as the class it was saved with
+        fitted.save(tmp_path / "res.pt")
+        back = CalibratedSurrogate.load(tmp_path / "res.pt", model=dev.calibration_model())
+        assert type(back.net) is type(fitted.net)
