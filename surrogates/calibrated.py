@@ -32,7 +32,14 @@ from torch import nn
 
 from .base import _FORMAT_VERSION
 from .calibration_fit import DEFAULT_NOISE, HUBER_K, CalibrationFit
-from .calibration_model import ModelCall, Packed, ResidualNet, check_model, position_in_group
+from .calibration_model import (
+    ModelCall,
+    MonotoneMap,
+    Packed,
+    ResidualNet,
+    check_model,
+    position_in_group,
+)
 from .dataset import dense_groups, groups_from_theta
 from .protocol import ArrayLike
 
@@ -46,6 +53,10 @@ class CalibratedSurrogate(CalibrationFit):
     Args:
         model: the calibration model (``nn.Module``), parameters at datasheet values.
         residual: add the learned output correction (``"calibrated+residual"``).
+        residual_form: ``"monotone"`` (default): an increasing 1-D map per output of the
+            model's output (:class:`~surrogates.calibration_model.MonotoneMap`), the shape
+            of a detector's gain and compression; ``"mlp"``: a network on ``[y, x]``
+            (:class:`~surrogates.calibration_model.ResidualNet`, DAT's form).
         optimizer: ``"lbfgs"`` (default) or ``"adam"``.
         max_iter: L-BFGS iterations (or Adam steps) per attempt.
         tol: stop an attempt when a chunk of 25 iterations improves the loss by less than
@@ -58,9 +69,9 @@ class CalibratedSurrogate(CalibrationFit):
         max_restarts, restart_scale, stall_factor, stall_fraction: restarts (see the fit).
         refit_all: after choosing the best attempt, refit warm on all settings.
         residual_hidden, residual_steps, residual_lr, residual_l2, residual_gate,
-            residual_joint: the residual network's width, Adam steps and rate, output
-            penalty, the rule that keeps it only if it lowers the held-out error, and a joint
-            L-BFGS refinement of model and network after the network's own fit.
+            residual_joint: the ``"mlp"`` network's width; the residual's Adam steps and
+            rate, output penalty, the rule that keeps it only if it lowers the held-out
+            error, and a joint L-BFGS refinement of model and residual after its own fit.
         adam_lr: Adam's rate in whitened units (prior std).
         theta_low, theta_high, periodic, seed, dtype: as for every surrogate (bounds and
             periodicity are accepted for the common interface and not used: the model knows
@@ -72,6 +83,7 @@ class CalibratedSurrogate(CalibrationFit):
         model: nn.Module | None = None,
         *,
         residual: bool = False,
+        residual_form: str = "monotone",
         optimizer: str = "lbfgs",
         max_iter: int = 400,
         tol: float = 1e-6,
@@ -103,6 +115,8 @@ class CalibratedSurrogate(CalibrationFit):
         checked = check_model(model)
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+        if residual_form not in ("monotone", "mlp"):
+            raise ValueError(f"residual_form must be 'monotone' or 'mlp', got {residual_form!r}")
         if loss not in ("huber", "soft_l1", "mse"):
             raise ValueError(f"loss must be 'huber', 'soft_l1' or 'mse', got {loss!r}")
         self.model = checked.to(_F64)
@@ -137,6 +151,7 @@ class CalibratedSurrogate(CalibrationFit):
             float(adam_lr),
         )
         self.residual_joint = bool(residual_joint)
+        self.residual_form = residual_form
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # Datasheet values and scales: fixed at construction (the model's current values).
         self.p0 = {
@@ -150,7 +165,7 @@ class CalibratedSurrogate(CalibrationFit):
             ).clone()
             for n in self.names
         }
-        self.net: ResidualNet | None = None
+        self.net: ResidualNet | MonotoneMap | None = None
         self.residual_active = False
         self.report: dict[str, Any] = {}
         self._rows: tuple[np.ndarray, ...] | None = None
@@ -320,6 +335,7 @@ class CalibratedSurrogate(CalibrationFit):
         cfg = super().config()
         cfg.update(
             residual=self.residual,
+            residual_form=self.residual_form,
             optimizer=self.optimizer,
             max_iter=self.max_iter,
             tol=self.tol,
@@ -368,7 +384,10 @@ class CalibratedSurrogate(CalibrationFit):
         self.residual_active = bool(state["residual_active"])
         if state["net"] is not None:
             assert self.in_dim is not None and self.out_dim is not None, "loaded dimensions"
-            self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
+            if "knots" in state["net"]:  # by what was saved: older files hold the mlp
+                self.net = MonotoneMap(state["net"]["knots"])
+            else:
+                self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
             self.net.load_state_dict(state["net"])
         self.report = json.loads(state["report"])
 

@@ -26,12 +26,17 @@ Rows are grouped by setting (``groups``; one ``query`` call = one setting) and p
   recorded (``report["attempts"]``: start, iterations, seconds, train and held-out nRMSE,
   stalled); the best by held-out error (training error without a hold-out) is kept, then
   refit warm on all settings (``refit_all``).
-- **Residual** (``residual=True``, family ``"calibrated+residual"``): after calibration, a small
-  MLP on ``[model output, x]`` (both normalised) adds a correction to the frozen model's
-  output, DAT-style. Its last layer starts at zero and its output is L2-penalised
-  (``residual_l2``), so it stays near 0 when the model is right; it is kept only if it
-  lowers the held-out error (``residual_gate``; the decision is in ``report["residual"]``).
-  It is differentiable in ``theta`` through the model output.
+- **Residual** (``residual=True``, family ``"calibrated+residual"``): after calibration, a
+  learned correction is added to the frozen model's output: by default
+  (``residual_form="monotone"``) an increasing piecewise-linear map of each normalised
+  output alone, the form of what a physics model most often lacks at its detectors (gain,
+  offset, compression), and one whose Jacobian keeps each output's direction; with
+  ``"mlp"`` a small MLP on ``[model output, x]``, DAT-style, which fits more but whose
+  Jacobian in ``theta`` mixes outputs freely. Both start at zero correction and their
+  output is L2-penalised (``residual_l2``), so they stay near 0 when the model is right;
+  the correction is kept only if it lowers the held-out error (``residual_gate``; the
+  decision is in ``report["residual"]``). It is differentiable in ``theta`` through the
+  model output.
 
 """
 
@@ -47,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .base import SurrogateBase
-from .calibration_model import ModelCall, Packed, ResidualNet
+from .calibration_model import ModelCall, MonotoneMap, Packed, ResidualNet
 from .dataset import groups_from_theta
 from .design import estimate_noise
 
@@ -83,7 +88,8 @@ class CalibrationFit(SurrogateBase):
     residual_l2: float
     residual_gate: bool
     residual_joint: bool
-    net: ResidualNet | None
+    net: ResidualNet | MonotoneMap | None
+    residual_form: str
     residual_active: bool
     y_loc: torch.Tensor
     y_spread: torch.Tensor
@@ -373,7 +379,12 @@ class CalibrationFit(SurrogateBase):
         before = {n: v.detach().clone() for n, v in self._z().items()}
         torch.manual_seed(self.seed)
         assert self.in_dim is not None and self.out_dim is not None, "fitted dimensions"
-        self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
+        if self.residual_form == "monotone":
+            with torch.no_grad():
+                base = self._forward(None, train.thetas, train.x)[train.mask]
+            self.net = MonotoneMap.from_outputs((base - self.y_loc) / self.y_spread)
+        else:
+            self.net = ResidualNet(self.in_dim, self.out_dim, self.residual_hidden)
         self._train_residual(train, self.residual_steps)
         self.residual_active = True
         joint = {}

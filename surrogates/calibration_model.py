@@ -126,6 +126,50 @@ class ResidualNet(nn.Module):
         return self.net(torch.cat([y_norm, x_norm], -1))
 
 
+class MonotoneMap(nn.Module):
+    """Per output ``i``, an increasing piecewise-linear map ``f_i`` of the model's normalised
+    output ``u_i``, returned as the correction ``f_i(u_i) - u_i`` (``(..., out_dim)``).
+
+    Rule: a detector's reading is a monotone function of the power on it (gain, offset,
+    compression), so the map sees only its own output and is increasing for any weights:
+    its slope ``exp(log_slope)`` on each segment between ``knots (out_dim, K)`` (constant
+    beyond the ends) keeps the backward pass's sign and direction per output, which a
+    network on ``[y, x]`` does not. All slopes 1 and shift 0 (the start) is the identity."""
+
+    knots: torch.Tensor
+
+    def __init__(self, knots: torch.Tensor):
+        super().__init__()
+        knots = torch.as_tensor(knots, dtype=_F64)
+        self.register_buffer("knots", knots.clone())
+        self.log_slope = nn.Parameter(torch.zeros(knots.shape[0], knots.shape[1] + 1, dtype=_F64))
+        self.shift = nn.Parameter(torch.zeros(knots.shape[0], dtype=_F64))
+
+    @classmethod
+    def from_outputs(cls, y_norm: torch.Tensor, n_knots: int = 8) -> MonotoneMap:
+        """Knots at ``n_knots`` evenly spaced quantiles of each output over ``y_norm (rows,
+        out_dim)``, so every segment holds data."""
+        q = torch.linspace(0, 1, n_knots, dtype=_F64)
+        knots = torch.quantile(y_norm.to(_F64), q, dim=0).T  # (out_dim, K)
+        gap = 1e-6 * torch.arange(n_knots, dtype=_F64)  # strictly increasing on flat outputs
+        return cls(torch.cummax(knots, dim=1).values + gap)
+
+    def forward(self, y_norm: torch.Tensor, x_norm: torch.Tensor | None = None) -> torch.Tensor:
+        k = self.knots.to(y_norm.dtype)
+        d = y_norm.unsqueeze(-1) - k  # (..., out, K)
+        width = k[:, 1:] - k[:, :-1]
+        pieces = torch.cat(
+            [
+                d[..., :1].clamp(max=0),  # below the first knot
+                torch.minimum(d[..., :-1].clamp(min=0), width),
+                d[..., -1:].clamp(min=0),  # above the last
+            ],
+            -1,
+        )
+        slope = torch.exp(self.log_slope).to(y_norm.dtype)
+        return k[:, 0] + self.shift.to(y_norm.dtype) + (slope * pieces).sum(-1) - y_norm
+
+
 def position_in_group(keys: np.ndarray) -> np.ndarray:
     """Each row's rank among the rows of its group, in row order."""
     order = np.argsort(keys, kind="stable")

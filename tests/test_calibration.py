@@ -121,9 +121,10 @@ def test_freespace_calibration_recovers_misalignment():
 
 
 def test_residual_corrects_an_effect_the_model_lacks():
-    """Outputs saturate, ``y / (1 + y)``, which the mesh model cannot express: calibration alone
-    stays near the datasheet's error (~0.9 spreads); the residual network brings it to ~0.04
-    (development run), and the joint refinement pulls the parameters back towards the truth."""
+    """Outputs saturate, ``y / (1 + y)``, which the mesh model cannot express (its detector
+    gains take the mean compression only: 0.27 spreads held out); the residual brings it
+    below a fifth of that, and the joint refinement pulls the parameters back towards the
+    truth."""
     dev = mzi(n_modes=4, **QUIET)
 
     def sat(y):
@@ -138,9 +139,11 @@ def test_residual_corrects_an_effect_the_model_lacks():
         )
         with torch.no_grad():
             errors[kind] = _nrmse(sur.predict(th_t, x_t).numpy(), y_t, y.std(0))
-        params[kind] = parameter_rms(sur.model, dev.calibration_truth())["all"]
+        # The mesh's own parameters: the detector gains trade with the residual's slopes.
+        truth = {k: v for k, v in dev.calibration_truth().items() if k != "gain"}
+        params[kind] = parameter_rms(sur.model, truth)["all"]
     assert sur.report["residual"]["kept"]
-    assert errors["calibrated"] > 0.3
+    assert errors["calibrated"] > 0.2
     assert errors["calibrated+residual"] < 0.2 * errors["calibrated"], errors
     assert params["calibrated+residual"] < params["calibrated"], params
 
@@ -307,3 +310,64 @@ def test_mzi_crosstalk_can_be_a_parameter():
     ).fit(theta, x, y, g)
     assert abs(float(free.model.kappa.detach()) - 0.04) < 1e-3
     assert free.report["heldout_nrmse"] < 0.01 < fixed.report["heldout_nrmse"]
+
+
+def test_output_gain_absorbs_arm_loss():
+    """Unequal arm loss (0.5 dB per shifter) dims every output; a unitary mesh model cannot
+    follow (held-out error near the datasheet's), the per-detector gain takes most of it."""
+    dev = mzi(n_modes=6, arm_loss=0.5, **QUIET)
+    theta, x, y, g = _rows(dev, 12)
+    err = {}
+    for gain in (False, True):
+        model = dev.calibration_model(output_gain=gain)
+        sur = make_surrogate("calibrated", model=model, max_restarts=0).fit(theta, x, y, g)
+        err[gain] = sur.report["heldout_nrmse"]
+    assert sur.identified()["gain"].max() < 0.9  # the light lost shows as gain below 1
+    assert err[True] < 0.5 * err[False], err
+
+
+def test_monotone_map_starts_at_identity_and_stays_increasing():
+    from surrogates.calibration_model import MonotoneMap
+
+    y = torch.randn(200, 3, dtype=torch.float64)
+    m = MonotoneMap.from_outputs(y)
+    assert torch.allclose(m(y, None), torch.zeros_like(y), atol=1e-12)
+    with torch.no_grad():
+        m.log_slope.normal_(0, 2)
+        m.shift.normal_()
+    u = torch.linspace(-6, 6, 500, dtype=torch.float64)[:, None].expand(-1, 3)
+    f = m(u, None) + u
+    assert (f[1:] - f[:-1]).min() > 0
+
+
+def test_monotone_residual_lowers_heldout_error_under_saturation(tmp_path):
+    """Detector compression ``P / (1 + P / 0.25)`` is a monotone map of each output, the form
+    of the default residual: kept by the held-out gate, it cuts the held-out error well below
+    the calibrated model's; saved and reloaded, it predicts the same."""
+    dev = mzi(n_modes=4, saturation=0.25, **QUIET)
+    theta, x, y, g = _rows(dev, 12)
+    plain = make_surrogate("calibrated", model=dev.calibration_model(), max_restarts=0).fit(
+        theta, x, y, g
+    )
+    sur = make_surrogate(
+        "calibrated+residual", model=dev.calibration_model(), max_restarts=0, seed=0
+    ).fit(theta, x, y, g)
+    res = sur.report["residual"]
+    assert res["kept"] and sur.residual_form == "monotone"
+    assert res["heldout_nrmse"] < 0.5 * plain.report["heldout_nrmse"], res
+    path = tmp_path / "cal.pt"
+    sur.save(path)
+    back = CalibratedSurrogate.load(path, model=dev.calibration_model())
+    assert torch.equal(back.predict(theta[:9], x[:9]), sur.predict(theta[:9], x[:9]))
+    mlp = make_surrogate(
+        "calibrated+residual",
+        model=dev.calibration_model(),
+        residual_form="mlp",
+        residual_gate=False,
+        residual_steps=50,
+        max_restarts=0,
+    ).fit(theta, x, y, g)
+    for fitted in (sur, mlp):  # each form reloads as the class it was saved with
+        fitted.save(tmp_path / "res.pt")
+        back = CalibratedSurrogate.load(tmp_path / "res.pt", model=dev.calibration_model())
+        assert type(back.net) is type(fitted.net)

@@ -71,6 +71,7 @@ class TwinConfig(ModelTrainingConfig):
     model: str = "device"  # "device" (its calibration_model()) or package.module:function
     settings: int = 0  # calibration settings; 0: the design rule (training/calibrate.py)
     residual: bool = False  # calibrated+residual: a learned output correction as well
+    residual_form: str = "monotone"  # the correction: "monotone" per output, or "mlp" on [y, x]
     max_iter: int = 400  # L-BFGS iterations per calibration attempt
 
 
@@ -129,7 +130,12 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
         warm = load_twin(ctx.init_calibration, copy.deepcopy(model))
         warm.update(*rows.arrays(), steps=cfg.max_iter)
         fresh = fit_twin(
-            copy.deepcopy(model), rows, ctx.seed, residual=cfg.residual, max_iter=cfg.max_iter
+            copy.deepcopy(model),
+            rows,
+            ctx.seed,
+            residual=cfg.residual,
+            residual_form=cfg.residual_form,
+            max_iter=cfg.max_iter,
         )
         errors = (warm.report["updates"][-1]["train_nrmse"], fresh.report["final_train_nrmse"])
         sur = warm if errors[0] <= errors[1] else fresh
@@ -145,7 +151,12 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
     escalations: list[dict] = []
     while True:
         sur = fit_twin(
-            copy.deepcopy(model), rows, ctx.seed, residual=cfg.residual, max_iter=cfg.max_iter
+            copy.deepcopy(model),
+            rows,
+            ctx.seed,
+            residual=cfg.residual,
+            residual_form=cfg.residual_form,
+            max_iter=cfg.max_iter,
         )
         stalled = all(a["stalled"] for a in sur.report["attempts"])
         more = min(len(rows), cap - len(rows), _left(ctx))
@@ -341,6 +352,7 @@ def dat(ctx: TrainContext) -> MethodResult:
             rows.window(REFIT_WINDOW),
             ctx.seed,
             residual=True,
+            residual_form="mlp",  # DAT's network on [y, x]
             max_iter=0,  # the datasheet stays: only the residual learns
             max_restarts=0,
             residual_joint=False,

@@ -22,8 +22,10 @@ What is known and what is not (a choice per platform):
 - ``mzi`` (:class:`~.mzi.MeshCalibrationModel`): known: the Clements topology, the heater
   crosstalk structure and its ``kappa`` (set by the heater pitch, the same on every chip of a
   design; it is in the simulator's datasheet view too). Unknown: every coupler's splitting
-  error ``bs_error (M, 2)`` and every shifter's phase offset ``phase_bias (2M,)`` rad (which
-  absorbs drift: truth is ``phase_offset + beta_j * drift``).
+  error ``bs_error (M, 2)``, every shifter's phase offset ``phase_bias (2M,)`` rad (which
+  absorbs drift: truth is ``phase_offset + beta_j * drift``) and each detector's relative
+  gain ``gain (N,)`` (truth 1: the simulator's detectors are ideal unless a model-form error
+  such as ``arm_loss`` dims them).
 - ``mrr`` (:class:`~.mrr.RingCalibrationModel`): known: the bank's shape, the datasheet ``DETUNE0``,
   ``ETA``, ``FWHM`` and the crosstalk ``kappa``. Unknown per ring: resonance offset ``offset``
   nm (absorbs drift), log heater-efficiency gain ``log_heater`` and log linewidth ratio

@@ -81,6 +81,9 @@ HEATER_LENGTH = 200e-6
 BETA = 2 * np.pi / WAVELENGTH * DN_DT * HEATER_LENGTH
 #: Relative per-shifter spread of ``BETA`` (unitless).
 BETA_SPREAD = 0.1
+#: Prior std of a detector's relative gain (responsivity times output coupling): about
+#: 0.4 dB, the usual chip-to-chip spread of photodiode responsivity and grating couplers.
+GAIN_SCALE = 0.1
 #: Default neighbour crosstalk fraction (unitless) and read noise (fraction of full scale).
 CROSSTALK = 0.02
 READ_NOISE = 0.003
@@ -212,13 +215,18 @@ class MeshCalibrationModel(CalibrationModelBase):
     """Clements mesh with unknown coupler errors and phase offsets (``mzi``).
 
     Parameters: ``bs_error (M, 2)`` (unitless, datasheet 0, scale ``sigma``),
-    ``phase_bias (2M,)`` rad (datasheet 0, scale ``sigma_phase``); with ``fit_crosstalk`` also
-    the scalar ``kappa`` (datasheet ``kappa``, scale ``kappa_scale``), for a design whose
-    crosstalk is not trusted. Fixed: topology (and ``kappa`` by default). Same physics as :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over
-    settings."""
+    ``phase_bias (2M,)`` rad (datasheet 0, scale ``sigma_phase``), and with ``output_gain``
+    (default) ``gain (N,)``, each detector's responsivity times its output coupling relative
+    to the datasheet (unitless, datasheet 1, scale ``gain_scale``): every chip's detectors
+    and output couplers differ, and a lossy mesh (e.g. unequal arm loss) dims every output,
+    which a unitary model cannot express otherwise. With ``fit_crosstalk`` also the scalar
+    ``kappa`` (datasheet ``kappa``, scale ``kappa_scale``), for a design whose crosstalk is
+    not trusted. Fixed: topology (and ``kappa`` by default). Same physics as
+    :class:`~blackbox_sat.sim.mzi.MeshModel`, batched over settings."""
 
     bs_error: torch.Tensor
     phase_bias: torch.Tensor
+    gain: torch.Tensor
     kappa: float | torch.Tensor  # a parameter with fit_crosstalk, else a fixed float
     up: torch.Tensor
     down: torch.Tensor
@@ -234,6 +242,8 @@ class MeshCalibrationModel(CalibrationModelBase):
         sigma_phase: float = 0.15,
         fit_crosstalk: bool = False,
         kappa_scale: float = 0.01,
+        output_gain: bool = True,
+        gain_scale: float = GAIN_SCALE,
     ):
         super().__init__()
         self.n_modes = n = int(n_modes)
@@ -241,6 +251,9 @@ class MeshCalibrationModel(CalibrationModelBase):
         m = len(layout)
         self._add("bs_error", np.zeros((m, 2)), sigma)
         self._add("phase_bias", np.zeros(2 * m), sigma_phase)
+        self.output_gain = bool(output_gain)
+        if self.output_gain:
+            self._add("gain", np.ones(n), gain_scale)
         if fit_crosstalk:
             self._add("kappa", float(kappa), kappa_scale)
         else:
@@ -291,7 +304,8 @@ class MeshCalibrationModel(CalibrationModelBase):
         x = x.to(thetas.dtype)
         x = x / torch.sqrt((x * x).sum(-1, keepdim=True) + _EPS_POWER)
         field = torch.matmul(x.to(u.dtype), u.transpose(1, 2))
-        return field.real**2 + field.imag**2
+        power = field.real**2 + field.imag**2
+        return power * self.gain.to(power.dtype) if self.output_gain else power
 
 
 class MZIMesh(SimulatedDevice):
@@ -370,12 +384,16 @@ class MZIMesh(SimulatedDevice):
         )
 
     def calibration_model(
-        self, fit_crosstalk: bool = False, crosstalk: float | None = None
+        self,
+        fit_crosstalk: bool = False,
+        crosstalk: float | None = None,
+        output_gain: bool = True,
     ) -> torch.nn.Module:
         """Grey-box model for calibration (:class:`~.calibration.MeshCalibrationModel`): known
-        topology and crosstalk, unknown coupler errors and phase offsets at their datasheet 0;
-        prior scales ``sigma`` and ``sigma_phase`` (0.15 where those are 0). ``fit_crosstalk``
-        makes ``kappa`` a parameter too, started at ``crosstalk`` (default: this chip's)."""
+        topology and crosstalk, unknown coupler errors and phase offsets at their datasheet 0
+        and (``output_gain``) detector gains at 1; prior scales ``sigma`` and ``sigma_phase``
+        (0.15 where those are 0). ``fit_crosstalk`` makes ``kappa`` a parameter too, started
+        at ``crosstalk`` (default: this chip's)."""
         kappa = self.crosstalk if crosstalk is None else float(crosstalk)
         return MeshCalibrationModel(
             self.n_modes,
@@ -383,17 +401,23 @@ class MZIMesh(SimulatedDevice):
             sigma=self.sigma or 0.15,
             sigma_phase=self.sigma_phase or 0.15,
             fit_crosstalk=fit_crosstalk,
+            output_gain=output_gain,
         )
 
-    def calibration_truth(self, fit_crosstalk: bool = False) -> dict[str, torch.Tensor]:
+    def calibration_truth(
+        self, fit_crosstalk: bool = False, output_gain: bool = True
+    ) -> dict[str, torch.Tensor]:
         """This chip's values of :meth:`calibration_model`'s parameters (drift included in the
-        phase offsets): loaded with ``model.load_truth``, the model equals :meth:`true_model`."""
+        phase offsets; detector gains 1, the simulator has no gain error): loaded with
+        ``model.load_truth``, the model equals :meth:`true_model`."""
         truth = {
             "bs_error": torch.as_tensor(self.bs_error, dtype=torch.float64).clone(),
             "phase_bias": torch.as_tensor(
                 self.phase_offset + self.beta_j * self.drift, dtype=torch.float64
             ),
         }
+        if output_gain:
+            truth["gain"] = torch.ones(self.n_modes, dtype=torch.float64)
         if fit_crosstalk:
             truth["kappa"] = torch.tensor(self.crosstalk, dtype=torch.float64)
         return truth

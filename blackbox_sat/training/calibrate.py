@@ -212,6 +212,7 @@ def twin_report(sur: Any, source) -> dict:
     ]
     if "residual" in sur.report:
         rep["residual_kept"] = sur.report["residual"]["kept"]
+        rep["residual_heldout_nrmse"] = sur.report["residual"]["heldout_nrmse"]
     truth = getattr(source, "calibration_truth", None)
     if callable(truth):
         from blackbox_sat.sim.calibration import parameter_rms
