@@ -148,3 +148,27 @@ def test_cli_train_evaluate_check_device(tmp_path, capsys):
         main(["train", "--device", "nope", "--method", "oracle", "--out", str(tmp_path / "n")]) == 2
     )
     assert "unknown device spec" in capsys.readouterr().err
+
+
+def test_robust_objective_keeps_the_widest_radius_the_validation_set_cannot_fault(tmp_path):
+    from blackbox_sat.methods.model_based import ROBUST_RADII
+
+    res = bs.train(
+        "mzi",
+        task="iris",
+        method="oracle-sat",
+        budget=10,
+        seed=0,
+        out=tmp_path / "r",
+        device_kw={"n_modes": 4},
+        config={"objective": "robust", "epochs": 20, "lr_grid": [0.1]},
+        progress=False,
+    )
+    search = res["extra"]["radius_search"]
+    val, rho, tol = search["val"], search["rho"], search["tolerance"]
+    assert set(val) == {f"{r:g}" for r in ROBUST_RADII}
+    best = max(val.values())
+    assert val[f"{rho:g}"] >= best - tol  # the kept radius costs nothing resolvable
+    wider = [r for r in ROBUST_RADII if r > rho]
+    assert all(val[f"{r:g}"] < best - tol for r in wider)  # and is the widest that does not
+    assert res["accuracy"] > res["chance"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ from blackbox_sat.training.physics_aware import (
 )
 from blackbox_sat.training.refine import RefineConfig, refine
 
-from .model_based import ModelTrainingConfig, train_on_models
+from .model_based import ROBUST_RADII, ModelTrainingConfig, choose_radius, train_on_models
 from .registry import MethodResult, register
 
 
@@ -79,6 +80,7 @@ class TwinConfig(ModelTrainingConfig):
 class TwinSatConfig(TwinConfig):
     rho: float = 0.05  # SAT radius, normalized L2, in silico and on the device
     adaptive: bool = False  # ASAM: the perturbation scaled by |theta|, in silico and on the device
+    objective: Literal["accuracy", "robust"] = "accuracy"  # robust: radius by choose_radius
     device_lr_factor: float = 0.1  # device steps' Adam rate / the in-silico rate chosen
     inner_steps: int = 3  # anchored steps per device setting (physics_aware.Anchors)
     recalibrations: int = 2  # blocks of device steps, each followed by a recalibration
@@ -193,29 +195,15 @@ def twin(ctx: TrainContext) -> MethodResult:
     return res
 
 
-def in_silico_sat(
-    ctx: TrainContext, model, rho: float, adaptive: bool = False
-) -> tuple[MethodResult, float]:
-    """SAT on the twin, kept unless plain training on it validates better by more than the
-    validation accuracy's standard error ``sqrt(p (1 - p) / n_val)`` (flatness is worth a
-    difference the validation set cannot resolve, not more). Costs no setting. Returns the
-    result and the radius chosen (``rho`` or 0)."""
-    sat = train_on_models(ctx, [model], [model], rho=rho, adaptive=adaptive, label="twin-sat")
-    sat_digital = copy.deepcopy(ctx.pnn.state_dict())  # a hybrid PNN's layers go with theta
-    plain = train_on_models(ctx, [model], [model], label="twin-sat plain")
-    p = plain.extra["model_val_accuracy"]
-    tolerance = float(np.sqrt(p * (1 - p) / len(ctx.y_val)))
-    keep_sat = sat.extra["model_val_accuracy"] >= p - tolerance
-    chosen = sat if keep_sat else plain
-    if keep_sat:
-        ctx.pnn.load_state_dict(sat_digital)
-    chosen.extra["in_silico"] = {
-        "rho": rho if keep_sat else 0.0,
-        "sat_val": sat.extra["model_val_accuracy"],
-        "plain_val": p,
-        "tolerance": tolerance,
-    }
-    return chosen, (rho if keep_sat else 0.0)
+def in_silico_sat(ctx: TrainContext, model, cfg: TwinSatConfig) -> tuple[MethodResult, float]:
+    """SAT on the twin at ``rho`` against plain training (``objective=accuracy``), or at each
+    of ``ROBUST_RADII`` (``robust``); the largest radius that costs no resolvable validation
+    accuracy is kept (:func:`~.model_based.choose_radius`). Costs no setting. Returns the
+    result and the radius chosen, which the device steps then use."""
+    radii = ROBUST_RADII if cfg.objective == "robust" else (0.0, cfg.rho)
+    res, rho = choose_radius(ctx, [model], [model], radii, cfg.adaptive, label="twin-sat")
+    res.extra["in_silico"] = res.extra.pop("radius_search")
+    return res, rho
 
 
 def device_steps(
@@ -290,7 +278,7 @@ def twin_sat(ctx: TrainContext) -> MethodResult:
     rows = Rows()
     sur = calibrate(ctx, cfg, rows)
     cal = twin_report(sur, ctx.source)
-    res, rho = in_silico_sat(ctx, sur.predict_setting, cfg.rho, cfg.adaptive)
+    res, rho = in_silico_sat(ctx, sur.predict_setting, cfg)
     n_refine = round(cfg.refine_fraction * ctx.budget)
     updates: list[float] = []
 
