@@ -6,9 +6,9 @@ evaluate on the trained chip, unseen chips 101-105 and the drift or misalignment
 It writes ``paper.md`` and its figures into ``--out`` (default ``docs/``); the runs go to
 ``--runs`` (default ``runs/paper``), and a finished trial there is reused.
 
-    python scripts/reproduce_paper.py --quick      # digits, mzi N=32, one seed: about 4 min
-    python scripts/reproduce_paper.py --full       # N=64, three seeds: about 9 h (15 h on
-                                                   # fashion-mnist, used where its files exist)
+    python scripts/reproduce_paper.py --quick      # digits, mzi N=32, one seed: 11 min measured
+    python scripts/reproduce_paper.py --full       # N=64, three seeds: about 4 h on digits
+                                                   # (fashion-mnist, where its files exist, more)
     python scripts/reproduce_paper.py --quick --methods offline,oracle --budget 50 --out /tmp/p
 
 The estimate is printed at start (docs/experiments.md, "reproduce_paper timing"); the full
@@ -17,7 +17,8 @@ a 992-phase mesh outlasts it) unless ``--methods`` names it.
 
 Sections: Table 1 (mzi with the hybrid PNN, sigma 0.15), transfer to unseen chips at sigma
 0.10 and 0.15, accuracy against mrr / mzi drift and freespace misalignment for BP against SAT,
-flatness against robustness, and a verdict per claim by the rule in
+flatness against robustness, the SAT radius against transfer (on mzi; and mrr in --full),
+and a verdict per claim by the rule in
 ``paper_report.verdict``. The report (tables, plots, ``paper.md``) is scripts/paper_report.py.
 """
 
@@ -51,25 +52,22 @@ RHO_METHODS = {
     "mrr": ("oracle-sat", "blackbox-sat", "twin-sat"),
 }
 RHO_GRID = ((0.0, False), (0.05, False), (0.2, False), (0.5, False), (0.5, True))
-#: Seconds per trial (train + every evaluation) on one core of the 2-core box, mzi N=32 hybrid
-#: on digits, 2000 settings (docs/experiments.md, "reproduce_paper timing"); only for the
-#: estimate printed at start. ``twin-sat`` and ``dat`` refit on a window of recent settings
-#: (1100 s and over 2400 s when they refit on every measured row);
-#: ``blackbox-sat`` on an all-periodic mesh tests the harmonic law and trains by harmonic
-#: steps, without a surrogate fit (guess from mzi N=16: 8 s of CPU, times 4 for N=32).
+#: Seconds per trial (train + every evaluation) in the measured --quick run (2 workers on the
+#: 2-core box), mzi N=32 hybrid on digits, 2000 settings (docs/experiments.md,
+#: "reproduce_paper timing"); only for the estimate printed at start. ``pat`` is a guess.
 SECONDS = {
-    "offline": 11,
-    "offline-sat": 10,
-    "nat": 11,
+    "offline": 6,
+    "offline-sat": 9,
+    "nat": 10,
     "pat": 1800,
-    "dat": 210,
-    "insitu-sat": 52,
-    "insitu-sat[rho=0]": 52,
-    "oracle": 5,
-    "oracle-sat": 15,
-    "twin": 30,
-    "twin-sat": 140,
-    "blackbox-sat": 60,
+    "dat": 150,
+    "insitu-sat": 47,
+    "insitu-sat[rho=0]": 47,
+    "oracle": 3,
+    "oracle-sat": 8,
+    "twin": 11,
+    "twin-sat": 100,
+    "blackbox-sat": 8,
 }
 #: Methods the quick preset leaves out unless named in --methods: their surrogate fit on a
 #: 992-phase mesh alone outlasts the preset's time (SECONDS).
