@@ -13,7 +13,7 @@ rate chosen from ``lr_grid`` (in units of the bound width) by validation accurac
 model the method trains on, up to ``epochs`` epochs with early stopping on that accuracy.
 Parameters are optimised in normalized coordinates ``u = theta / scale``.
 
-``objective=robust`` (the SAT methods here and ``twin-sat``) favours transfer: SAT at each
+``objective=robust`` (``oracle-sat``, ``offline-sat``) favours transfer: SAT at each
 of ``ROBUST_RADII``, and the largest radius whose validation accuracy on the model is within
 the validation set's standard error of the best radius's (:func:`choose_radius`). A wider
 ball is flatter, and flatness that costs no resolvable accuracy is free; where a wide ball
