@@ -21,7 +21,9 @@ Rows are grouped by setting (``groups``; one ``query`` call = one setting) and p
   fit, and ``r2_vs_datasheet = 1 - mse_fit / mse_datasheet`` on the held-out settings.
 - **Restarts**: an attempt *stalls* when its training nRMSE stays above a threshold:
   ``stall_factor * s`` when ``s`` is known, else ``stall_fraction`` of the datasheet
-  model's training nRMSE. Then the fit restarts from the datasheet plus
+  model's training nRMSE; or when its optimiser stopped within ``MIN_ITERATIONS`` (a line
+  search that fails at once sits on a kink, e.g. a warp at whole-pixel alignment, rather
+  than at a minimum: the freespace datasheet start stopped after 2 iterations). Then the fit restarts from the datasheet plus
   ``restart_scale * scale * N(0, 1)``, at most ``max_restarts`` times. Every attempt is
   recorded (``report["attempts"]``: start, iterations, seconds, train and held-out nRMSE,
   stalled); the best by held-out error (training error without a hold-out) is kept, then
@@ -59,6 +61,8 @@ from .design import estimate_noise
 _F64 = torch.float64
 #: Huber scale in units of the noise std (the classic 95 %-efficiency constant).
 HUBER_K = 1.345
+#: An attempt whose optimiser ran fewer iterations than this counts as stalled.
+MIN_ITERATIONS = 10
 #: Normalised noise std assumed for the prior weight when no estimate exists.
 DEFAULT_NOISE = 0.01
 
@@ -315,7 +319,7 @@ class CalibrationFit(SurrogateBase):
                 iters += more
             tr = self._nrmse(z, train) if finite else float("nan")
             te = self._nrmse(z, test) if finite else float("nan")
-            stalled = not finite or not tr <= threshold
+            stalled = not finite or not tr <= threshold or iters < MIN_ITERATIONS
             attempts.append(
                 {
                     "start": "datasheet" if k == 0 else f"perturbed {k}",
