@@ -172,7 +172,7 @@ def choose_radius(
     Returns the result (``extra["radius_search"]``) and the radius."""
     start = copy.deepcopy(ctx.pnn.state_dict())  # a hybrid PNN's layers start alike
     tried = []
-    for rho in sorted(set(radii)):  # twin-sat at rho 0: one plain run
+    for rho in sorted(set(radii)):  # a radius given twice is trained once
         ctx.pnn.load_state_dict(start)
         res = train_on_models(
             ctx, train_models, val_models, rho=rho, adaptive=adaptive, label=f"{label} rho={rho:g}"
