@@ -353,3 +353,17 @@ def test_where_the_harmonic_law_fails_the_pipeline_runs_from_theta0(monkeypatch)
     assert r.extra["harmonic_law"] == {"holds": False, "rough": [0]}
     assert 0 < spent["law_test"] < 60 and spent["init_design"] > 0
     assert sum(spent.values()) == ctx.device.settings_used - 1 <= 319  # 1: the gain calibration
+
+
+def test_a_periodic_device_gets_spsa_below_two_harmonic_sweeps(tmp_path):
+    from blackbox_sat.methods.blackbox import harmonic_pays
+
+    n = 12  # mzi with 4 modes: 12 phases, two sweeps = 48 settings
+    assert not harmonic_pays(47, n) and harmonic_pays(48, n)
+    small, large = (
+        bs.train("mzi", task="iris", method="blackbox-sat", budget=b, seed=0,
+                 out=tmp_path / str(b), device_kw={"n_modes": 4}, progress=False)
+        for b in (40, 60)
+    )  # fmt: skip
+    assert small["extra"]["without_surrogate"] == "spsa"
+    assert "harmonic_law" in large["extra"] and "without_surrogate" not in large["extra"]
