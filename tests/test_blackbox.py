@@ -82,7 +82,7 @@ def test_a_move_that_raises_the_device_loss_is_rejected(tmp_path, monkeypatch):
         step.grad = -step.grad
         return step
 
-    monkeypatch.setattr("blackbox_sat.training.surrogate_steps.physics_aware_step", uphill)
+    monkeypatch.setattr("blackbox_sat.training.physics_aware.physics_aware_step", uphill)
     cfg = {**SMALL, "refine_fraction": 0.0, "lr_factor": 1.0, "radius": 0.2, "inner_steps": 0}
     r = bs.train(
         OPAQUE,
@@ -184,7 +184,7 @@ def test_sat_radius_ramps_up_over_the_budget(tmp_path, monkeypatch):
         seen.append((ctx.device.settings_used, rho))
         return real(ctx, theta, idx, stand_in, rho=rho, **kw)
 
-    monkeypatch.setattr("blackbox_sat.training.surrogate_steps.physics_aware_step", record)
+    monkeypatch.setattr("blackbox_sat.training.physics_aware.physics_aware_step", record)
     # surrogate rounds only, and at these small budgets too (the budget rule would run spsa)
     cfg = {**SMALL, "refine_fraction": 0.0, "rho": 0.04, "steps": "surrogate", "min_rounds": 1}
     bs.train(
@@ -279,7 +279,7 @@ def test_rejected_rounds_in_a_row_refit_the_surrogate_from_scratch(tmp_path, mon
         fits.append(len(theta))
         return real_fit(self, theta, *args, **kw)
 
-    monkeypatch.setattr("blackbox_sat.training.surrogate_steps.physics_aware_step", uphill)
+    monkeypatch.setattr("blackbox_sat.training.physics_aware.physics_aware_step", uphill)
     monkeypatch.setattr(EnsembleSurrogate, "fit", count)
     cfg = {
         **SMALL,

@@ -22,12 +22,7 @@ from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.devices.spec import resolve_factory
 from blackbox_sat.training.config import RunConfig
 from blackbox_sat.training.context import TrainContext
-from blackbox_sat.training.physics_aware import (
-    Anchors,
-    anchored_steps,
-    normalized_step,
-    physics_aware_step,
-)
+from blackbox_sat.training.physics_aware import Anchors, device_step
 from blackbox_sat.training.pipeline import (
     BudgetBook,
     PipelineConfig,
@@ -266,23 +261,10 @@ def insitu_sat(ctx: TrainContext) -> MethodResult:
         while ctx.settings_left() >= per_step:
             opt.zero_grad()
             idx = next(batches)
-            step = physics_aware_step(
-                ctx, theta, idx, model, rho=cfg.rho, ascent=cfg.ascent, adaptive=cfg.adaptive
-            )
-            anchors.record(step, idx, theta)
-            theta = normalized_step(opt, u, step.grad, info)
-            theta = anchored_steps(
-                ctx,
-                anchors,
-                model,
-                opt,
-                u,
-                theta,
-                batches,
-                cfg.inner_steps,
-                rho=cfg.rho,
-                adaptive=cfg.adaptive,
-            )
+            theta, step = device_step(
+                ctx, theta, idx, model, opt, u, anchors, batches, cfg.inner_steps,
+                rho=cfg.rho, ascent=cfg.ascent, adaptive=cfg.adaptive,
+            )  # fmt: skip
             sched.step()
             losses.append(step.loss)
             ctx.snapshot(theta)

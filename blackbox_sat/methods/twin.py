@@ -52,12 +52,7 @@ from blackbox_sat.training.calibrate import (
     twin_report,
 )
 from blackbox_sat.training.context import MINIBATCH, TrainContext
-from blackbox_sat.training.physics_aware import (
-    Anchors,
-    anchored_steps,
-    normalized_step,
-    physics_aware_step,
-)
+from blackbox_sat.training.physics_aware import Anchors, device_step
 from blackbox_sat.training.refine import RefineConfig, refine
 
 from .model_based import ModelTrainingConfig, train_on_models
@@ -126,10 +121,9 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
     n = cfg.settings or cap
     cap = cfg.settings or max(cap, int(MAX_FRACTION * _left(ctx)))  # a given count is kept
     measure_design(ctx, min(n, _left(ctx)), rows)
-    if ctx.init_calibration:  # the same chip drifted, or a new one: keep what fits better
-        warm = load_twin(ctx.init_calibration, copy.deepcopy(model))
-        warm.update(*rows.arrays(), steps=cfg.max_iter)
-        fresh = fit_twin(
+
+    def from_datasheet():
+        return fit_twin(
             copy.deepcopy(model),
             rows,
             ctx.seed,
@@ -137,12 +131,16 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
             residual_form=cfg.residual_form,
             max_iter=cfg.max_iter,
         )
+
+    if ctx.init_calibration:  # the same chip drifted, or a new one: keep what fits better
+        warm = load_twin(ctx.init_calibration, copy.deepcopy(model))
+        warm.update(*rows.arrays(), steps=cfg.max_iter)
+        fresh = from_datasheet()
         errors = (warm.report["updates"][-1]["train_nrmse"], fresh.report["final_train_nrmse"])
         sur = warm if errors[0] <= errors[1] else fresh
+        # settings: the recalibration's (the rest of a warm report is the old fit's)
         sur.report["init"] = {
-            "settings": len(
-                rows
-            ),  # the recalibration's (the rest of a warm report is the old fit's)
+            "settings": len(rows),
             "warm_nrmse": errors[0],
             "datasheet_nrmse": errors[1],
         }
@@ -150,14 +148,7 @@ def calibrate(ctx: TrainContext, cfg: TwinConfig, rows: Rows):
         return sur
     escalations: list[dict] = []
     while True:
-        sur = fit_twin(
-            copy.deepcopy(model),
-            rows,
-            ctx.seed,
-            residual=cfg.residual,
-            residual_form=cfg.residual_form,
-            max_iter=cfg.max_iter,
-        )
+        sur = from_datasheet()
         stalled = all(a["stalled"] for a in sur.report["attempts"])
         more = min(len(rows), cap - len(rows), _left(ctx))
         # A doubling that did not cut the held-out error by a quarter points to an error the
@@ -253,23 +244,13 @@ def device_steps(
             for _ in range(min(per_block, n_settings - done)):
                 opt.zero_grad()
                 idx = next(batches)
-                step = physics_aware_step(ctx, theta, idx, model, rho=rho, adaptive=adaptive)
+                before = theta
+                theta, step = device_step(
+                    ctx, theta, idx, model, opt, u, anchors, batches, inner_steps,
+                    rho=rho, adaptive=adaptive,
+                )  # fmt: skip
                 assert step.x is not None and step.y is not None  # a device step measures
-                rows.add(theta, step.x, step.y)
-                anchors.record(step, idx, theta)
-                theta = normalized_step(opt, u, step.grad, info)
-                theta = anchored_steps(
-                    ctx,
-                    anchors,
-                    model,
-                    opt,
-                    u,
-                    theta,
-                    batches,
-                    inner_steps,
-                    rho=rho,
-                    adaptive=adaptive,
-                )
+                rows.add(before, step.x, step.y)
                 sched.step()
                 losses.append(step.loss)
                 done += step.settings

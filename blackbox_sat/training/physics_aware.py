@@ -239,3 +239,30 @@ def anchored_steps(
                 q.grad = None
         theta = normalized_step(opt, u, g, info=ctx.info, box=box)
     return theta
+
+
+def device_step(
+    ctx: TrainContext,
+    theta: np.ndarray,
+    idx: np.ndarray,
+    stand_in,
+    opt: torch.optim.Optimizer,
+    u: torch.Tensor,
+    anchors: Anchors,
+    batches,
+    inner: int,
+    rho: float = 0.0,
+    ascent: str = "surrogate",
+    adaptive: bool = False,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, StepResult]:
+    """One physics-aware step measured on the device at ``theta (n_params,)`` (rows ``idx``),
+    then ``inner`` anchored steps at no setting; returns the new theta and the device step
+    (its ``x``, ``y`` are the measured rows). The caller zeroes ``opt``'s gradients first."""
+    step = physics_aware_step(ctx, theta, idx, stand_in, rho=rho, ascent=ascent, adaptive=adaptive)
+    anchors.record(step, idx, theta)
+    theta = normalized_step(opt, u, step.grad, ctx.info, box)
+    theta = anchored_steps(
+        ctx, anchors, stand_in, opt, u, theta, batches, inner, rho=rho, adaptive=adaptive, box=box
+    )
+    return theta, step

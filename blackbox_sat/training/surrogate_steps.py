@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .context import MINIBATCH, TrainContext
-from .physics_aware import Anchors, anchored_steps, normalized_step, physics_aware_step
+from .physics_aware import Anchors, device_step
 from .surrogate_choice import Dataset
 
 
@@ -62,18 +62,13 @@ class SurrogateSteps:
         for _ in range(n):
             idx = next(self.batches)
             self.opt.zero_grad()
-            step = physics_aware_step(
-                ctx, self.theta, idx, self.surrogate, rho=rho, ascent=cfg.ascent,
-                adaptive=cfg.adaptive,
+            before = self.theta
+            self.theta, step = device_step(
+                ctx, self.theta, idx, self.surrogate, self.opt, self.u, self.anchors,
+                self.batches, inner, rho=rho, ascent=cfg.ascent, adaptive=cfg.adaptive, box=box,
             )  # fmt: skip
             if cfg.learn_from_steps and step.x is not None and step.y is not None:
-                self.data.add(self.theta, step.x, step.y)
-            self.anchors.record(step, idx, self.theta)
-            self.theta = normalized_step(self.opt, self.u, step.grad, ctx.info, box)
-            self.theta = anchored_steps(
-                ctx, self.anchors, self.surrogate, self.opt, self.u, self.theta, self.batches,
-                inner, rho=rho, adaptive=cfg.adaptive, box=box,
-            )  # fmt: skip
+                self.data.add(before, step.x, step.y)
             self.history.append({"settings": ctx.device.settings_used, "loss": step.loss})
             ctx.snapshot(self.theta)
 
