@@ -121,3 +121,25 @@ def test_pat_spends_the_budget_on_steps_after_one_fit():
     init = int(ctx.config.init_fraction * ctx.budget)
     assert extra["steps"] == ctx.budget - 1 - init  # one setting went to the readout gain
     assert "round_log" not in extra and theta.shape == ctx.theta0.shape
+
+
+def test_a_design_share_beyond_the_box_is_walked_by_spsa_and_the_box_follows():
+    """Budget 400 on a 12-parameter device: 80 design settings, 30 in the box (2.5 per
+    parameter), 50 walked by SPSA first; the box is centred where the walk ends, which
+    trains (lower device loss than ``theta0``), and only the box is surrogate data."""
+    from blackbox_sat.training.pipeline import Timer, design_split, initial_fit
+
+    from .toy_devices import opaque
+
+    cfg = {"surrogate": "hyper", "surrogate_kw": {"hyper": {"n_members": 2, "max_steps": 100}}}
+    ctx = make_ctx(opaque(seed=0), task="iris", budget=400, method="blackbox-sat", config=cfg)
+    assert design_split(ctx.config, 400, 12) == (50, 30)
+    assert design_split(ctx.config, 400, 160) == (0, 80)  # a box of the whole share
+    used = ctx.device.settings_used
+    data, _, _, theta = initial_fit(ctx, ctx.config, Timer())
+    assert ctx.device.settings_used - used == 80 and len(data.theta) == 30
+    u = np.array([t[0] for t in data.theta]) / ctx.info.scale
+    assert np.abs(u - theta / ctx.info.scale).max() <= ctx.config.radius + 1e-9
+    assert np.abs((theta - ctx.theta0) / ctx.info.scale).max() > ctx.config.radius  # it moved
+    idx = check_minibatch(ctx)
+    assert check_loss(ctx, theta, idx) < check_loss(ctx, ctx.theta0, idx) - 0.05
