@@ -183,7 +183,7 @@ def test_method_trains_a_small_mesh_well_above_chance_within_budget():
     trace = res.extra["loss_trace"]
     assert np.mean(trace[-20:]) < np.mean(trace[:20]) - 0.2
     assert res.extra["default_order"] == 1 and not res.extra["raised"] and res.extra["checks"]
-    assert len(ctx.curve) == 4 and res.extra["steps"] == len(res.extra["visited"]) > 100
+    assert len(ctx.curve) == 6 and res.extra["steps"] == len(res.extra["visited"]) > 100
 
 
 def test_non_periodic_parameters_are_left_alone_and_none_periodic_is_an_error():

@@ -19,8 +19,9 @@ from blackbox_sat.devices.metered import MeteredDevice
 
 from .pnn import PNN, readout_correct
 
-#: Settings at which ``curve`` snapshots are taken (docs/protocol.md), scaled by budget / 2000.
-CURVE_CHECKPOINTS = (250, 500, 1000, 2000)
+#: Settings at which ``curve`` snapshots are taken (docs/protocol.md), scaled by budget / 2000;
+#: 200 and 400 are a tenth and a fifth of the budget, where settings-to-target is judged.
+CURVE_CHECKPOINTS = (200, 250, 400, 500, 1000, 2000)
 #: Most inputs measured in one training setting (docs/protocol.md).
 MINIBATCH = 128
 #: The phase shown for a charged query's purpose until a method names its own (``phase``).
