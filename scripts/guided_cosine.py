@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=60)
     args = ap.parse_args()
     ctx = context(args.device, args.surrogate)
-    _, sur, choice = initial_fit(ctx, ctx.config, Timer())
-    obj, true, theta = DeviceObjective(ctx, "train"), ctx.source.true_model(), ctx.theta0.copy()
+    _, sur, choice, theta = initial_fit(ctx, ctx.config, Timer())
+    obj, true = DeviceObjective(ctx, "train"), ctx.source.true_model()
     rng, guide, batches, c = np.random.default_rng(0), Guide(obj.n, 4, 0.5), ctx.minibatches(), 0.02
     cos = {"spsa": [], "guided": [], "guide": []}
 

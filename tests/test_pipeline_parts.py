@@ -127,7 +127,8 @@ def test_a_design_share_beyond_the_box_is_walked_by_spsa_and_the_box_follows():
     """Budget 400 on a 12-parameter device: 80 design settings, 30 in the box (2.5 per
     parameter), 50 walked by SPSA first; the box is centred where the walk ends, which
     trains (lower device loss than ``theta0``), and only the box is surrogate data."""
-    from blackbox_sat.training.pipeline import Timer, design_split, initial_fit
+    from blackbox_sat.training.initial_design import design_split
+    from blackbox_sat.training.pipeline import Timer, initial_fit
 
     from .toy_devices import opaque
 

@@ -6,10 +6,10 @@ measurement behind each rule is in docs/experiments.md, "Pipeline design choices
 0. **Budget rule** (:func:`surrogate_pays`): a surrogate only when the initial design holds
    at least ``n_params / 2`` settings and ``min_rounds`` full rounds fit; otherwise the
    budget goes to harmonic steps (every parameter periodic) or to ``spsa``.
-1. **Initial design**: ``init_fraction * B`` settings: at most ``DESIGN_PER_PARAM *
-   n_params`` in a box of ``radius`` bound widths, each measured on ``inputs_per_setting``
-   training inputs; a larger share is first walked by SPSA from ``theta0``, and the box is
-   measured around where the walk ends (:func:`initial_fit`).
+1. **Initial design** (:mod:`.initial_design`): ``init_fraction * B`` settings, at most
+   ``DESIGN_PER_PARAM * n_params`` of them in a box of ``radius`` bound widths, each
+   measured on ``inputs_per_setting`` training inputs; a larger share is first walked by
+   SPSA from ``theta0``, and the box is measured around where the walk ends.
 2. **Surrogate**: ``surrogate=auto`` keeps the family that best predicts the
    ``theta``-driven change of the outputs on held-out settings (:mod:`.surrogate_choice`).
 3. **Rounds** until the refinement share is left, each of one step type chosen by
@@ -37,7 +37,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -46,8 +46,9 @@ from blackbox_sat.devices.metered import BudgetExhausted
 from .config import RunConfig
 from .context import TrainContext
 from .guided import GuidedSteps
+from .initial_design import design_split, measure_design, spsa_walk
 from .objectives import check_loss, check_minibatch, check_outputs, predicted_loss
-from .refine import A_FRACTION, RefineConfig, refine
+from .refine import RefineConfig, refine
 from .step_choice import STEP_TYPES, SurrogateMonitor
 from .surrogate_choice import Dataset, SurrogateConfig, refit_plan, select_surrogate
 from .surrogate_steps import SurrogateSteps
@@ -119,67 +120,6 @@ class Timer:
 
     def add(self, key: str, t0: float) -> None:
         self.s[key] = self.s.get(key, 0.0) + time.perf_counter() - t0
-
-
-def measure_design(
-    ctx: TrainContext,
-    data: Dataset,
-    center: np.ndarray,
-    radius: float,
-    n: int,
-    cfg: PipelineConfig,
-    seed: int,
-) -> None:
-    """Measure ``n`` designed settings around ``center`` (purpose ``probe``) into ``data``."""
-    info = ctx.info
-    n = min(n, ctx.settings_left() or n)
-    if n <= 0:
-        return
-    from surrogates.design import design_settings, inputs_per_setting
-
-    # a parameter without bounds gets a box one scale wide around the centre (radius <= 0.5),
-    # so that the design's radius is in the same units as for a bounded one
-    low = np.where(np.isfinite(info.low), info.low, center - info.scale / 2)
-    high = np.where(np.isfinite(info.high), info.high, center + info.scale / 2)
-    settings = design_settings(
-        center,
-        radius,
-        n,
-        low,
-        high,
-        global_fraction=cfg.global_fraction,
-        periodic=info.periodic,
-        seed=seed,
-        spread=cfg.spread,
-    )
-    points: Any = getattr(settings, "settings", settings)  # a design object or its array
-    pool = ctx.device_inputs(ctx.f_train)
-    xs = inputs_per_setting(pool, len(points), min(cfg.inputs_per_setting, len(pool)), ctx.rng)
-    for s, x in zip(points, xs):
-        s = info.project(s)
-        data.add(s, x, ctx.device.query(s, x, purpose="probe"))
-        ctx.snapshot(center)  # the centre is the current training point
-
-
-#: Settings per parameter of the initial design's box: ``mrr`` (160 currents) measured better
-#: with a design of 2.5 n_params than 1.25 n_params (docs/experiments.md, "Initial design
-#: fraction"); a larger share of the budget is walked by SPSA first (:func:`initial_fit`).
-DESIGN_PER_PARAM = 2.5
-
-
-def design_split(cfg: PipelineConfig, budget: int, n_params: int) -> tuple[int, int]:
-    """``(walk, box)``: the initial design's settings walked by SPSA, then measured in the box."""
-    n = int(cfg.init_fraction * budget)
-    box = min(n, max(1, int(np.ceil(DESIGN_PER_PARAM * n_params))))
-    return n - box, box
-
-
-def spsa_walk(ctx: TrainContext, n: int) -> np.ndarray:
-    """The first ``n`` settings of the ``spsa`` method's run from ``theta0`` (its gains
-    planned over the whole budget; the tail average returned, no validation settings)."""
-    opt = RefineConfig(rule="spsa", step=0.015, select="average", A=A_FRACTION * ctx.budget / 2)
-    theta, _ = refine(ctx, ctx.theta0, n, config=opt)
-    return theta
 
 
 def initial_fit(
