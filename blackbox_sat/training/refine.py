@@ -31,17 +31,18 @@ minimum nearby. ``sa="random"`` (default): ``xi`` uniform on the sphere of radiu
 (randomised smoothing, ``E L(u + xi) ~ L(u) + rho^2 / (2n) tr H``). ``sa="ascent"``: the
 SAM-like ``xi = rho m / ||m||``, ``m`` an exponential average (0.9) of past gradient
 estimates (the first step, with no estimate yet, falls back to random). ``rho`` defaults to
-SAT's default, 0.05. Random is the default (it also measured better, below) because a ZO gradient estimate in ``n`` dimensions has cosine ~``1/sqrt(n)`` with the
-true gradient, so the "ascent" direction is mostly noise anyway, and what it adds is a
-*bias* of unknown sign; the random version minimises a well-defined objective.
+SAT's default, 0.05. Random is the default (it also measured better) because a ZO
+gradient estimate in ``n`` dimensions has cosine ~``1/sqrt(n)`` with the true gradient, so
+the "ascent" direction is mostly noise anyway, and what it adds is a *bias* of unknown
+sign; the random version minimises a well-defined objective.
 
-``guided`` (the default refinement of ``blackbox`` and ``blackbox-sat``): guided ES
-(:mod:`.guided`, Maheswaranathan et al. 2019): Gaussian directions stretched along the span
-of the surrogate's last ``guide_k`` physics-aware gradients (``guide_alpha`` of the variance
-stays isotropic), antithetic pairs on one minibatch; each pair's mean outputs give the next
-guide gradient at no setting. With ``rho > 0`` the pair is measured around ``u + xi`` as in
-``sa-spsa``. Without a surrogate (``refine(..., surrogate=None)``) it is isotropic Gaussian
-search.
+``guided`` (the refinement of ``guided-es``; ``blackbox-sat`` refines with ``sa-spsa``,
+``blackbox`` with ``spsa``): guided ES (:mod:`.guided`, Maheswaranathan et al. 2019):
+Gaussian directions stretched along the span of the surrogate's last ``guide_k``
+physics-aware gradients (``guide_alpha`` of the variance stays isotropic), antithetic pairs
+on one minibatch; each pair's mean outputs give the next guide gradient at no setting.
+With ``rho > 0`` the pair is measured around ``u + xi`` as in ``sa-spsa``. Without a
+surrogate (``refine(..., surrogate=None)``) it is isotropic Gaussian search.
 
 Shared options (all counted in settings, all in normalized units)
 -----------------------------------------------------------------
@@ -71,47 +72,14 @@ Shared options (all counted in settings, all in normalized units)
   charged, ``ceil(n_val / 128)`` settings each, reserved from ``n_settings`` up front) and
   keep the better one (ties go to the average). Never the test set.
 
-Measured: training from ``theta0`` (the ``spsa`` method; digits, budget 2000, default
-chips, training seeds 0-2, mean val / test accuracy, one ``train`` run each):
-
-============================  =========  =========  ===========
-configuration                 mzi        mrr        freespace
-============================  =========  =========  ===========
-plain SPSA, step 0.01         .45 / .45  .49 / .51  .27 / .25
-plain SPSA, step 0.02         .54 / .52  .45 / .51  .39 / .39
-plain SPSA, step 0.03         .55 / .54  .47 / .49  .45 / .43
-Adam-normalised, step 0.01    .50 / .50  .57 / .57  .41 / .38
-Adam-normalised, step 0.015   .58 / .55  .55 / .54  .44 / .43
-Adam-normalised, step 0.02    .59 / .56  .49 / .48  .44 / .46
-Adam-normalised, step 0.03    .56 / .53  .39 / .39  .45 / .47
-============================  =========  =========  ===========
-
-So Adam normalisation is the default (best mean over the three devices, chosen on
-validation accuracy); the spread over seeds is 0.03-0.09. On ``mrr`` (Adam, step 0.015):
-blocking .39 / .43, two resamples per step .51 / .53, ``rdsa`` .49 / .52, returning the
-last iterate .48 / .46 or the tail average .51 / .49 instead of choosing on validation
-.55 / .54. At this budget more steps beat better steps, so blocking is off by default.
-``sa-spsa`` from ``theta0`` on ``mrr`` (same setup): rho 0.05 random .46 / .46, rho 0.05
-"ascent" .40 / .43 (hence random is the default), rho 0.5 .20 / .20. Its job is keeping
-flatness while refining a trained point, not training from scratch; the price from scratch
-is the smoothing of the objective.
-
-Refining a trained point (300 settings, digits, test accuracy from the true model,
-training seeds 0 and 1; start -> after):
-
-=====================  ===================  ===================  ===================
-start                  Adam, step 0.002     Adam, step 0.005     Adam, step 0.015
-=====================  ===================  ===================  ===================
-``oracle`` on mrr      .89 -> .86 / .87     .89 -> .85 / .84     .89 -> .67 / .63
-``offline`` on mrr     .23 -> .63 / .60     .23 -> .60 / .60     .23 -> .40 / .38
-``oracle`` on mzi      .84 -> .84 / .86     .84 -> .80 / .83
-``offline`` on mzi     .57 -> .69 / .68     .57 -> .71 / .69
-=====================  ===================  ===================  ===================
-
-(``sa-spsa`` with rho 0.05 and step 0.003: .84 -> .85 / .84 and .57 -> .72 / .70 on mzi.)
-Plain calibrated SPSA is unsafe there: at a near-optimum the calibration measures a tiny
-gradient, so ``a`` comes out large, and one of two runs from the ``mrr`` oracle point
-collapsed to .20. Hence the default: Adam-normalised, step 0.002.
+Why these defaults (the tables are in docs/experiments.md, "Refinement rules"): from
+``theta0``, Adam normalisation with first step 0.015 had the best mean validation accuracy
+over ``mzi``, ``mrr`` and ``freespace`` (hence the ``spsa`` method's step); at this budget
+more steps beat better steps, so blocking and resampling are off; ``sa-spsa``'s random
+centre measured better than "ascent". From a trained point large steps undo training
+(``mrr`` oracle: 0.89 -> 0.65 at step 0.015, 0.86 at 0.002), and plain SPSA with gain
+calibration is unsafe there (a near-optimum measures a tiny gradient, so the gain comes out
+large): hence refinement's Adam-normalised step 0.002.
 
 ``refine`` never spends more than ``n_settings`` (nor more than ``ctx.device.remaining``):
 the number of steps is planned from the per-step cost, every step checks affordability
