@@ -171,7 +171,7 @@ def test_train_through_registry_respects_budget_for_every_rule(rule, tmp_path):
     )
     assert result["settings_used"] <= 120
     assert result["extra"]["refine"]["steps"] > 10
-    assert [c["settings"] for c in result["curve"]][:4] == [0, 15, 30, 60]  # 0: theta0
+    assert [c["settings"] for c in result["curve"]][:6] == [0, 12, 15, 24, 30, 60]  # 0: theta0
 
 
 # --- blocking -------------------------------------------------------------------------
