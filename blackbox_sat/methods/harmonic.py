@@ -27,22 +27,11 @@ raised if the order-``K+1`` fit's residual is under half the order-``K`` one, an
 coordinate neither fits takes guarded steps (the move is measured, kept if better). Once
 half of 3 or more checked coordinates needed a higher order it is the device's default.
 
-Measured: default ``mzi`` (N = 16, 240 phases, thermal crosstalk 0.02 so the law holds to
-about 1 %), digits, budget 2000, mean test accuracy over seeds 0-2 (0-5 where marked), about
-7 s per run on one thread (``spsa``: .55, exact-gradient oracle .82):
-
-- order: ``cyclic`` .610 (0-5; default), ``random`` permutations .581 (0-5), ``blocks`` .534;
-- damping (cyclic): 1.8 -> 0.3 linearly over the budget .610, 1.8 -> 0.6 .599 (0-5),
-  1.8 -> 1.0 .541, constant 1.0 .478 / 1.5 .521 / 1.8 .444; random order, constant 0.5
-  .396, 1.0 .455, plain NFT (1.0, no averaging) .434. Over-relaxation is successive
-  over-relaxation for coupled phases: noise-free, full training set, 4 sweeps, constant
-  1.0 reaches .48 and 1.5 .68. Minibatch noise grows with it, hence the decay to 0.3;
-- ``refresh`` (random order): 1 .473, 4 .539, 16 .565, 64 .537; cyclic 8 .581, 32 .547;
-- ``average`` (circular mean over the last quarter): cyclic .610 vs .601 without;
-- order: ``auto`` raised no coordinate on ``mzi`` (largest check error 0.12 of the spread);
-  fixed order 2 (4 new settings a step) .513 (cyclic, seeds 0-1), .441 (random order).
-No gain from gain-priority sweeps, sweep extrapolation, per-coordinate damping, cautious or
-recalled loss curves (docs/experiments.md, "The harmonic method on mzi", 2026-12-02).
+Why the defaults (the measurements are in docs/experiments.md, "The harmonic method on
+mzi"): cyclic sweeps beat random permutations and blocks; the damping starts at 1.8 and
+decays to 0.3, because over-relaxation pays for coupled phases (successive over-relaxation)
+while minibatch noise grows with it; the circular mean of the last quarter's iterates is
+returned; no priority, extrapolation, per-coordinate damping or recalled-curve rule paid.
 ``mrr`` and ``freespace`` declare no periodic parameter, so this method refuses them.
 """
 
