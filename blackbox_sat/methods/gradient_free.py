@@ -100,7 +100,7 @@ from blackbox_sat.devices.metered import BudgetExhausted
 from blackbox_sat.training.config import RunConfig
 from blackbox_sat.training.context import MINIBATCH, TrainContext
 from blackbox_sat.training.objectives import DeviceObjective
-from blackbox_sat.training.refine import RefineConfig, refine
+from blackbox_sat.training.refine import SPSA_START_STEP, RefineConfig, refine
 
 from .registry import MethodResult, register
 
@@ -111,7 +111,7 @@ class SpsaConfig(RunConfig, RefineConfig):
     last iterate on validation accuracy, with a larger first step than refinement's."""
 
     select: Literal["average", "last", "val"] = "val"
-    step: float = 0.015
+    step: float = SPSA_START_STEP
 
 
 @dataclass(frozen=True)

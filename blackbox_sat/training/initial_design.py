@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .context import TrainContext
-from .refine import A_FRACTION, RefineConfig, refine
+from .refine import A_FRACTION, SPSA_START_STEP, RefineConfig, refine
 from .surrogate_choice import Dataset
 
 
@@ -73,6 +73,8 @@ def design_split(cfg: Any, budget: int, n_params: int) -> tuple[int, int]:
 def spsa_walk(ctx: TrainContext, n: int) -> np.ndarray:
     """The first ``n`` settings of the ``spsa`` method's run from ``theta0`` (its gains
     planned over the whole budget; the tail average returned, no validation settings)."""
-    opt = RefineConfig(rule="spsa", step=0.015, select="average", A=A_FRACTION * ctx.budget / 2)
+    opt = RefineConfig(
+        rule="spsa", step=SPSA_START_STEP, select="average", A=A_FRACTION * ctx.budget / 2
+    )
     theta, _ = refine(ctx, ctx.theta0, n, config=opt)
     return theta

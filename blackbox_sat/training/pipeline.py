@@ -48,7 +48,7 @@ from .context import TrainContext
 from .guided import GuidedSteps
 from .initial_design import design_split, measure_design, spsa_walk
 from .objectives import check_loss, check_minibatch, check_outputs, predicted_loss
-from .refine import RefineConfig, refine
+from .refine import SPSA_START_STEP, RefineConfig, refine
 from .step_choice import STEP_TYPES, SurrogateMonitor
 from .surrogate_choice import Dataset, SurrogateConfig, refit_plan, select_surrogate
 from .surrogate_steps import SurrogateSteps
@@ -336,7 +336,7 @@ def without_surrogate(
             theta = harmonic(theta, ctx.settings_left())
         rule = "harmonic"
     else:
-        opt = replace(cfg.refine, rule="spsa", step=0.015, select="val", rho=0.0)
+        opt = replace(cfg.refine, rule="spsa", step=SPSA_START_STEP, select="val", rho=0.0)
         with book.on("spsa_steps"):
             theta, _ = refine(ctx, theta, ctx.settings_left(), config=opt)
         rule = "spsa"

@@ -110,6 +110,9 @@ DIRECTIONS = ("rademacher", "gaussian", "sphere")
 ALPHA, GAMMA = 0.602, 0.101
 #: Stability constant ``A`` as a fraction of the planned number of steps (Spall).
 A_FRACTION = 0.1
+#: First step (normalized, per coordinate) of SPSA from ``theta0``: the ``spsa`` method, and
+#: the pipeline's SPSA without a surrogate or before its design's box (module docstring).
+SPSA_START_STEP = 0.015
 
 
 @dataclass(frozen=True)
